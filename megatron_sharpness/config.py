@@ -1,0 +1,90 @@
+"""The one typed configuration of the probe, validated in one place.
+
+The same fields are used everywhere: Python keyword arguments, a ds_config section
+(`"critical_sharpness": {...}`), and Megatron-style flags (`--critical-sharpness-<field>`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from megatron_sharpness.search import DEFAULT_MAX_SEARCH, DEFAULT_TOL
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and what is allowed."""
+
+
+@dataclass(frozen=True)
+class SharpnessConfig:
+    """What to measure, how often, how precisely, and where to write it.
+
+    enabled: measure at all (lets a ds_config section switch the probe off without removing it).
+    interval: measure every `interval`-th optimizer step (steps count from 1, as Megatron's
+        iterations do).
+    tol: stop bisecting once 1 − lo/hi ≤ tol; the paper uses 1/16.
+    max_search: at most this many loss evaluations in the exponential phase of one search.
+    initial_guess: where the first search starts, as a multiple of the step's own lr
+        (1.0 = the step the optimizer took).
+    warm_start: start each later search at the previous critical lr of the same task.
+    log_file: JSONL file that gets one object per measurement (written by rank 0), or None.
+    """
+
+    enabled: bool = True
+    interval: int = 100
+    tol: float = DEFAULT_TOL
+    max_search: int = DEFAULT_MAX_SEARCH
+    initial_guess: float = 1.0
+    warm_start: bool = True
+    log_file: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.enabled, bool), "enabled", self.enabled, "true or false")
+        _require(_is_int(self.interval) and self.interval >= 1, "interval", self.interval,
+                 "an integer >= 1 (measure every interval-th step)")
+        _require(_is_real(self.tol) and 0.0 < self.tol < 1.0, "tol", self.tol,
+                 "a number in the open interval (0, 1), e.g. 0.0625")
+        _require(_is_int(self.max_search) and self.max_search >= 1, "max_search", self.max_search,
+                 "an integer >= 1 (loss evaluations in the exponential phase)")
+        _require(_is_real(self.initial_guess) and math.isfinite(self.initial_guess)
+                 and self.initial_guess > 0.0, "initial_guess", self.initial_guess,
+                 "a finite number > 0 (a multiple of the step's lr)")
+        _require(isinstance(self.warm_start, bool), "warm_start", self.warm_start, "true or false")
+        _require(self.log_file is None or (isinstance(self.log_file, str) and self.log_file != ""),
+                 "log_file", self.log_file, "a file path or null")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(field.name for field in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "critical_sharpness") -> SharpnessConfig:
+        """Build from a mapping such as a ds_config section; unknown keys are an error."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source} must be a mapping of field names to values, "
+                              f"got {type(values).__name__}")
+        allowed = cls.field_names()
+        unknown = sorted(str(key) for key in values if key not in allowed)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; "
+                              f"allowed: {', '.join(allowed)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"critical sharpness config: {name}={value!r} is invalid; allowed: {allowed}")
