@@ -1,0 +1,3 @@
+from megatron_sharpness.backends.base import ProbeBackend
+
+__all__ = ["ProbeBackend"]

@@ -1,0 +1,31 @@
+"""The small protocol every framework backend implements.
+
+A backend knows where one framework keeps the parameters the optimizer updated (the fp32 master
+shard of this rank, the model's compute copy, the all-gather that spreads it) and how to run a
+forward-only loss on the step's recorded batch. It knows nothing of the search.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class ProbeBackend(Protocol):
+    def snapshot(self) -> None:
+        """Before optimizer.step(): keep θ_t of this rank's shard."""
+
+    def after_step(self) -> bool:
+        """Right after optimizer.step(): keep θ_{t+1} and whatever state the probe's forwards could
+        disturb. Returns False when the step changed no parameter on any rank (skipped or lr = 0);
+        the answer is the same on every rank."""
+
+    def write(self, step_multiple: float) -> None:
+        """Put θ(s) = lerp(θ_t, θ_{t+1}, s) into the parameters the forward pass reads."""
+
+    def loss(self, task: str | None) -> float:
+        """Forward-only loss at the current parameters, reduced so that every rank gets the same
+        float. task None is the batch of the step; a name is a relative task's batch."""
+
+    def restore(self) -> None:
+        """Put θ_{t+1} and the state kept by after_step back, bitwise, and free the snapshot.
+        Safe to call at any point after snapshot(), also when after_step() was never reached."""

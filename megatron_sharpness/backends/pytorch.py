@@ -1,0 +1,137 @@
+"""Backend for plain PyTorch models and torch DistributedDataParallel, any torch.optim optimizer.
+
+The model's parameters are the optimizer's master copy here, so writing a trial point would
+destroy θ_{t+1}: both θ_t and θ_{t+1} are cloned (2 × the parameter bytes, only while measuring).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+LossFn = Callable[[], "torch.Tensor | float"]
+
+
+class TorchBackend:
+    """loss_fns maps None (the step's batch) and each relative task's name to a closure that
+    returns that batch's mean loss at the current parameters; the integration sets it per step."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 process_group: dist.ProcessGroup | None = None):
+        _reject_sharded_model(model)
+        self.model = model
+        self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        if not self.params:
+            raise ValueError("the optimizer holds no parameter that requires grad: nothing to measure")
+        if process_group is None and isinstance(model, DistributedDataParallel):
+            process_group = model.process_group
+        self.process_group = process_group
+        self.loss_fns: dict[str | None, LossFn] = {}
+        self._theta_t: list[torch.Tensor] | None = None
+        self._theta_next: list[torch.Tensor] | None = None
+        self._buffers: list[torch.Tensor] | None = None
+        self._rng: _RngState | None = None
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        self._theta_t = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def after_step(self) -> bool:
+        assert self._theta_t is not None, "snapshot() must run before optimizer.step()"
+        self._theta_next = [p.detach().clone() for p in self.params]
+        # Forwards in train mode update BatchNorm statistics and draw dropout masks: keep both so
+        # that every trial point sees the same state and training resumes exactly where it was.
+        self._buffers = [b.detach().clone() for b in self.model.buffers()]
+        self._rng = _RngState.capture()
+        changed = any(not torch.equal(old, new) for old, new in zip(self._theta_t, self._theta_next))
+        return self._any_rank(changed)
+
+    @torch.no_grad()
+    def write(self, step_multiple: float) -> None:
+        assert self._theta_t is not None and self._theta_next is not None
+        for param, old, new in zip(self.params, self._theta_t, self._theta_next):
+            torch.lerp(old, new, step_multiple, out=param.detach())
+
+    def loss(self, task: str | None) -> float:
+        self._reset_forward_state()
+        with torch.no_grad():
+            value = self.loss_fns[task]()
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                label = "the step's loss_fn" if task is None else f"relative task {task!r}"
+                raise ValueError(f"{label} must return a scalar loss, got a tensor of shape "
+                                 f"{tuple(value.shape)}")
+            value = value.item()
+        return self._mean_over_ranks(float(value))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self._theta_next is not None:
+            for param, new in zip(self.params, self._theta_next):
+                param.detach().copy_(new)
+            self._reset_forward_state()
+        self._theta_t = self._theta_next = self._buffers = self._rng = None
+
+    def _reset_forward_state(self) -> None:
+        assert self._buffers is not None and self._rng is not None
+        for buffer, saved in zip(self.model.buffers(), self._buffers):
+            buffer.detach().copy_(saved)
+        self._rng.restore()
+
+    def _world_size(self) -> int:
+        if self.process_group is None or not dist.is_initialized():
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self._world_size() == 1:
+            return flag
+        return sum(self._gather(float(flag))) > 0
+
+    def _mean_over_ranks(self, value: float) -> float:
+        world_size = self._world_size()
+        if world_size == 1:
+            return value
+        # Summing the gathered values in rank order gives every rank the same float bits; an
+        # all_reduce leaves the summation order to the transport.
+        return sum(self._gather(value)) / world_size
+
+    def _gather(self, value: float) -> list[float]:
+        device = torch.device("cpu")
+        if dist.get_backend(self.process_group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        local = torch.tensor([value], dtype=torch.float64, device=device)
+        gathered = [torch.empty_like(local) for _ in range(self._world_size())]
+        dist.all_gather(gathered, local, group=self.process_group)
+        return [t.item() for t in gathered]
+
+
+class _RngState:
+    def __init__(self, cpu: torch.Tensor, cuda: list[torch.Tensor] | None):
+        self.cpu, self.cuda = cpu, cuda
+
+    @classmethod
+    def capture(cls) -> _RngState:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        return cls(torch.get_rng_state(), cuda)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def _reject_sharded_model(model: torch.nn.Module) -> None:
+    """FSDP shards parameters and gathers them inside forward: the lerp would hit the wrong tensors."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(model, FullyShardedDataParallel) or any(
+            isinstance(p, DTensor) for p in model.parameters()):
+        raise TypeError(f"{type(model).__name__} with sharded (FSDP/DTensor) parameters is not supported "
+                        "by the plain-PyTorch probe; supported: a plain nn.Module or "
+                        "torch DistributedDataParallel (DeepSpeed and Megatron have their own backends)")

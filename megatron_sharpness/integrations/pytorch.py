@@ -1,0 +1,73 @@
+"""Critical sharpness for a plain PyTorch (or torch DDP) training loop: replace
+`optimizer.step()` with `probe.step(loss_fn)`."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from megatron_sharpness.backends.pytorch import LossFn, TorchBackend
+from megatron_sharpness.config import SharpnessConfig
+from megatron_sharpness.loggers import JsonlLogger, MeasurementLogger
+from megatron_sharpness.measurement import Measurement
+from megatron_sharpness.probe import SharpnessProbe
+
+
+class TorchSharpnessProbe:
+    """Measures λ_c every `config.interval` optimizer steps along the step the optimizer takes.
+
+    loss_fn (given to step()) evaluates the mean loss of the step's own batch at the model's
+    current parameters; it is called under torch.no_grad() with the model in whatever mode the
+    training loop left it, and must read the same batch each time it is called. Under DDP each
+    rank's value is averaged over the DDP process group, so every rank sees the same number.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 config: SharpnessConfig | None = None,
+                 loggers: Iterable[MeasurementLogger] | None = None,
+                 process_group: dist.ProcessGroup | None = None):
+        self.config = config if config is not None else SharpnessConfig()
+        self.optimizer = optimizer
+        self.backend = TorchBackend(model, optimizer, process_group)
+        if loggers is None:
+            loggers = _default_loggers(self.config)
+        self.probe = SharpnessProbe(self.config, loggers)
+        self.relative_tasks: dict[str, LossFn] = {}
+        self.iteration = 0
+
+    def add_relative_task(self, name: str, loss_fn: LossFn) -> None:
+        """Also search the loss of another task (e.g. a fixed held-out batch) along each step."""
+        if not isinstance(name, str) or not name or name in self.relative_tasks:
+            raise ValueError(f"relative task name {name!r} must be a new non-empty string; "
+                             f"registered: {sorted(self.relative_tasks)}")
+        self.relative_tasks[name] = loss_fn
+
+    def step(self, loss_fn: LossFn, optimizer_step: Callable[[], Any] | None = None) -> Measurement | None:
+        """Run the optimizer step (optimizer.step() unless optimizer_step is given, e.g.
+        `lambda: scaler.step(optimizer)`), and on measured iterations the probe around it."""
+        run_step = optimizer_step if optimizer_step is not None else self.optimizer.step
+        self.iteration += 1
+        if not self.probe.is_due(self.iteration):
+            run_step()
+            return None
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.backend.snapshot()
+        try:
+            run_step()
+        except BaseException:
+            self.backend.restore()
+            raise
+        self.backend.loss_fns = {None: loss_fn, **self.relative_tasks}
+        return self.probe.measure(self.backend, self.iteration, lr, list(self.relative_tasks))
+
+    def close(self) -> None:
+        self.probe.close()
+
+
+def _default_loggers(config: SharpnessConfig) -> list[MeasurementLogger]:
+    is_writer = not dist.is_initialized() or dist.get_rank() == 0
+    if config.log_file is None or not is_writer:
+        return []
+    return [JsonlLogger(config.log_file)]

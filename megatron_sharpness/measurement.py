@@ -1,0 +1,126 @@
+"""One measurement of critical sharpness, as a JSON record and as Megatron-style log fields.
+
+The JSON keys are a contract: the CLI, the framework integrations and outside tools read them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_sharpness.search import SearchResult
+
+
+@dataclass(frozen=True)
+class TaskMeasurement:
+    """The search along the step's direction for one loss, plus the forward that gave its baseline."""
+
+    search: SearchResult
+    baseline_forwards: int = 1
+
+    @property
+    def forwards(self) -> int:
+        return self.baseline_forwards + self.search.forwards
+
+    def to_dict(self) -> dict[str, Any]:
+        search = self.search
+        return {
+            "critical_lr": search.critical_lr,
+            "critical_sharpness": search.critical_sharpness,
+            "forwards": self.forwards,
+            "bracket": list(search.bracket),
+            "converged": search.converged,
+            "loss": search.baseline_loss,
+            "evaluations": [[step_multiple * search.lr, _json_float(loss)]
+                            for step_multiple, loss in search.evaluations],
+        }
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Critical sharpness at one optimizer step: the step's own batch and each relative task.
+
+    `skipped` names why a step that was due was not measured (e.g. the optimizer skipped it);
+    then `task` is None and `relative` is empty.
+    """
+
+    step: int
+    lr: float
+    task: TaskMeasurement | None
+    relative: dict[str, TaskMeasurement] = field(default_factory=dict)
+    probe_seconds: float = 0.0
+    skipped: str | None = None
+
+    @property
+    def critical_lr(self) -> float | None:
+        return None if self.task is None else self.task.search.critical_lr
+
+    @property
+    def critical_sharpness(self) -> float | None:
+        return None if self.task is None else self.task.search.critical_sharpness
+
+    @property
+    def lr_over_critical_lr(self) -> float | None:
+        """η_t/η_c = η_t·λ_c/2: above 1 the real step raised the loss of its own batch."""
+        critical_lr = self.critical_lr
+        return None if critical_lr is None else self.lr / critical_lr
+
+    def to_dict(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "step": self.step,
+            "lr": self.lr,
+            "critical_lr": self.critical_lr,
+            "critical_sharpness": self.critical_sharpness,
+            "lr_over_critical_lr": self.lr_over_critical_lr,
+            "forwards": None if self.task is None else self.task.forwards,
+            "bracket": None if self.task is None else list(self.task.search.bracket),
+            "converged": None if self.task is None else self.task.search.converged,
+            "loss": None if self.task is None else self.task.search.baseline_loss,
+            "probe_seconds": self.probe_seconds,
+            "relative": {name: task.to_dict() for name, task in self.relative.items()},
+            "skipped": self.skipped,
+        }
+        if self.task is not None:
+            record["evaluations"] = self.task.to_dict()["evaluations"]
+        return record
+
+    def log_fields(self) -> str:
+        """Fields for Megatron's iteration line: `critical sharpness: ... | critical lr: ... |`."""
+        if self.task is None:
+            return f"critical sharpness: skipped ({self.skipped}) |"
+        parts = [
+            f"critical sharpness: {_sharpness_text(self.task.search)}",
+            f"critical lr: {_critical_lr_text(self.task.search)}",
+        ]
+        ratio = self.lr_over_critical_lr
+        if ratio is not None:
+            parts.append(f"lr/critical lr: {ratio:.3f}")
+        parts.append(f"sharpness forwards: {self.task.forwards}")
+        for name, task in self.relative.items():
+            parts.append(f"relative sharpness {name}: {_sharpness_text(task.search)}")
+        return " | ".join(parts) + " |"
+
+
+def _json_float(value: float) -> float | str:
+    """JSON has no NaN or infinity, but a diverged trial point is worth keeping: write it as text."""
+    return value if math.isfinite(value) else str(value)
+
+
+def _sharpness_text(search: SearchResult) -> str:
+    """The value, or for a capped search the bound that is known (λ_c = 2/η_c)."""
+    if search.critical_sharpness is not None:
+        return f"{search.critical_sharpness:.4E}"
+    lo, hi = search.bracket
+    if hi is None:
+        return f"< {2.0 / lo:.4E} (capped)"
+    return f"> {2.0 / hi:.4E} (capped)"
+
+
+def _critical_lr_text(search: SearchResult) -> str:
+    if search.critical_lr is not None:
+        return f"{search.critical_lr:.4E}"
+    lo, hi = search.bracket
+    if hi is None:
+        return f"> {lo:.4E} (capped)"
+    return f"< {hi:.4E} (capped)"

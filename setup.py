@@ -1,0 +1,30 @@
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "megatron_sharpness" / "__init__.py").read_text(),
+                    re.MULTILINE).group(1)
+
+setup(
+    name="megatron-sharpness",
+    version=VERSION,
+    description="Critical sharpness of the loss along the optimizer's update, measured during "
+                "Megatron-LM, DeepSpeed and PyTorch training",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_sharpness", "megatron_sharpness.*"]),
+    # Pinned for our CPU machines; on a GPU cluster install with --no-deps against the torch the
+    # job already has (README, "Installing on a cluster").
+    install_requires=["torch==2.13.0"],
+    extras_require={
+        "deepspeed": ["deepspeed==0.19.8"],
+        "megatron": ["megatron-core==0.16.1"],
+        "mpi": ["mpi4py"],
+        "plot": ["matplotlib"],
+        "dev": ["pytest", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["megatron-sharpness=megatron_sharpness.cli:main"]},
+)

@@ -1,0 +1,26 @@
+import json
+import os
+
+from megatron_sharpness.testing.launch import run_ranks
+
+WORKERS = os.path.join(os.path.dirname(__file__), "workers")
+
+
+def test_two_rank_ddp_probe_is_bitwise_neutral_and_identical_on_every_rank(tmp_path):
+    steps = 20
+    run_ranks([os.path.join(WORKERS, "ddp_train.py"), str(tmp_path), str(steps)], world_size=2, timeout=240)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for result in ranks:
+        assert result["bitwise_equal"], f"rank {result['rank']}: training with the probe diverged"
+        assert result["rng_equal"], f"rank {result['rank']}: the probe moved the RNG"
+    records = [result["records"] for result in ranks]
+    assert len(records[0]) == steps
+    for first, second in zip(*records):
+        local = (first.pop("local_baseline"), second.pop("local_baseline"))
+        first.pop("probe_seconds"), second.pop("probe_seconds")
+        # Same floats on every rank (JSON floats round-trip exactly), so the same branches were taken.
+        assert first == second
+        assert first["skipped"] is None and first["converged"]
+        assert local[0] != local[1]  # each rank has its own batch...
+        assert first["loss"] == (local[0] + local[1]) / 2  # ...and the probe sees their mean
+        assert first["relative"]["held-out"]["converged"]

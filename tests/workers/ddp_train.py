@@ -1,0 +1,71 @@
+"""One rank of a DDP run: train a tiny GPT with dropout for N steps without the probe, then again
+with the probe on every step, and write what the test compares to OUT/rank{R}.json."""
+
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from megatron_sharpness import SharpnessConfig, TorchSharpnessProbe
+from megatron_sharpness.data import ByteBatches, embedded_corpus
+from megatron_sharpness.testing.tiny_gpt import TinyGPT, lm_loss
+
+
+def train(probe_on, steps, rank):
+    torch.manual_seed(0)
+    model = DistributedDataParallel(TinyGPT(width=32, layers=1, heads=2, max_seq_len=16, dropout=0.1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    batches = ByteBatches(embedded_corpus(), batch_size=4, seq_len=16, seed=100 + rank)
+    held_out = next(ByteBatches(embedded_corpus(), batch_size=4, seq_len=16, seed=7 + rank))
+    probe = None
+    if probe_on:
+        probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=1))
+        probe.add_relative_task("held-out", lambda: lm_loss(model, *held_out))
+    torch.manual_seed(1 + rank)  # dropout masks differ per rank, as in real data parallelism
+    records, local_baselines = [], []
+    for _ in range(steps):
+        tokens, targets = next(batches)
+        optimizer.zero_grad()
+        lm_loss(model, tokens, targets).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if probe is None:
+            optimizer.step()
+            continue
+
+        def step_loss():
+            value = lm_loss(model, tokens, targets)
+            local_baselines.append(value.item())
+            return value
+
+        local_baselines.clear()
+        measurement = probe.step(step_loss)
+        records.append(measurement.to_dict() | {"local_baseline": local_baselines[0]})
+    state = [p.detach().clone() for p in model.parameters()]
+    state += [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    return state, torch.get_rng_state(), records
+
+
+def main():
+    out_dir, steps = sys.argv[1], int(sys.argv[2])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank = dist.get_rank()
+    reference, reference_rng, _ = train(False, steps, rank)
+    probed, probed_rng, records = train(True, steps, rank)
+    result = {
+        "rank": rank,
+        "bitwise_equal": len(reference) == len(probed) and all(
+            a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(reference, probed)),
+        "rng_equal": torch.equal(reference_rng, probed_rng),
+        "records": records,
+    }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as out:
+        json.dump(result, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
