@@ -1,0 +1,50 @@
+"""The `megatron-sharpness` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_sharpness import __version__
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-sharpness",
+        description="Critical sharpness of the loss along the optimizer's update, measured while training.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="train a tiny GPT on CPU with the probe on (embedded data)")
+    demo.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default 200)")
+    demo.add_argument("--interval", type=positive_int, default=10, help="measure every N steps (default 10)")
+    demo.add_argument("--log-file", default="critical_sharpness.jsonl",
+                      help="JSONL output (default critical_sharpness.jsonl)")
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from megatron_sharpness.demo import run_demo
+
+        run_demo(steps=args.steps, interval=args.interval, log_file=args.log_file, seed=args.seed)
+        return 0
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
