@@ -394,3 +394,25 @@ def test_non_scalar_loss_is_a_clear_error():
     F.mse_loss(model(inputs), targets).backward()
     with pytest.raises(ValueError, match="must return a scalar loss"):
         probe.step(lambda: F.mse_loss(model(inputs), targets, reduction="none"))
+
+
+def test_a_step_skipped_by_the_amp_grad_scaler_is_not_measured():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=1))
+    inputs, targets = regression_batch(0)
+    scaler.scale(F.mse_loss(model(inputs), targets)).backward()
+    next(model.parameters()).grad[0, 0] = math.inf
+    before = [p.detach().clone() for p in model.parameters()]
+    measurement = probe.step(lambda: F.mse_loss(model(inputs), targets),
+                             optimizer_step=lambda: scaler.step(optimizer))
+    scaler.update()
+    assert measurement.skipped and "changed no parameter" in measurement.skipped
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert scaler.get_scale() == 2.0**3
+    optimizer.zero_grad()
+    scaler.scale(F.mse_loss(model(inputs), targets)).backward()
+    measurement = probe.step(lambda: F.mse_loss(model(inputs), targets),
+                             optimizer_step=lambda: scaler.step(optimizer))
+    assert measurement.skipped is None and measurement.task.search.converged
