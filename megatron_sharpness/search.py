@@ -22,7 +22,8 @@ class SearchResult:
 
     When the exponential phase hits its cap the critical lr is unknown: `converged` is False,
     `critical_lr` is None and `bracket` holds the bound that is known, with None for the open end
-    (the loss never rose) or 0.0 as the lower end (the loss rose at every trial point).
+    (the loss never rose) or 0.0 as the lower end (the loss rose at every trial point, or at every
+    one whose loss differed from the baseline at all).
     """
 
     lr: float
@@ -100,6 +101,11 @@ def critical_lr_search(
             step_multiple /= 2
             if rises(step_multiple):
                 hi = step_multiple
+            elif evaluations[-1][1] == baseline_loss:
+                # The trial point is below the loss's resolution (in fp32/bf16 the lerp rounds back
+                # to θ_t): "no rise" here says nothing about η_c. The loss rose at every point that
+                # could be told apart from θ_t, so the step goes uphill on this batch.
+                break
             else:
                 lo = step_multiple
         if lo is None:

@@ -108,3 +108,20 @@ def test_rejects_bad_arguments(kwargs):
 def test_rejects_non_finite_baseline():
     with pytest.raises(ValueError, match="baseline_loss"):
         critical_lr_search(lambda s: s, math.nan)
+
+
+def test_shrinking_to_a_point_that_equals_the_baseline_is_unresolved_not_a_fall():
+    # Uphill direction in finite precision: tiny steps round back to θ_t and give the baseline
+    # exactly, which must not be read as "the loss fell there".
+    baseline = 0.75
+    result = critical_lr_search(lambda s: baseline if s < 1e-3 else baseline + s, baseline)
+    assert not result.converged and result.critical_lr is None
+    assert result.bracket_step_multiple == (0.0, 2.0**-9)
+    assert result.forwards == 11
+
+
+def test_equal_loss_while_doubling_is_still_not_a_rise():
+    result = critical_lr_search(lambda s: 0.0 if s < 5 else 1.0, 0.0)
+    assert result.converged
+    lo, hi = result.bracket_step_multiple
+    assert lo < 5 <= hi

@@ -240,7 +240,10 @@ def test_probing_every_step_leaves_training_bitwise_identical(name, tmp_path):
     assert_bitwise_equal(reference, probed)
     assert len(measurements) == 20
     assert all(m.skipped is None and m.task.search.converged for m in measurements)
-    assert all(m.relative["held-out"].search.converged for m in measurements)
+    # Along the training step a held-out batch may go uphill: then the search ends capped at lo = 0.
+    relative = [m.relative["held-out"].search for m in measurements]
+    assert all(r.converged or r.bracket[0] == 0.0 for r in relative)
+    assert sum(r.converged for r in relative) >= 10
     # Warm starts: after the first step a search should need far fewer forwards than a cold one.
     assert sorted(m.task.forwards for m in measurements)[10] <= 8
 
