@@ -14,14 +14,18 @@ from megatron_sharpness.search import SearchResult
 
 @dataclass(frozen=True)
 class TaskMeasurement:
-    """The search along the step's direction for one loss, plus the forward that gave its baseline."""
+    """The search along the step's direction for one loss."""
 
     search: SearchResult
-    baseline_forwards: int = 1
 
     @property
     def forwards(self) -> int:
-        return self.baseline_forwards + self.search.forwards
+        return 1 + self.search.forwards  # the baseline L(θ_t) is one forward of its own
+
+    def evaluations(self) -> list[list[float | str]]:
+        """Every trial point as [lr, loss]."""
+        return [[step_multiple * self.search.lr, _json_float(loss)]
+                for step_multiple, loss in self.search.evaluations]
 
     def to_dict(self) -> dict[str, Any]:
         search = self.search
@@ -32,8 +36,7 @@ class TaskMeasurement:
             "bracket": list(search.bracket),
             "converged": search.converged,
             "loss": search.baseline_loss,
-            "evaluations": [[step_multiple * search.lr, _json_float(loss)]
-                            for step_multiple, loss in search.evaluations],
+            "evaluations": self.evaluations(),
         }
 
 
@@ -82,7 +85,7 @@ class Measurement:
             "skipped": self.skipped,
         }
         if self.task is not None:
-            record["evaluations"] = self.task.to_dict()["evaluations"]
+            record["evaluations"] = self.task.evaluations()
         return record
 
     def log_fields(self) -> str:

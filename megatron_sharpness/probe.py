@@ -29,37 +29,33 @@ class SharpnessProbe:
                 relative_tasks: Sequence[str] = ()) -> Measurement:
         """Call after backend.snapshot() and the real optimizer.step(). Always restores θ_{t+1}."""
         started = time.perf_counter()
-        task: TaskMeasurement | None = None
-        relative: dict[str, TaskMeasurement] = {}
-        skipped: str | None = None
+        searches: dict[str | None, TaskMeasurement] = {}
         try:
-            if not (math.isfinite(lr) and lr > 0.0):
-                skipped = f"lr is {lr}"
-            elif not backend.after_step():
-                skipped = "the step changed no parameter (skipped step or zero update)"
-            else:
-                task, skipped = self._search(backend, None, lr)
-                for name in relative_tasks:
-                    if skipped is not None:
-                        break
-                    relative[name], skipped = self._search(backend, name, lr)
+            skipped = self._skip_reason(backend, lr)
+            if skipped is None:
+                backend.write(0.0)
+                baselines = {name: backend.loss(name) for name in (None, *relative_tasks)}
+                skipped = _non_finite_baseline(baselines)
+            if skipped is None:
+                searches = {name: self._search(backend, name, lr, baseline)
+                            for name, baseline in baselines.items()}
         finally:
             backend.restore()
-        if skipped is not None:
-            task, relative = None, {}
-        measurement = Measurement(step=step, lr=lr, task=task, relative=relative,
+        measurement = Measurement(step=step, lr=lr, task=searches.pop(None, None), relative=searches,
                                   probe_seconds=time.perf_counter() - started, skipped=skipped)
         for logger in self.loggers:
             logger.log(measurement)
         return measurement
 
-    def _search(self, backend: ProbeBackend, name: str | None,
-                lr: float) -> tuple[TaskMeasurement | None, str | None]:
-        backend.write(0.0)
-        baseline = backend.loss(name)
-        if not math.isfinite(baseline):
-            label = "the step's batch" if name is None else f"relative task {name!r}"
-            return None, f"loss of {label} is {baseline} before the step"
+    @staticmethod
+    def _skip_reason(backend: ProbeBackend, lr: float) -> str | None:
+        if not (math.isfinite(lr) and lr > 0.0):
+            return f"lr is {lr}"
+        if not backend.after_step():
+            return "the step changed no parameter (skipped step or zero update)"
+        return None
+
+    def _search(self, backend: ProbeBackend, name: str | None, lr: float, baseline: float) -> TaskMeasurement:
         guess = self.config.initial_guess
         if self.config.warm_start and name in self._last_critical_lr:
             guess = self._last_critical_lr[name] / lr
@@ -72,8 +68,16 @@ class SharpnessProbe:
                                     tol=self.config.tol, max_search=self.config.max_search)
         if search.critical_lr is not None:
             self._last_critical_lr[name] = search.critical_lr
-        return TaskMeasurement(search), None
+        return TaskMeasurement(search)
 
     def close(self) -> None:
         for logger in self.loggers:
             logger.close()
+
+
+def _non_finite_baseline(baselines: dict[str | None, float]) -> str | None:
+    for name, loss in baselines.items():
+        if not math.isfinite(loss):
+            label = "the step's batch" if name is None else f"relative task {name!r}"
+            return f"loss of {label} is {loss} before the step"
+    return None
