@@ -93,15 +93,15 @@ class Measurement:
         if self.task is None:
             return f"critical sharpness: skipped ({self.skipped}) |"
         parts = [
-            f"critical sharpness: {_sharpness_text(self.task.search)}",
-            f"critical lr: {_critical_lr_text(self.task.search)}",
+            f"critical sharpness: {_value_text(self.task.search, sharpness=True)}",
+            f"critical lr: {_value_text(self.task.search, sharpness=False)}",
         ]
         ratio = self.lr_over_critical_lr
         if ratio is not None:
             parts.append(f"lr/critical lr: {ratio:.3f}")
         parts.append(f"sharpness forwards: {self.task.forwards}")
         for name, task in self.relative.items():
-            parts.append(f"relative sharpness {name}: {_sharpness_text(task.search)}")
+            parts.append(f"relative sharpness {name}: {_value_text(task.search, sharpness=True)}")
         return " | ".join(parts) + " |"
 
 
@@ -110,20 +110,13 @@ def _json_float(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
-def _sharpness_text(search: SearchResult) -> str:
-    """The value, or for a capped search the bound that is known (λ_c = 2/η_c)."""
-    if search.critical_sharpness is not None:
-        return f"{search.critical_sharpness:.4E}"
+def _value_text(search: SearchResult, sharpness: bool) -> str:
+    """The critical lr or sharpness, or for a capped search the bound that is known."""
+    value = search.critical_sharpness if sharpness else search.critical_lr
+    if value is not None:
+        return f"{value:.4E}"
     lo, hi = search.bracket
-    if hi is None:
-        return f"< {2.0 / lo:.4E} (capped)"
-    return f"> {2.0 / hi:.4E} (capped)"
-
-
-def _critical_lr_text(search: SearchResult) -> str:
-    if search.critical_lr is not None:
-        return f"{search.critical_lr:.4E}"
-    lo, hi = search.bracket
-    if hi is None:
-        return f"> {lo:.4E} (capped)"
-    return f"< {hi:.4E} (capped)"
+    above, bound = (True, lo) if hi is None else (False, hi)  # where η_c lies
+    if sharpness:  # λ_c = 2/η_c turns the inequality around
+        above, bound = not above, 2.0 / bound
+    return f"{'>' if above else '<'} {bound:.4E} (capped)"

@@ -419,3 +419,15 @@ def test_a_step_skipped_by_the_amp_grad_scaler_is_not_measured():
     measurement = probe.step(lambda: F.mse_loss(model(inputs), targets),
                              optimizer_step=lambda: scaler.step(optimizer))
     assert measurement.skipped is None and measurement.task.search.converged
+
+
+def test_log_fields_of_capped_searches_give_the_known_bound():
+    from megatron_sharpness.measurement import Measurement, TaskMeasurement
+    from megatron_sharpness.search import critical_lr_search
+
+    never_rose = TaskMeasurement(critical_lr_search(lambda s: -s, 0.0, lr=0.5, max_search=3))
+    always_rose = TaskMeasurement(critical_lr_search(lambda s: 1 + s, 0.0, lr=0.5, max_search=3))
+    fields = Measurement(step=1, lr=0.5, task=never_rose, relative={"b": always_rose}).log_fields()
+    # never rose up to η = 0.5·4 = 2: η_c > 2, λ_c < 1; rose down to η = 0.5/4: η_c < 0.125, λ_c > 16
+    assert "critical sharpness: < 1.0000E+00 (capped) | critical lr: > 2.0000E+00 (capped) |" in fields
+    assert "relative sharpness b: > 1.6000E+01 (capped) |" in fields
