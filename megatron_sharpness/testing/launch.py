@@ -65,9 +65,12 @@ def run_ranks(args: Sequence[str], world_size: int, timeout: float,
 def _wait(processes: list[subprocess.Popen], timeout: float) -> str | None:
     deadline = time.monotonic() + timeout
     failed_at = None
-    while any(p.poll() is None for p in processes):
+    while True:
+        codes = [p.poll() for p in processes]  # poll every process: returncode is only set by poll
+        if None not in codes:
+            break
         now = time.monotonic()
-        if failed_at is None and any(p.returncode not in (None, 0) for p in processes):
+        if failed_at is None and any(code not in (None, 0) for code in codes):
             failed_at = now
         if now > deadline or (failed_at is not None and now > failed_at + FAILURE_GRACE_SECONDS):
             for process in processes:
@@ -76,5 +79,4 @@ def _wait(processes: list[subprocess.Popen], timeout: float) -> str | None:
                     process.wait()
             return f"timed out after {timeout:.0f}s" if failed_at is None else "a rank failed"
         time.sleep(0.05)
-    codes = [p.returncode for p in processes]
     return None if all(code == 0 for code in codes) else f"exit codes {codes}"
