@@ -24,3 +24,10 @@ def test_two_rank_ddp_probe_is_bitwise_neutral_and_identical_on_every_rank(tmp_p
         assert local[0] != local[1]  # each rank has its own batch...
         assert first["loss"] == (local[0] + local[1]) / 2  # ...and the probe sees their mean
         assert first["relative"]["held-out"]["converged"]
+
+
+def test_fsdp_sharded_model_is_rejected_with_a_clear_error():
+    results = run_ranks([os.path.join(WORKERS, "fsdp_rejected.py")], world_size=2, timeout=120)
+    for result in results:
+        assert "REJECTED: FSDPSequential with sharded (FSDP/DTensor) parameters is not supported" in result.output
+        assert "torch DistributedDataParallel" in result.output
