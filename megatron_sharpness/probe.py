@@ -51,9 +51,7 @@ class SharpnessProbe:
     def _skip_reason(backend: ProbeBackend, lr: float) -> str | None:
         if not (math.isfinite(lr) and lr > 0.0):
             return f"lr is {lr}"
-        if not backend.after_step():
-            return "the step changed no parameter (skipped step or zero update)"
-        return None
+        return backend.after_step()
 
     def _search(self, backend: ProbeBackend, name: str | None, lr: float, baseline: float) -> TaskMeasurement:
         guess = self.config.initial_guess

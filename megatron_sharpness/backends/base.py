@@ -14,10 +14,10 @@ class ProbeBackend(Protocol):
     def snapshot(self) -> None:
         """Before optimizer.step(): keep θ_t of this rank's shard."""
 
-    def after_step(self) -> bool:
+    def after_step(self) -> str | None:
         """Right after optimizer.step(): keep θ_{t+1} and whatever state the probe's forwards could
-        disturb. Returns False when the step changed no parameter on any rank (skipped or lr = 0);
-        the answer is the same on every rank."""
+        disturb. Returns why the step cannot be measured (the optimizer skipped it, or it changed
+        no parameter on any rank), or None; the answer is the same on every rank."""
 
     def write(self, step_multiple: float) -> None:
         """Put θ(s) = lerp(θ_t, θ_{t+1}, s) into the parameters the forward pass reads."""

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from megatron_sharpness.backends.rng import RngState
+
 LossFn = Callable[[], "torch.Tensor | float"]
 
 
@@ -33,22 +35,24 @@ class TorchBackend:
         self._theta_t: list[torch.Tensor] | None = None
         self._theta_next: list[torch.Tensor] | None = None
         self._buffers: list[torch.Tensor] | None = None
-        self._rng: _RngState | None = None
+        self._rng: RngState | None = None
 
     @torch.no_grad()
     def snapshot(self) -> None:
         self._theta_t = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
-    def after_step(self) -> bool:
+    def after_step(self) -> str | None:
         assert self._theta_t is not None, "snapshot() must run before optimizer.step()"
         self._theta_next = [p.detach().clone() for p in self.params]
         # Forwards in train mode update BatchNorm statistics and draw dropout masks: keep both so
         # that every trial point sees the same state and training resumes exactly where it was.
         self._buffers = [b.detach().clone() for b in self.model.buffers()]
-        self._rng = _RngState.capture()
+        self._rng = RngState.capture()
         changed = any(not torch.equal(old, new) for old, new in zip(self._theta_t, self._theta_next))
-        return self._any_rank(changed)
+        if not self._any_rank(changed):
+            return "the step changed no parameter (skipped step or zero update)"
+        return None
 
     @torch.no_grad()
     def write(self, step_multiple: float) -> None:
@@ -108,21 +112,6 @@ class TorchBackend:
         gathered = [torch.empty_like(local) for _ in range(self._world_size())]
         dist.all_gather(gathered, local, group=self.process_group)
         return [t.item() for t in gathered]
-
-
-class _RngState:
-    def __init__(self, cpu: torch.Tensor, cuda: list[torch.Tensor] | None):
-        self.cpu, self.cuda = cpu, cuda
-
-    @classmethod
-    def capture(cls) -> _RngState:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        return cls(torch.get_rng_state(), cuda)
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
 
 
 def _reject_sharded_model(model: torch.nn.Module) -> None:
