@@ -30,6 +30,8 @@ class SharpnessConfig:
     initial_guess: where the first search starts, as a multiple of the step's own lr
         (1.0 = the step the optimizer took).
     warm_start: start each later search at the previous critical lr of the same task.
+    micro_batches: evaluate the loss on the first k micro-batches of the step (gradient
+        accumulation); None = all of them.
     log_file: JSONL file that gets one object per measurement (written by rank 0), or None.
     """
 
@@ -39,6 +41,7 @@ class SharpnessConfig:
     max_search: int = DEFAULT_MAX_SEARCH
     initial_guess: float = 1.0
     warm_start: bool = True
+    micro_batches: int | None = None
     log_file: str | None = None
 
     def __post_init__(self) -> None:
@@ -53,6 +56,8 @@ class SharpnessConfig:
                  and self.initial_guess > 0.0, "initial_guess", self.initial_guess,
                  "a finite number > 0 (a multiple of the step's lr)")
         _require(isinstance(self.warm_start, bool), "warm_start", self.warm_start, "true or false")
+        _require(self.micro_batches is None or (_is_int(self.micro_batches) and self.micro_batches >= 1),
+                 "micro_batches", self.micro_batches, "an integer >= 1, or null for all micro-batches of the step")
         _require(self.log_file is None or (isinstance(self.log_file, str) and self.log_file != ""),
                  "log_file", self.log_file, "a file path or null")
 

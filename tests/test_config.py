@@ -27,6 +27,8 @@ def test_defaults_follow_the_paper():
     ("initial_guess", math.inf, "> 0"),
     ("enabled", "yes", "true or false"),
     ("warm_start", 1, "true or false"),
+    ("micro_batches", 0, "integer >= 1"),
+    ("micro_batches", 1.5, "integer >= 1"),
     ("log_file", "", "file path"),
     ("log_file", 3, "file path"),
 ])
