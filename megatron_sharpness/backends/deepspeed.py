@@ -1,0 +1,242 @@
+"""Backend for DeepSpeed engines: ZeRO stages 0-3, bf16/fp16/fp32, CPU offload, PipelineEngine.
+
+Each DeepSpeed optimizer wrapper keeps this rank's fp32 master shard somewhere else and copies it
+into the model's compute params its own way; a _MasterLayout names both places and repeats the
+wrapper's own master→model copy for trial points. The attribute names are those of
+deepspeed==0.19.8 (verified bitwise on CPU, see DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from deepspeed import comm as ds_comm
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.utils import all_gather_dp_groups
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from torch._utils import _unflatten_dense_tensors
+
+from megatron_sharpness.backends.rng import RngState
+
+# Trial points are computed in slices of at most this many elements, so that a write needs a
+# bounded temporary instead of a second copy of the whole master shard.
+LERP_CHUNK_ELEMENTS = 1 << 24
+
+SUPPORTED_OPTIMIZERS = ("DeepSpeedZeroOptimizer (ZeRO-1/2, with or without offload_optimizer)",
+                        "DeepSpeedZeroOptimizer_Stage3 (ZeRO-3, with or without offload_optimizer)",
+                        "BF16_Optimizer", "FP16_Optimizer", "FP16_UnfusedOptimizer",
+                        "a torch.optim.Optimizer at ZeRO stage 0 with fp32 params")
+
+
+class _MasterLayout:
+    """pairs: (fp32 master tensor of this rank, model-side tensor it is copied into)."""
+
+    # True where the master *is* the model param: writing a trial point then overwrites θ_{t+1}.
+    master_is_model = False
+
+    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def before_write(self) -> None:
+        pass
+
+    def after_write(self) -> None:
+        pass
+
+
+class _PartitionedLayout(_MasterLayout):
+    """ZeRO-1/2 and BF16_Optimizer: a flat fp32 partition per param group, copied into this rank's
+    low-precision partition and all-gathered over the data-parallel group (as update_lp_params)."""
+
+    def __init__(self, optimizer, masters: list[torch.Tensor], partitions: list[list[torch.Tensor]],
+                 groups_flat: list[torch.Tensor]):
+        self.optimizer, self.masters, self.partitions, self.groups_flat = optimizer, masters, partitions, groups_flat
+
+    def pairs(self):
+        ranks = [ds_comm.get_rank(group=group) for group in self.optimizer.real_dp_process_group]
+        return [(master, partition[rank]) for master, partition, rank in zip(self.masters, self.partitions, ranks)]
+
+    def after_write(self):
+        optimizer = self.optimizer
+        all_gather_dp_groups(groups_flat=self.groups_flat, partitioned_param_groups=self.partitions,
+                             dp_process_group=optimizer.real_dp_process_group,
+                             start_alignment_factor=optimizer.nccl_start_alignment_factor,
+                             allgather_bucket_size=optimizer.allgather_bucket_size)
+
+
+class _Zero3Layout(_MasterLayout):
+    def __init__(self, optimizer: DeepSpeedZeroOptimizer_Stage3):
+        self.optimizer = optimizer
+
+    def pairs(self):
+        return list(zip(self.optimizer.fp32_partitioned_groups_flat, self.optimizer.fp16_partitioned_groups_flat))
+
+    def before_write(self):
+        # Gathered params (persistent ones, and ones kept alive after a forward) are skipped by the
+        # next all-gather: without releasing them every trial point would see stale weights.
+        self.optimizer.parameter_offload.partition_all_parameters()
+
+    def after_write(self):
+        optimizer = self.optimizer
+        for sub_group in range(len(optimizer.fp16_partitioned_groups_flat)):
+            optimizer._unflatten_partitioned_parameters(sub_group)
+        if optimizer.persistent_parameters:
+            optimizer.persistent_parameters[0].all_gather(optimizer.persistent_parameters)
+        optimizer.invalidate_secondary_tensor()
+
+
+class _FusedFp16Layout(_MasterLayout):
+    def __init__(self, optimizer: FP16_Optimizer):
+        self.optimizer = optimizer
+
+    def pairs(self):
+        return list(zip(self.optimizer.fp32_groups_flat, self.optimizer.fp16_groups_flat))
+
+    def after_write(self):
+        for flat, group in zip(self.optimizer.fp16_groups_flat, self.optimizer.fp16_groups):
+            for param, view in zip(group, _unflatten_dense_tensors(flat, group)):
+                param.data = view.data
+
+
+class _UnfusedFp16Layout(_MasterLayout):
+    def __init__(self, optimizer: FP16_UnfusedOptimizer):
+        self.optimizer = optimizer
+
+    def pairs(self):
+        return [(master, param.data) for masters, params in zip(self.optimizer.fp32_groups, self.optimizer.fp16_groups)
+                for master, param in zip(masters, params)]
+
+
+class _PlainLayout(_MasterLayout):
+    master_is_model = True
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def pairs(self):
+        return [(param.data, param.data) for param in self.params]
+
+
+def master_layout(engine) -> _MasterLayout:
+    optimizer = engine.optimizer
+    kind = type(optimizer)
+    if kind is DeepSpeedZeroOptimizer_Stage3:
+        return _Zero3Layout(optimizer)
+    if kind is DeepSpeedZeroOptimizer:
+        return _PartitionedLayout(optimizer, optimizer.single_partition_of_fp32_groups,
+                                  optimizer.parallel_partitioned_bit16_groups, optimizer.bit16_groups_flat)
+    if kind is BF16_Optimizer:
+        return _PartitionedLayout(optimizer, optimizer.fp32_groups_flat_partition,
+                                  optimizer.bf16_partitioned_groups, optimizer.bf16_groups_flat)
+    if kind is FP16_Optimizer:
+        return _FusedFp16Layout(optimizer)
+    if kind is FP16_UnfusedOptimizer:
+        return _UnfusedFp16Layout(optimizer)
+    if isinstance(optimizer, torch.optim.Optimizer) and not engine.zero_optimization() and all(
+            p.dtype == torch.float32 for group in optimizer.param_groups for p in group["params"]):
+        return _PlainLayout(optimizer)
+    raise TypeError(f"critical sharpness: DeepSpeed optimizer {kind.__module__}.{kind.__name__} is not "
+                    f"supported; supported: {'; '.join(SUPPORTED_OPTIMIZERS)}")
+
+
+Batch = Any
+
+
+class DeepSpeedBackend:
+    """batches: the micro-batches the step trained on, recorded by the integration: (args, kwargs)
+    as the engine was called for a DeepSpeedEngine; what data_iter yielded for a PipelineEngine
+    (first and last stages only: middle stages read no data). micro_batch_counts: how many
+    micro-batches each task evaluates, known on every stage. relative_batches: per relative task,
+    in the same form."""
+
+    def __init__(self, engine, loss_from_output: Callable[[Any], torch.Tensor]):
+        self.engine = engine
+        self.layout = master_layout(engine)
+        self.loss_from_output = loss_from_output
+        self.is_pipeline = isinstance(engine, PipelineEngine)
+        self.batches: list[Batch] = []
+        self.relative_batches: dict[str, Sequence[Batch]] = {}
+        self.micro_batch_counts: dict[str | None, int] = {}
+        self._theta_t: list[torch.Tensor] | None = None
+        self._theta_next: list[torch.Tensor] | None = None
+        self._rng: RngState | None = None
+        self._module_training = True
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        self._theta_t = [master.detach().clone() for master, _ in self.layout.pairs()]
+
+    @torch.no_grad()
+    def after_step(self) -> str | None:
+        assert self._theta_t is not None, "snapshot() must run before the optimizer step"
+        if not self.engine.was_step_applied():  # decided by an all-reduced overflow flag
+            return "DeepSpeed skipped the step (fp16 gradient overflow)"
+        masters = [master for master, _ in self.layout.pairs()]
+        self._theta_next = [m.clone() for m in masters] if self.layout.master_is_model else masters
+        self._rng = RngState.capture()
+        self._module_training = self.engine.module.training
+        changed = any(not torch.equal(old, new) for old, new in zip(self._theta_t, self._theta_next))
+        flag = torch.tensor([float(changed)], device=self.engine.device)
+        ds_comm.all_reduce(flag, op=ds_comm.ReduceOp.MAX)
+        return None if flag.item() else "the step changed no parameter (zero update)"
+
+    @torch.no_grad()
+    def write(self, step_multiple: float) -> None:
+        assert self._theta_t is not None and self._theta_next is not None
+        self.layout.before_write()
+        for (_, target), old, new in zip(self.layout.pairs(), self._theta_t, self._theta_next):
+            _lerp_into(target, old, new, step_multiple)
+        self.layout.after_write()
+
+    @torch.no_grad()
+    def loss(self, task: str | None) -> float:
+        batches = self.batches if task is None else self.relative_batches[task]
+        self._rng.restore()
+        if self.is_pipeline:
+            value = self._pipeline_loss(batches, self.micro_batch_counts[task])
+        else:
+            total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
+            for args, kwargs in batches:
+                total += self.loss_from_output(self.engine(*args, **kwargs)).detach().double()
+            value = total / len(batches)
+            ds_comm.all_reduce(value, group=self.engine.data_parallel_group)
+            value /= ds_comm.get_world_size(group=self.engine.data_parallel_group)
+        # Every rank must branch alike: take rank 0's bits rather than trust the transport's
+        # summation order to be the same everywhere.
+        value = value.detach().reshape(1).to(torch.float64)
+        ds_comm.broadcast(value, src=0)
+        return value.item()
+
+    def _pipeline_loss(self, batches: Sequence[Batch], count: int) -> torch.Tensor:
+        engine = self.engine
+        monitor_enabled = engine.monitor.enabled
+        engine.monitor.enabled = False  # eval_batch would log every trial point as an eval loss
+        try:
+            return engine.eval_batch(iter(batches) if batches else None, num_micro_batches=count,
+                                     reduce_output="avg", bcast_loss=True)
+        finally:
+            engine.monitor.enabled = monitor_enabled
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self._theta_next is not None:
+            self.layout.before_write()
+            for (_, target), new in zip(self.layout.pairs(), self._theta_next):
+                target.copy_(new)
+            self.layout.after_write()
+            self._rng.restore()
+            self.engine.module.train(self._module_training)
+        self._theta_t = self._theta_next = self._rng = None
+
+
+def _lerp_into(target: torch.Tensor, old: torch.Tensor, new: torch.Tensor, weight: float) -> None:
+    """target ← lerp(old, new, weight), cast to target's dtype and device, in bounded slices."""
+    target_flat, old_flat, new_flat = target.view(-1), old.view(-1), new.view(-1)
+    for start in range(0, old_flat.numel(), LERP_CHUNK_ELEMENTS):
+        end = start + LERP_CHUNK_ELEMENTS
+        target_flat[start:end].copy_(torch.lerp(old_flat[start:end], new_flat[start:end], weight))

@@ -1,0 +1,231 @@
+"""Critical sharpness inside a DeepSpeed engine, switched on from the ds_config:
+
+    "critical_sharpness": {"enabled": true, "interval": 100, "log_file": "sharpness.jsonl"}
+
+plus one line after deepspeed.initialize():
+
+    from megatron_sharpness.integrations.deepspeed import attach
+    sharpness = attach(engine)
+
+The training loop is unchanged: the engine's own step() (or train_batch() for a PipelineEngine)
+runs the probe on measured steps, replaying the micro-batches the step trained on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from deepspeed import comm as ds_comm
+from deepspeed.runtime.pipe.engine import PipelineEngine
+
+from megatron_sharpness.backends.deepspeed import DeepSpeedBackend
+from megatron_sharpness.config import ConfigError, SharpnessConfig
+from megatron_sharpness.loggers import JsonlLogger, LogLineLogger, MeasurementLogger
+from megatron_sharpness.measurement import Measurement
+from megatron_sharpness.probe import SharpnessProbe
+
+CONFIG_SECTION = "critical_sharpness"
+
+
+def loss_of(output: Any) -> torch.Tensor:
+    """The loss in what the model's forward returned: the tensor itself, the first element of a
+    tuple or list, or `.loss` / `["loss"]` (Hugging Face style outputs)."""
+    if isinstance(output, torch.Tensor):
+        loss = output
+    elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        loss = output[0]
+    elif isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
+        loss = output["loss"]
+    elif isinstance(getattr(output, "loss", None), torch.Tensor):
+        loss = output.loss
+    else:
+        raise TypeError(f"critical sharpness: cannot find the loss in a model output of type "
+                        f"{type(output).__name__}; pass attach(..., loss_from_output=fn) that returns it")
+    if loss.numel() != 1:
+        raise TypeError(f"critical sharpness: the model's loss must be a scalar, got shape {tuple(loss.shape)}; "
+                        "pass attach(..., loss_from_output=fn) that returns the mean loss")
+    return loss
+
+
+class DeepSpeedMonitorLogger:
+    """Writes each measurement through the engine's monitor (TensorBoard / W&B / CSV, as the
+    ds_config set them up), against global samples like DeepSpeed's own Train/Samples/* events."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def log(self, measurement: Measurement) -> None:
+        values = {
+            "critical_sharpness": measurement.critical_sharpness,
+            "critical_lr": measurement.critical_lr,
+            "lr_over_critical_lr": measurement.lr_over_critical_lr,
+        }
+        for name, task in measurement.relative.items():
+            values[f"relative_critical_sharpness/{name}"] = task.search.critical_sharpness
+        samples = self.engine.global_samples
+        events = [(f"Train/Samples/{name}", value, samples) for name, value in values.items() if value is not None]
+        if events:
+            self.engine.monitor.write_events(events)
+
+    def close(self) -> None:
+        pass
+
+
+class DeepSpeedSharpness:
+    """The probe attached to one engine; detach() puts the engine back as it was."""
+
+    def __init__(self, engine, config: SharpnessConfig,
+                 relative_batches: Mapping[str, Sequence[Any]] | None = None,
+                 loss_from_output: Callable[[Any], torch.Tensor] = loss_of,
+                 loggers: Iterable[MeasurementLogger] | None = None):
+        self.engine = engine
+        self.config = config
+        self.backend = DeepSpeedBackend(engine, loss_from_output)
+        self.probe = SharpnessProbe(config, _default_loggers(engine, config) if loggers is None else loggers)
+        self.last_measurement: Measurement | None = None
+        self._recorded: list[Any] = []
+        self._set_relative_batches(relative_batches or {})
+        if self.backend.is_pipeline:
+            self._original = engine.train_batch
+            engine.train_batch = self._train_batch
+            self._hook = None
+        else:
+            self._original = engine.step
+            engine.step = self._step
+            self._hook = engine.module.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    @property
+    def micro_batches(self) -> int:
+        accumulation = self.engine.gradient_accumulation_steps()
+        return accumulation if self.config.micro_batches is None else min(self.config.micro_batches, accumulation)
+
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            del self.engine.step
+        else:
+            del self.engine.train_batch
+        self.probe.close()
+
+    def _set_relative_batches(self, relative_batches: Mapping[str, Sequence[Any]]) -> None:
+        for name, batches in relative_batches.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"relative task name {name!r} must be a non-empty string")
+            if len(batches) == 0:
+                raise ValueError(f"relative task {name!r} has no batches")
+        if self.backend.is_pipeline:
+            self.backend.relative_batches = {name: list(batches) for name, batches in relative_batches.items()}
+        else:
+            self.backend.relative_batches = {name: [_as_call(batch) for batch in batches]
+                                             for name, batches in relative_batches.items()}
+        self.backend.micro_batch_counts.update({name: len(b) for name, b in self.backend.relative_batches.items()})
+
+    def _next_step_is_due(self) -> bool:
+        return self.probe.is_due(self.engine.global_steps + 1)
+
+    def _record(self, module, args, kwargs) -> None:
+        # Only training forwards of a step that will be measured; the probe's own run under no_grad.
+        if torch.is_grad_enabled() and self._next_step_is_due() and len(self._recorded) < self.micro_batches:
+            self._recorded.append((args, dict(kwargs)))
+
+    def _step(self, *args, **kwargs):
+        engine = self.engine
+        if not (engine.is_gradient_accumulation_boundary() and self._next_step_is_due()):
+            return self._original(*args, **kwargs)
+        self.backend.batches, self._recorded = self._recorded, []
+        return self._measure_around(lambda: self._original(*args, **kwargs))
+
+    def _train_batch(self, data_iter: Iterator | None = None):
+        engine = self.engine
+        if not self._next_step_is_due():
+            return self._original(data_iter)
+        if data_iter is not None:
+            engine.set_dataiterator(data_iter)
+        self.backend.batches = []
+        if engine.data_iterator is None:  # middle stages read no data
+            return self._measure_around(lambda: self._original(None))
+        recorder = _RecordingIterator(engine.data_iterator, self.micro_batches)
+        engine.data_iterator = recorder
+
+        def run_step():
+            try:
+                return self._original(None)
+            finally:
+                engine.data_iterator = recorder.source
+                self.backend.batches = recorder.batches
+
+        return self._measure_around(run_step)
+
+    def _measure_around(self, run_step: Callable[[], Any]):
+        step_number = self.engine.global_steps + 1
+        lr = float(self.engine.get_lr()[0])
+        self.backend.snapshot()
+        try:
+            result = run_step()
+        except BaseException:
+            self.backend.restore()
+            raise
+        self.backend.micro_batch_counts[None] = self.micro_batches
+        self.last_measurement = self.probe.measure(self.backend, step_number, lr,
+                                                   list(self.backend.relative_batches))
+        return result
+
+
+class _RecordingIterator:
+    """Passes the training iterator through, keeping the first `limit` items it yields."""
+
+    def __init__(self, source: Iterator, limit: int):
+        self.source, self.limit, self.batches = source, limit, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.source)
+        if len(self.batches) < self.limit:
+            self.batches.append(item)
+        return item
+
+
+def _as_call(batch: Any) -> tuple[tuple, dict]:
+    """A relative batch as engine(*args, **kwargs): a tuple of args, a dict of kwargs, or one tensor."""
+    if isinstance(batch, tuple):
+        return batch, {}
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    return (batch,), {}
+
+
+def _default_loggers(engine, config: SharpnessConfig) -> list[MeasurementLogger]:
+    if ds_comm.get_rank() != 0:
+        return []
+    loggers: list[MeasurementLogger] = [LogLineLogger()]
+    if config.log_file is not None:
+        loggers.append(JsonlLogger(config.log_file))
+    if engine.monitor.enabled:
+        loggers.append(DeepSpeedMonitorLogger(engine))
+    return loggers
+
+
+def config_from_engine(engine) -> SharpnessConfig:
+    section = engine.config.get(CONFIG_SECTION) if isinstance(engine.config, Mapping) else None
+    if section is None:
+        return SharpnessConfig(enabled=False)
+    return SharpnessConfig.from_dict(section, source=f"ds_config[{CONFIG_SECTION!r}]")
+
+
+def attach(engine, config: SharpnessConfig | None = None,
+           relative_batches: Mapping[str, Sequence[Any]] | None = None,
+           loss_from_output: Callable[[Any], torch.Tensor] = loss_of,
+           loggers: Iterable[MeasurementLogger] | None = None) -> DeepSpeedSharpness:
+    """Attach the probe to a DeepSpeed engine (or PipelineEngine). The config comes from the
+    ds_config's "critical_sharpness" section unless given; without one the probe stays off.
+    relative_batches: per task name, fixed batches in the form the engine is called with (a tuple
+    of args, a dict of kwargs or one tensor; for a PipelineEngine what its data_iter yields, given
+    on every stage)."""
+    if config is None:
+        config = config_from_engine(engine)
+    if not isinstance(config, SharpnessConfig):
+        raise ConfigError(f"config must be a SharpnessConfig, got {type(config).__name__}")
+    return DeepSpeedSharpness(engine, config, relative_batches, loss_from_output, loggers)

@@ -1,0 +1,116 @@
+"""The DeepSpeed integration, multi-process with the real deepspeed on gloo (2 ranks, CPU).
+
+Each configuration trains a tiny GPT with and without the probe (tests/workers/deepspeed_train.py)
+and checks the invariants: training is bitwise unchanged (params, fp32 masters, optimizer state,
+loss scale, RNG), s = 0 / s = 1 / restore reproduce the gathered params exactly, every rank holds the
+same measurement, and L(θ_t) of the probe is the step's own training loss — which fails if a write
+ever leaves stale gathered weights behind (the ZeRO-3 pitfall).
+"""
+
+import json
+import os
+
+import pytest
+
+from megatron_sharpness.testing.launch import run_ranks
+
+pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (pip install -e '.[deepspeed]')")
+
+WORKER = os.path.join(os.path.dirname(__file__), "workers", "deepspeed_train.py")
+ENV = {"DS_ACCELERATOR": "cpu"}
+
+CONFIGS = {
+    "zero0-fp32": (["--stage", "0", "--dtype", "fp32"], "AdamW"),
+    "zero0-bf16": (["--stage", "0", "--dtype", "bf16"], "FP16_UnfusedOptimizer"),
+    "zero0-bf16-fused-adam": (["--stage", "0", "--dtype", "bf16", "--fused"], "FP16_Optimizer"),
+    "zero1-bf16": (["--stage", "1"], "DeepSpeedZeroOptimizer"),
+    "zero1-bf16-fp32-accumulation": (["--stage", "1", "--bf16-optimizer"], "BF16_Optimizer"),
+    "zero2-bf16": (["--stage", "2"], "DeepSpeedZeroOptimizer"),
+    "zero2-bf16-offload": (["--stage", "2", "--offload"], "DeepSpeedZeroOptimizer"),
+    "zero2-bf16-dropout": (["--stage", "2", "--dropout", "0.2"], "DeepSpeedZeroOptimizer"),
+    "zero3-bf16": (["--stage", "3"], "DeepSpeedZeroOptimizer_Stage3"),
+    "zero3-bf16-no-persistent-params": (["--stage", "3", "--persist", "0"], "DeepSpeedZeroOptimizer_Stage3"),
+    "zero3-bf16-offload": (["--stage", "3", "--offload"], "DeepSpeedZeroOptimizer_Stage3"),
+    "zero1-fp16": (["--stage", "1", "--dtype", "fp16"], "DeepSpeedZeroOptimizer"),
+    "zero2-fp16": (["--stage", "2", "--dtype", "fp16"], "DeepSpeedZeroOptimizer"),
+    "zero3-fp16": (["--stage", "3", "--dtype", "fp16"], "DeepSpeedZeroOptimizer_Stage3"),
+    "zero2-bf16-accumulation-4": (["--stage", "2", "--gas", "4"], "DeepSpeedZeroOptimizer"),
+    "zero2-bf16-accumulation-4-first-2": (["--stage", "2", "--gas", "4", "--micro-batches", "2"],
+                                          "DeepSpeedZeroOptimizer"),
+    "zero3-bf16-accumulation-4": (["--stage", "3", "--gas", "4", "--persist", "0"], "DeepSpeedZeroOptimizer_Stage3"),
+    "pipeline-fp32": (["--pipeline", "--stage", "0", "--dtype", "fp32", "--gas", "4"], "AdamW"),
+    "pipeline-bf16-zero1": (["--pipeline", "--stage", "1", "--bf16-optimizer", "--gas", "4"], "BF16_Optimizer"),
+    "pipeline-fp32-first-2": (["--pipeline", "--stage", "0", "--dtype", "fp32", "--gas", "4",
+                               "--micro-batches", "2"], "AdamW"),
+}
+
+
+def launch(tmp_path, args):
+    results = run_ranks([WORKER, "--out", str(tmp_path), *args], world_size=2, timeout=400, env=ENV)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return results, ranks
+
+
+def strip_timing(records):
+    return [None if r is None else {k: v for k, v in r.items() if k != "probe_seconds"} for r in records]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
+    args, optimizer = CONFIGS[name]
+    _, ranks = launch(tmp_path, args)
+    for result in ranks:
+        assert result["optimizer"] == optimizer
+        assert all(result["bitwise_equal"].values()), f"rank {result['rank']}: {result['bitwise_equal']}"
+        checks = result["checks"]
+        if "--pipeline" not in args:
+            assert checks == {"after_step": None, "s1_is_step": True, "s0_is_before": True,
+                              "repeatable_loss": True, "s_half_moves": True, "restored": True}
+    first, second = (strip_timing(result["records"]) for result in ranks)
+    assert first == second, "the ranks disagree on a measurement"
+    # The probe's L(θ_t) on the recorded micro-batches is the step's training loss, bitwise, unless
+    # dropout draws other masks, or the pipeline reports all 4 micro-batches where the probe uses 2.
+    exact_baseline = "--dropout" not in args and not ("--pipeline" in args and "--micro-batches" in args)
+    for record, training_loss in zip(first, ranks[0]["training_losses"]):
+        assert record["skipped"] is None and record["converged"]
+        assert record["relative"]["held-out"]["converged"]
+        assert (record["loss"] == training_loss) == exact_baseline
+        assert record["forwards"] == 1 + len(record["evaluations"])
+    assert len(first) == 4 and [r["step"] for r in first] == [1, 2, 3, 4]
+
+
+def test_fp16_overflow_steps_are_reported_as_skipped_then_measured(tmp_path):
+    _, ranks = launch(tmp_path, ["--stage", "2", "--dtype", "fp16", "--scale-power", "22", "--steps", "6"])
+    for result in ranks:
+        assert all(result["bitwise_equal"].values())
+    records = strip_timing(ranks[0]["records"])
+    assert records == strip_timing(ranks[1]["records"])
+    skipped = [r for r in records if r["skipped"]]
+    measured = [r for r in records if not r["skipped"]]
+    assert skipped and measured, "the loss scale should overflow first, then recover"
+    for record in skipped:
+        assert "overflow" in record["skipped"] and record["critical_lr"] is None and record["forwards"] is None
+    for record in measured:
+        assert record["converged"]
+
+
+def test_monitor_jsonl_and_log_line_from_the_ds_config_section(tmp_path):
+    csv_dir, log_file = tmp_path / "csv", tmp_path / "sharpness.jsonl"
+    (tmp_path / "out").mkdir()
+    results, ranks = launch(tmp_path / "out", ["--stage", "2", "--csv-dir", str(csv_dir),
+                                               "--log-file", str(log_file), "--interval", "2"])
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert strip_timing(records) == strip_timing([r for r in ranks[0]["records"] if r is not None])
+
+    def csv_values(event):
+        lines = (csv_dir / "probe" / f"Train_Samples_{event}.csv").read_text().splitlines()
+        return [float(line.split(",")[1]) for line in lines[1:]]
+
+    assert csv_values("critical_sharpness") == [r["critical_sharpness"] for r in records]
+    assert csv_values("critical_lr") == [r["critical_lr"] for r in records]
+    assert csv_values("relative_critical_sharpness_held-out") == [
+        r["relative"]["held-out"]["critical_sharpness"] for r in records]
+    log_lines = [line for line in results[0].output.splitlines() if "critical sharpness:" in line]
+    assert len(log_lines) == 2 and log_lines[0].startswith(" iteration        2 | critical sharpness: ")
+    assert not any("critical sharpness:" in line for line in results[1].output.splitlines())

@@ -1,0 +1,57 @@
+"""In-process checks of the DeepSpeed integration's input handling (no engine needed)."""
+
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (pip install -e '.[deepspeed]')")
+
+from megatron_sharpness.backends.deepspeed import master_layout  # noqa: E402
+from megatron_sharpness.config import ConfigError, SharpnessConfig  # noqa: E402
+from megatron_sharpness.integrations.deepspeed import config_from_engine, loss_of  # noqa: E402
+
+
+class Lion:  # stands for any optimizer wrapper the backend has no layout for
+    pass
+
+
+def engine_with(optimizer, zero_stage=0, config=None):
+    return types.SimpleNamespace(optimizer=optimizer, zero_optimization=lambda: zero_stage, config=config or {})
+
+
+def test_unknown_optimizer_is_refused_naming_its_class_and_the_supported_ones():
+    with pytest.raises(TypeError) as error:
+        master_layout(engine_with(Lion()))
+    message = str(error.value)
+    assert "Lion is not supported" in message
+    for name in ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3", "BF16_Optimizer", "FP16_Optimizer"):
+        assert name in message
+
+
+def test_torch_optimizer_over_low_precision_params_is_refused():
+    param = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="not supported"):
+        master_layout(engine_with(torch.optim.SGD([param], lr=0.1)))
+
+
+def test_ds_config_section_is_read_and_validated():
+    engine = engine_with(None, config={"critical_sharpness": {"interval": 5, "micro_batches": 2}})
+    assert config_from_engine(engine) == SharpnessConfig(interval=5, micro_batches=2)
+    assert config_from_engine(engine_with(None)) == SharpnessConfig(enabled=False)
+    with pytest.raises(ConfigError, match=r"ds_config\['critical_sharpness'\]: unknown field\(s\) every"):
+        config_from_engine(engine_with(None, config={"critical_sharpness": {"every": 5}}))
+    with pytest.raises(ConfigError, match="micro_batches=0 is invalid"):
+        config_from_engine(engine_with(None, config={"critical_sharpness": {"micro_batches": 0}}))
+
+
+def test_loss_is_found_in_common_model_outputs():
+    loss = torch.tensor(2.5)
+    assert loss_of(loss) is loss
+    assert loss_of((loss, torch.zeros(4))) is loss
+    assert loss_of({"loss": loss, "logits": torch.zeros(4)}) is loss
+    assert loss_of(types.SimpleNamespace(loss=loss)) is loss
+    with pytest.raises(TypeError, match="cannot find the loss in a model output of type str"):
+        loss_of("nope")
+    with pytest.raises(TypeError, match="must be a scalar"):
+        loss_of(torch.zeros(3))

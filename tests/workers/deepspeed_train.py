@@ -1,0 +1,244 @@
+"""One rank of a DeepSpeed run on CPU/gloo, for tests/test_deepspeed.py.
+
+Trains a tiny GPT twice from the same seed: without the probe (then one more step where the
+backend is driven by hand to check s = 0, s = 1 and restore against gathered params), and with
+the probe attached from the ds_config on every step. Writes OUT/rank{R}.json with what the test
+asserts.
+"""
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from deepspeed import comm as ds_comm  # noqa: E402
+from deepspeed.pipe import PipelineModule  # noqa: E402
+
+from megatron_sharpness.backends.deepspeed import DeepSpeedBackend, master_layout  # noqa: E402
+from megatron_sharpness.data import ByteBatches, embedded_corpus  # noqa: E402
+from megatron_sharpness.integrations.deepspeed import attach, loss_of  # noqa: E402
+from megatron_sharpness.testing.tiny_gpt import Block, TinyGPT, lm_loss  # noqa: E402
+
+SEQ, WIDTH, HEADS = 16, 32, 2
+
+
+class GPTWithLoss(nn.Module):
+    def __init__(self, dropout):
+        super().__init__()
+        self.gpt = TinyGPT(width=WIDTH, layers=2, heads=HEADS, max_seq_len=SEQ, dropout=dropout)
+
+    def forward(self, tokens, targets):
+        return lm_loss(self.gpt, tokens, targets)
+
+
+class Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.token, self.position = nn.Embedding(256, WIDTH), nn.Embedding(SEQ, WIDTH)
+
+    def forward(self, tokens):
+        return self.token(tokens) + self.position(torch.arange(tokens.shape[1]))
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.out = nn.LayerNorm(WIDTH), nn.Linear(WIDTH, 256, bias=False)
+
+    def forward(self, x):
+        return self.out(self.norm(x))
+
+
+def cross_entropy(logits, targets):
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def ds_config(a):
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": a.gas,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01, "torch_adam": not a.fused}},
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": a.stage},
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+        "critical_sharpness": {"enabled": True, "interval": a.interval, "micro_batches": a.micro_batches,
+                               "log_file": a.log_file},
+    }
+    if a.dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif a.dtype == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": a.scale_power,
+                          "loss_scale_window": 1000}
+    if a.bf16_optimizer:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if a.offload:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if a.persist is not None:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = a.persist
+    if a.csv_dir:
+        config["csv_monitor"] = {"enabled": True, "output_path": a.csv_dir, "job_name": "probe"}
+    return config
+
+
+def build(a):
+    torch.manual_seed(0)
+    if a.pipeline:
+        layers = [Embed(), Block(WIDTH, HEADS, a.dropout), Block(WIDTH, HEADS, a.dropout), Head()]
+        model = PipelineModule(layers=layers, num_stages=2, loss_fn=cross_entropy, partition_method="uniform")
+    else:
+        model = GPTWithLoss(a.dropout)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
+                                      config=ds_config(a))
+    return engine
+
+
+def batches(a, rank):
+    # Pipeline stages must read the same samples; data-parallel ranks read their own.
+    seed = 100 if a.pipeline else 100 + rank
+    return ByteBatches(embedded_corpus(), batch_size=4, seq_len=SEQ, seed=seed)
+
+
+def full_params(engine):
+    params = list(engine.module.parameters())
+    if hasattr(params[0], "ds_id"):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return [p.detach().clone() for p in params]
+    return [p.detach().clone() for p in params]
+
+
+def state(engine):
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return {
+        "params": full_params(engine),
+        "masters": [m.detach().clone() for m, _ in master_layout(engine).pairs()],
+        "optimizer": [t.clone() for s in base.state.values() for t in s.values() if isinstance(t, torch.Tensor)],
+        "loss_scale": [torch.tensor(float(getattr(engine.optimizer, "loss_scale", None) or 0.0))],
+        "rng": [torch.get_rng_state()],
+    }
+
+
+def train_step(engine, a, data):
+    """One optimizer step; returns the mean training loss of its micro-batches on this rank."""
+    if a.pipeline:
+        return float(engine.train_batch(data))
+    losses = []
+    for _ in range(a.gas):
+        tokens, targets = next(data)
+        loss = engine(tokens, targets)
+        engine.backward(loss)
+        losses.append(loss.detach().double())
+        engine.step()
+    return losses
+
+
+def mean_over_ranks(local_losses, engine, micro_batches):
+    """The training loss of the probed micro-batches, reduced exactly as the backend reduces."""
+    total = torch.zeros((), dtype=torch.float64)
+    for loss in local_losses[:micro_batches]:
+        total += loss
+    value = total / len(local_losses[:micro_batches])
+    ds_comm.all_reduce(value, group=engine.data_parallel_group)
+    value /= ds_comm.get_world_size(group=engine.data_parallel_group)
+    return value.item()
+
+
+def reference_run(a, rank):
+    engine = build(a)
+    data = batches(a, rank)
+    for _ in range(a.steps):
+        train_step(engine, a, data)
+    reference = state(engine)
+    checks = {}
+    if not a.pipeline:
+        backend = DeepSpeedBackend(engine, loss_of)
+        before = full_params(engine)
+        for micro in range(a.gas):
+            tokens, targets = next(data)
+            backend.batches.append(((tokens, targets), {}))
+            engine.backward(engine(tokens, targets))
+            if micro == a.gas - 1:
+                backend.snapshot()
+            engine.step()
+        after = full_params(engine)
+        checks["after_step"] = backend.after_step()
+        if checks["after_step"] is not None:  # an fp16 overflow skipped the step: nothing to write
+            backend.restore()
+            engine.destroy()
+            return reference, checks
+        backend.write(1.0)
+        checks["s1_is_step"] = all(torch.equal(p, q) for p, q in zip(full_params(engine), after))
+        backend.write(0.0)
+        checks["s0_is_before"] = all(torch.equal(p, q) for p, q in zip(full_params(engine), before))
+        checks["repeatable_loss"] = backend.loss(None) == backend.loss(None)  # same dropout masks
+        backend.write(0.5)
+        checks["s_half_moves"] = not all(torch.equal(p, q) for p, q in zip(full_params(engine), after))
+        backend.restore()
+        checks["restored"] = all(torch.equal(p, q) for p, q in zip(full_params(engine), after))
+    engine.destroy()
+    return reference, checks
+
+
+def probe_run(a, rank):
+    engine = build(a)
+    held_out = next(ByteBatches(embedded_corpus(), batch_size=4, seq_len=SEQ, seed=7))
+    sharpness = attach(engine, loggers=None if a.csv_dir else [], relative_batches={"held-out": [held_out]})
+    data = batches(a, rank)
+    records, training_losses = [], []
+    for _ in range(a.steps):
+        losses = train_step(engine, a, data)
+        measurement = sharpness.last_measurement
+        sharpness.last_measurement = None
+        records.append(None if measurement is None else measurement.to_dict())
+        training_losses.append(losses if a.pipeline else mean_over_ranks(losses, engine, sharpness.micro_batches))
+    probed = state(engine)
+    optimizer = type(engine.optimizer).__name__
+    sharpness.detach()
+    engine.destroy()
+    return probed, records, training_losses, optimizer
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stage", type=int, default=0)
+    parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--offload", action="store_true")
+    parser.add_argument("--bf16-optimizer", action="store_true")
+    parser.add_argument("--gas", type=int, default=1)
+    parser.add_argument("--micro-batches", type=int, default=None)
+    parser.add_argument("--persist", type=int, default=None)
+    parser.add_argument("--scale-power", type=int, default=8)
+    parser.add_argument("--pipeline", action="store_true")
+    parser.add_argument("--fused", action="store_true", help="DeepSpeed's FusedAdam instead of torch's AdamW")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--csv-dir", default=None, help="use the default loggers, with DeepSpeed's CSV monitor")
+    parser.add_argument("--log-file", default=None)
+    parser.add_argument("--interval", type=int, default=1)
+    a = parser.parse_args()
+
+    torch.set_num_threads(1)
+    if a.dtype == "fp16":  # the CPU accelerator reports no fp16 support; DeepSpeed's fp16 path runs anyway
+        from deepspeed.accelerator import get_accelerator
+        get_accelerator().is_fp16_supported = lambda: True
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = ds_comm.get_rank()
+    reference, checks = reference_run(a, rank)
+    probed, records, training_losses, optimizer = probe_run(a, rank)
+    equal = {key: len(reference[key]) == len(probed[key]) and all(
+        x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(reference[key], probed[key])) for key in reference}
+    result = {"rank": rank, "optimizer": optimizer, "bitwise_equal": equal,
+              "checks": checks, "records": records, "training_losses": training_losses}
+    with open(os.path.join(a.out, f"rank{rank}.json"), "w") as out:
+        json.dump(result, out)
+    ds_comm.barrier()
+
+
+if __name__ == "__main__":
+    main()
