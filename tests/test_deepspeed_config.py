@@ -55,3 +55,26 @@ def test_loss_is_found_in_common_model_outputs():
         loss_of("nope")
     with pytest.raises(TypeError, match="must be a scalar"):
         loss_of(torch.zeros(3))
+
+
+def test_megatron_reported_losses_are_averaged_over_micro_batches():
+    from megatron_sharpness.integrations.megatron_deepspeed import mean_reported_loss
+
+    reported = [{"lm loss": torch.tensor(2.0)}, {"lm loss": torch.tensor(3.0)}, {"lm loss": torch.tensor(4.5)}]
+    assert mean_reported_loss(reported).item() == 9.5 / 3
+    with pytest.raises(KeyError, match="reported no 'lm loss'; got \\['loss'\\]"):
+        mean_reported_loss([{"loss": torch.tensor(1.0)}])
+
+
+def test_megatron_deepspeed_without_deepspeed_is_refused():
+    import argparse
+
+    from megatron_sharpness.integrations import megatron_deepspeed
+
+    args = megatron_deepspeed.add_critical_sharpness_args(argparse.ArgumentParser()).parse_args(
+        ["--critical-sharpness-interval", "10"])
+    args.deepspeed = False
+    with pytest.raises(ValueError, match="needs --deepspeed"):
+        megatron_deepspeed.attach([object()], None, args, None)
+    args.critical_sharpness_interval = 0
+    assert megatron_deepspeed.attach([object()], None, args, None) is None

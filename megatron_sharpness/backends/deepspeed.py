@@ -15,7 +15,6 @@ from deepspeed import comm as ds_comm
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.utils import all_gather_dp_groups
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -145,20 +144,20 @@ def master_layout(engine) -> _MasterLayout:
 
 
 Batch = Any
+# Reduced loss of a task over its micro-batches (the same value on every rank up to the bits),
+# given the batches this rank recorded and how many micro-batches every stage runs.
+Evaluator = Callable[[Sequence[Batch], int], torch.Tensor]
 
 
 class DeepSpeedBackend:
-    """batches: the micro-batches the step trained on, recorded by the integration: (args, kwargs)
-    as the engine was called for a DeepSpeedEngine; what data_iter yielded for a PipelineEngine
-    (first and last stages only: middle stages read no data). micro_batch_counts: how many
-    micro-batches each task evaluates, known on every stage. relative_batches: per relative task,
-    in the same form."""
+    """batches: the micro-batches the step trained on, as the integration recorded them (middle
+    pipeline stages record none). micro_batch_counts: how many micro-batches each task evaluates,
+    known on every stage. relative_batches: per relative task, in the same form as batches."""
 
-    def __init__(self, engine, loss_from_output: Callable[[Any], torch.Tensor]):
+    def __init__(self, engine, evaluate: Evaluator):
         self.engine = engine
         self.layout = master_layout(engine)
-        self.loss_from_output = loss_from_output
-        self.is_pipeline = isinstance(engine, PipelineEngine)
+        self.evaluate = evaluate
         self.batches: list[Batch] = []
         self.relative_batches: dict[str, Sequence[Batch]] = {}
         self.micro_batch_counts: dict[str | None, int] = {}
@@ -197,30 +196,12 @@ class DeepSpeedBackend:
     def loss(self, task: str | None) -> float:
         batches = self.batches if task is None else self.relative_batches[task]
         self._rng.restore()
-        if self.is_pipeline:
-            value = self._pipeline_loss(batches, self.micro_batch_counts[task])
-        else:
-            total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
-            for args, kwargs in batches:
-                total += self.loss_from_output(self.engine(*args, **kwargs)).detach().double()
-            value = total / len(batches)
-            ds_comm.all_reduce(value, group=self.engine.data_parallel_group)
-            value /= ds_comm.get_world_size(group=self.engine.data_parallel_group)
+        value = self.evaluate(batches, self.micro_batch_counts[task])
         # Every rank must branch alike: take rank 0's bits rather than trust the transport's
         # summation order to be the same everywhere.
         value = value.detach().reshape(1).to(torch.float64)
         ds_comm.broadcast(value, src=0)
         return value.item()
-
-    def _pipeline_loss(self, batches: Sequence[Batch], count: int) -> torch.Tensor:
-        engine = self.engine
-        monitor_enabled = engine.monitor.enabled
-        engine.monitor.enabled = False  # eval_batch would log every trial point as an eval loss
-        try:
-            return engine.eval_batch(iter(batches) if batches else None, num_micro_batches=count,
-                                     reduce_output="avg", bcast_loss=True)
-        finally:
-            engine.monitor.enabled = monitor_enabled
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -19,7 +19,7 @@ import torch
 from deepspeed import comm as ds_comm
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
-from megatron_sharpness.backends.deepspeed import DeepSpeedBackend
+from megatron_sharpness.backends.deepspeed import DeepSpeedBackend, Evaluator
 from megatron_sharpness.config import ConfigError, SharpnessConfig
 from megatron_sharpness.loggers import JsonlLogger, LogLineLogger, MeasurementLogger
 from megatron_sharpness.measurement import Measurement
@@ -72,28 +72,70 @@ class DeepSpeedMonitorLogger:
         pass
 
 
+def engine_forward_loss(engine, loss_from_output: Callable[[Any], torch.Tensor] = loss_of) -> Evaluator:
+    """Replays (args, kwargs) micro-batches through engine(...) and averages over data parallelism."""
+
+    def evaluate(batches: Sequence[Any], count: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64, device=engine.device)
+        for args, kwargs in batches[:count]:
+            total += loss_from_output(engine(*args, **kwargs)).detach().double()
+        mean = total / count
+        ds_comm.all_reduce(mean, group=engine.data_parallel_group)
+        return mean / ds_comm.get_world_size(group=engine.data_parallel_group)
+
+    return evaluate
+
+
+def pipeline_loss(engine: PipelineEngine) -> Evaluator:
+    """Runs the micro-batches through the pipeline with eval_batch, so every stage takes part;
+    eval_batch averages over micro-batches and data parallelism and broadcasts over the stages."""
+
+    def evaluate(batches: Sequence[Any], count: int) -> torch.Tensor:
+        monitor_enabled = engine.monitor.enabled
+        engine.monitor.enabled = False  # eval_batch would log every trial point as an eval loss
+        try:
+            return engine.eval_batch(iter(batches[:count]) if batches else None, num_micro_batches=count,
+                                     reduce_output="avg", bcast_loss=True)
+        finally:
+            engine.monitor.enabled = monitor_enabled
+
+    return evaluate
+
+
 class DeepSpeedSharpness:
-    """The probe attached to one engine; detach() puts the engine back as it was."""
+    """The probe attached to one engine; detach() puts the engine back as it was.
+
+    Micro-batches are recorded as they pass, without consuming data: by a forward pre-hook on the
+    engine's module (default), by the pipeline's data iterator (PipelineEngine), or, when a custom
+    `evaluate` replays them through another schedule, by the iterator that record_batches() wraps.
+    """
 
     def __init__(self, engine, config: SharpnessConfig,
                  relative_batches: Mapping[str, Sequence[Any]] | None = None,
                  loss_from_output: Callable[[Any], torch.Tensor] = loss_of,
-                 loggers: Iterable[MeasurementLogger] | None = None):
+                 loggers: Iterable[MeasurementLogger] | None = None,
+                 evaluate: Evaluator | None = None):
         self.engine = engine
         self.config = config
-        self.backend = DeepSpeedBackend(engine, loss_from_output)
+        self.is_pipeline = isinstance(engine, PipelineEngine)
+        self.records_forwards = evaluate is None and not self.is_pipeline
+        if evaluate is None:
+            evaluate = pipeline_loss(engine) if self.is_pipeline else engine_forward_loss(engine, loss_from_output)
+        self.backend = DeepSpeedBackend(engine, evaluate)
         self.probe = SharpnessProbe(config, _default_loggers(engine, config) if loggers is None else loggers)
         self.last_measurement: Measurement | None = None
         self._recorded: list[Any] = []
+        self._recorder: _RecordingIterator | None = None
         self._set_relative_batches(relative_batches or {})
-        if self.backend.is_pipeline:
+        self._hook = None
+        if self.is_pipeline:
             self._original = engine.train_batch
             engine.train_batch = self._train_batch
-            self._hook = None
         else:
             self._original = engine.step
             engine.step = self._step
-            self._hook = engine.module.register_forward_pre_hook(self._record, with_kwargs=True)
+            if self.records_forwards:
+                self._hook = engine.module.register_forward_pre_hook(self._record, with_kwargs=True)
 
     @property
     def micro_batches(self) -> int:
@@ -103,10 +145,19 @@ class DeepSpeedSharpness:
     def detach(self) -> None:
         if self._hook is not None:
             self._hook.remove()
-            del self.engine.step
-        else:
+        if self.is_pipeline:
             del self.engine.train_batch
+        else:
+            del self.engine.step
         self.probe.close()
+
+    def record_batches(self, data_iterator: Iterator) -> Iterator:
+        """Wrap the iterator a step's micro-batches are read from (only needed with a custom
+        evaluate); returned unchanged unless the next optimizer step will be measured."""
+        if not self._next_step_is_due():
+            return data_iterator
+        self._recorder = _RecordingIterator(data_iterator, self.micro_batches)
+        return self._recorder
 
     def _set_relative_batches(self, relative_batches: Mapping[str, Sequence[Any]]) -> None:
         for name, batches in relative_batches.items():
@@ -114,11 +165,9 @@ class DeepSpeedSharpness:
                 raise ValueError(f"relative task name {name!r} must be a non-empty string")
             if len(batches) == 0:
                 raise ValueError(f"relative task {name!r} has no batches")
-        if self.backend.is_pipeline:
-            self.backend.relative_batches = {name: list(batches) for name, batches in relative_batches.items()}
-        else:
-            self.backend.relative_batches = {name: [_as_call(batch) for batch in batches]
-                                             for name, batches in relative_batches.items()}
+        as_stored = _as_call if self.records_forwards else (lambda batch: batch)
+        self.backend.relative_batches = {name: [as_stored(batch) for batch in batches]
+                                         for name, batches in relative_batches.items()}
         self.backend.micro_batch_counts.update({name: len(b) for name, b in self.backend.relative_batches.items()})
 
     def _next_step_is_due(self) -> bool:
@@ -133,6 +182,8 @@ class DeepSpeedSharpness:
         engine = self.engine
         if not (engine.is_gradient_accumulation_boundary() and self._next_step_is_due()):
             return self._original(*args, **kwargs)
+        if self._recorder is not None:
+            self._recorded, self._recorder = self._recorder.batches, None
         self.backend.batches, self._recorded = self._recorded, []
         return self._measure_around(lambda: self._original(*args, **kwargs))
 
@@ -218,14 +269,18 @@ def config_from_engine(engine) -> SharpnessConfig:
 def attach(engine, config: SharpnessConfig | None = None,
            relative_batches: Mapping[str, Sequence[Any]] | None = None,
            loss_from_output: Callable[[Any], torch.Tensor] = loss_of,
-           loggers: Iterable[MeasurementLogger] | None = None) -> DeepSpeedSharpness:
+           loggers: Iterable[MeasurementLogger] | None = None,
+           evaluate: Evaluator | None = None) -> DeepSpeedSharpness:
     """Attach the probe to a DeepSpeed engine (or PipelineEngine). The config comes from the
     ds_config's "critical_sharpness" section unless given; without one the probe stays off.
+
     relative_batches: per task name, fixed batches in the form the engine is called with (a tuple
     of args, a dict of kwargs or one tensor; for a PipelineEngine what its data_iter yields, given
-    on every stage)."""
+    on every stage). evaluate(batches, count): replaces the default replay through engine(...)
+    when the step's micro-batches run through another schedule (Megatron-DeepSpeed); then wrap
+    the step's data iterator with record_batches()."""
     if config is None:
         config = config_from_engine(engine)
     if not isinstance(config, SharpnessConfig):
         raise ConfigError(f"config must be a SharpnessConfig, got {type(config).__name__}")
-    return DeepSpeedSharpness(engine, config, relative_batches, loss_from_output, loggers)
+    return DeepSpeedSharpness(engine, config, relative_batches, loss_from_output, loggers, evaluate)

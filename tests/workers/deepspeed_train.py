@@ -21,7 +21,8 @@ from deepspeed.pipe import PipelineModule  # noqa: E402
 
 from megatron_sharpness.backends.deepspeed import DeepSpeedBackend, master_layout  # noqa: E402
 from megatron_sharpness.data import ByteBatches, embedded_corpus  # noqa: E402
-from megatron_sharpness.integrations.deepspeed import attach, loss_of  # noqa: E402
+from megatron_sharpness.integrations import megatron_deepspeed  # noqa: E402
+from megatron_sharpness.integrations.deepspeed import attach, engine_forward_loss  # noqa: E402
 from megatron_sharpness.testing.tiny_gpt import Block, TinyGPT, lm_loss  # noqa: E402
 
 SEQ, WIDTH, HEADS = 16, 32, 2
@@ -148,23 +149,66 @@ def mean_over_ranks(local_losses, engine, micro_batches):
     return value.item()
 
 
+def megatron_forward_backward(*, forward_step_func, data_iterator, model, num_microbatches, seq_length,
+                               micro_batch_size, decoder_seq_length=None, forward_only=False):
+    """Megatron-DeepSpeed's forward_backward_no_pipelining with --deepspeed, reduced to what it does
+    with a DeepSpeed engine: forward_step_func per micro-batch, engine.backward, the accumulation
+    boundary set by hand, one loss dict per micro-batch."""
+    engine = model[0]
+    reported = []
+    for micro in range(num_microbatches):
+        if not forward_only:
+            engine.set_gradient_accumulation_boundary(micro == num_microbatches - 1)
+        output, loss_func = forward_step_func(data_iterator, engine)
+        loss, report = loss_func(output)
+        if not forward_only:
+            engine.backward(loss)
+        reported.append(report)
+    return reported
+
+
+def megatron_forward_step(data_iterator, model):
+    tokens, targets = next(data_iterator)
+    loss = model(tokens, targets)
+
+    def loss_func(output):
+        averaged = output.detach().clone()  # average_losses_across_data_parallel_group
+        ds_comm.all_reduce(averaged, group=model.data_parallel_group)
+        return output, {"lm loss": averaged / ds_comm.get_world_size(group=model.data_parallel_group)}
+
+    return loss, loss_func
+
+
+def megatron_train_step(engine, a, data):
+    """Megatron-DeepSpeed's train_step without pipeline parallelism, with the patch's record()."""
+    reported = megatron_forward_backward(
+        forward_step_func=megatron_forward_step, data_iterator=megatron_deepspeed.record(data), model=[engine],
+        num_microbatches=a.gas, seq_length=SEQ, micro_batch_size=4)
+    engine.step()
+    return reported
+
+
 def reference_run(a, rank):
     engine = build(a)
     data = batches(a, rank)
     for _ in range(a.steps):
-        train_step(engine, a, data)
+        if a.megatron_deepspeed:
+            megatron_train_step(engine, a, data)
+        else:
+            train_step(engine, a, data)
     reference = state(engine)
     checks = {}
     if not a.pipeline:
-        backend = DeepSpeedBackend(engine, loss_of)
+        backend = DeepSpeedBackend(engine, engine_forward_loss(engine))
+        backend.micro_batch_counts[None] = a.gas
         before = full_params(engine)
-        for micro in range(a.gas):
+        for micro in range(a.gas):  # one step() at the boundary, which works in either loop style
             tokens, targets = next(data)
             backend.batches.append(((tokens, targets), {}))
+            engine.set_gradient_accumulation_boundary(micro == a.gas - 1)
             engine.backward(engine(tokens, targets))
-            if micro == a.gas - 1:
-                backend.snapshot()
-            engine.step()
+        backend.snapshot()
+        engine.step()
         after = full_params(engine)
         checks["after_step"] = backend.after_step()
         if checks["after_step"] is not None:  # an fp16 overflow skipped the step: nothing to write
@@ -187,15 +231,28 @@ def reference_run(a, rank):
 def probe_run(a, rank):
     engine = build(a)
     held_out = next(ByteBatches(embedded_corpus(), batch_size=4, seq_len=SEQ, seed=7))
-    sharpness = attach(engine, loggers=None if a.csv_dir else [], relative_batches={"held-out": [held_out]})
+    if a.megatron_deepspeed:
+        flags = ["--critical-sharpness-interval", "1", "--critical-sharpness-micro-batches", str(a.micro_batches or a.gas)]
+        args = megatron_deepspeed.add_critical_sharpness_args(argparse.ArgumentParser()).parse_args(flags)
+        args.deepspeed, args.seq_length, args.micro_batch_size, args.decoder_seq_length = True, SEQ, 4, None
+        sharpness = megatron_deepspeed.attach([engine], megatron_forward_step, args,
+                                              lambda: megatron_forward_backward)
+        sharpness.probe.loggers.clear()
+    else:
+        sharpness = attach(engine, loggers=None if a.csv_dir else [], relative_batches={"held-out": [held_out]})
     data = batches(a, rank)
     records, training_losses = [], []
     for _ in range(a.steps):
-        losses = train_step(engine, a, data)
+        if a.megatron_deepspeed:
+            reported = megatron_train_step(engine, a, data)
+            training_losses.append(megatron_deepspeed.mean_reported_loss(reported[:sharpness.micro_batches]).item())
+        elif a.pipeline:
+            training_losses.append(train_step(engine, a, data))
+        else:
+            training_losses.append(mean_over_ranks(train_step(engine, a, data), engine, sharpness.micro_batches))
         measurement = sharpness.last_measurement
         sharpness.last_measurement = None
         records.append(None if measurement is None else measurement.to_dict())
-        training_losses.append(losses if a.pipeline else mean_over_ranks(losses, engine, sharpness.micro_batches))
     probed = state(engine)
     optimizer = type(engine.optimizer).__name__
     sharpness.detach()
@@ -215,6 +272,8 @@ def main():
     parser.add_argument("--persist", type=int, default=None)
     parser.add_argument("--scale-power", type=int, default=8)
     parser.add_argument("--pipeline", action="store_true")
+    parser.add_argument("--megatron-deepspeed", action="store_true",
+                        help="train as Megatron-DeepSpeed's train_step does, with our patch's three calls")
     parser.add_argument("--fused", action="store_true", help="DeepSpeed's FusedAdam instead of torch's AdamW")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=4)

@@ -1,0 +1,70 @@
+"""Megatron-style command-line flags (kebab-case, one argument group), shared by the Megatron-LM
+and Megatron-DeepSpeed integrations. Values are validated by SharpnessConfig, so a bad value fails
+at argument parsing with the flag's name and what is allowed."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+from megatron_sharpness.config import ConfigError, SharpnessConfig
+
+# flag suffix -> SharpnessConfig field
+FLAG_FIELDS = {
+    "tol": "tol",
+    "max-search": "max_search",
+    "initial-guess": "initial_guess",
+    "micro-batches": "micro_batches",
+    "log-file": "log_file",
+}
+
+
+def _validated(field: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {parse.__name__}") from None
+        try:
+            SharpnessConfig(**{field: value})
+        except ConfigError as error:
+            raise argparse.ArgumentTypeError(str(error).split(": ", 1)[1]) from None
+        return value
+
+    return convert
+
+
+def _interval(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= 1, or 0 for off")
+    return value
+
+
+def add_critical_sharpness_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """For Megatron's extra_args_provider: returns the parser, as Megatron expects."""
+    defaults = SharpnessConfig()
+    group = parser.add_argument_group(title="critical sharpness")
+    group.add_argument("--critical-sharpness-interval", type=_interval, default=0, metavar="N",
+                       help="measure critical sharpness every N iterations (default 0: off)")
+    group.add_argument("--critical-sharpness-tol", type=_validated("tol", float), default=defaults.tol,
+                       help=f"bisect until 1 - lo/hi <= tol (default {defaults.tol})")
+    group.add_argument("--critical-sharpness-max-search", type=_validated("max_search", int),
+                       default=defaults.max_search, help="at most this many exponential-phase evaluations")
+    group.add_argument("--critical-sharpness-initial-guess", type=_validated("initial_guess", float),
+                       default=defaults.initial_guess, help="first search's start, as a multiple of the lr")
+    group.add_argument("--critical-sharpness-micro-batches", type=_validated("micro_batches", int), default=None,
+                       metavar="K", help="evaluate on the first K micro-batches of the step (default: all)")
+    group.add_argument("--critical-sharpness-log-file", type=_validated("log_file", str), default=None,
+                       metavar="PATH", help="append one JSON object per measurement to PATH")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> SharpnessConfig:
+    interval = args.critical_sharpness_interval
+    fields = {field: getattr(args, "critical_sharpness_" + flag.replace("-", "_"))
+              for flag, field in FLAG_FIELDS.items()}
+    return SharpnessConfig(enabled=interval > 0, interval=max(interval, 1), **fields)

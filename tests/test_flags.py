@@ -1,0 +1,44 @@
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from megatron_sharpness.config import SharpnessConfig
+from megatron_sharpness.integrations.flags import add_critical_sharpness_args, config_from_args
+
+
+def parse(*flags):
+    return add_critical_sharpness_args(argparse.ArgumentParser()).parse_args(list(flags))
+
+
+def test_off_by_default():
+    config = config_from_args(parse())
+    assert not config.enabled
+    assert config == SharpnessConfig(enabled=False, interval=1)
+
+
+def test_flags_map_onto_the_config():
+    args = parse("--critical-sharpness-interval", "50", "--critical-sharpness-tol", "0.125",
+                 "--critical-sharpness-max-search", "20", "--critical-sharpness-initial-guess", "0.5",
+                 "--critical-sharpness-micro-batches", "2", "--critical-sharpness-log-file", "out/s.jsonl")
+    assert config_from_args(args) == SharpnessConfig(interval=50, tol=0.125, max_search=20, initial_guess=0.5,
+                                                     micro_batches=2, log_file="out/s.jsonl")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--critical-sharpness-interval", "-1", "-1 is invalid; allowed: an integer >= 1, or 0 for off"),
+    ("--critical-sharpness-interval", "ten", "'ten' is not an integer"),
+    ("--critical-sharpness-tol", "1.5", "tol=1.5 is invalid; allowed: a number in the open interval (0, 1)"),
+    ("--critical-sharpness-tol", "abc", "'abc' is not a valid float"),
+    ("--critical-sharpness-max-search", "0", "max_search=0 is invalid"),
+    ("--critical-sharpness-initial-guess", "-2", "initial_guess=-2.0 is invalid"),
+    ("--critical-sharpness-micro-batches", "0", "micro_batches=0 is invalid"),
+])
+def test_bad_values_fail_at_parsing_naming_the_flag(flag, value, message):
+    code = ("import argparse; from megatron_sharpness.integrations.flags import add_critical_sharpness_args;"
+            f"add_critical_sharpness_args(argparse.ArgumentParser(prog='pretrain_gpt.py')).parse_args({[flag, value]!r})")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"argument {flag}: {message}" in result.stderr
+    assert "Traceback" not in result.stderr
