@@ -78,3 +78,5 @@ def test_megatron_deepspeed_without_deepspeed_is_refused():
         megatron_deepspeed.attach([object()], None, args, None)
     args.critical_sharpness_interval = 0
     assert megatron_deepspeed.attach([object()], None, args, None) is None
+    args.deepspeed = True  # no flag and no ds_config section: off
+    assert megatron_deepspeed.attach([engine_with(None)], None, args, None) is None

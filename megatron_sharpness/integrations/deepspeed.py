@@ -260,7 +260,8 @@ def _default_loggers(engine, config: SharpnessConfig) -> list[MeasurementLogger]
 
 
 def config_from_engine(engine) -> SharpnessConfig:
-    section = engine.config.get(CONFIG_SECTION) if isinstance(engine.config, Mapping) else None
+    ds_config = getattr(engine, "config", None)
+    section = ds_config.get(CONFIG_SECTION) if isinstance(ds_config, Mapping) else None
     if section is None:
         return SharpnessConfig(enabled=False)
     return SharpnessConfig.from_dict(section, source=f"ds_config[{CONFIG_SECTION!r}]")

@@ -19,6 +19,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from megatron_sharpness.integrations.deepspeed import DeepSpeedSharpness
 from megatron_sharpness.integrations.deepspeed import attach as attach_to_engine
+from megatron_sharpness.integrations.deepspeed import config_from_engine
 from megatron_sharpness.integrations.flags import add_critical_sharpness_args, config_from_args
 
 __all__ = ["add_critical_sharpness_args", "attach", "record"]
@@ -50,6 +51,8 @@ def attach(model: list, forward_step_func: Callable, args: argparse.Namespace,
            get_forward_backward_func: Callable) -> DeepSpeedSharpness | None:
     global _attached
     config = config_from_args(args)
+    if not config.enabled and getattr(args, "deepspeed", False) and len(model) == 1:
+        config = config_from_engine(model[0])  # no flag given: the ds_config section, if any
     if not config.enabled:
         return None
     if not getattr(args, "deepspeed", False):
