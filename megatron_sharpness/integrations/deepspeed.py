@@ -154,6 +154,9 @@ class DeepSpeedSharpness:
     def record_batches(self, data_iterator: Iterator) -> Iterator:
         """Wrap the iterator a step's micro-batches are read from (only needed with a custom
         evaluate); returned unchanged unless the next optimizer step will be measured."""
+        if self.records_forwards or self.is_pipeline:
+            raise RuntimeError("record_batches() goes with attach(..., evaluate=...); this probe already "
+                               "records the micro-batches as they reach the engine")
         if not self._next_step_is_due():
             return data_iterator
         self._recorder = _RecordingIterator(data_iterator, self.micro_batches)
