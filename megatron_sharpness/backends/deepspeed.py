@@ -20,11 +20,8 @@ from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch._utils import _unflatten_dense_tensors
 
+from megatron_sharpness.backends.lerp import lerp_into
 from megatron_sharpness.backends.rng import RngState
-
-# Trial points are computed in slices of at most this many elements, so that a write needs a
-# bounded temporary instead of a second copy of the whole master shard.
-LERP_CHUNK_ELEMENTS = 1 << 24
 
 SUPPORTED_OPTIMIZERS = ("DeepSpeedZeroOptimizer (ZeRO-1/2, with or without offload_optimizer)",
                         "DeepSpeedZeroOptimizer_Stage3 (ZeRO-3, with or without offload_optimizer)",
@@ -189,7 +186,7 @@ class DeepSpeedBackend:
         assert self._theta_t is not None and self._theta_next is not None
         self.layout.before_write()
         for (_, target), old, new in zip(self.layout.pairs(), self._theta_t, self._theta_next):
-            _lerp_into(target, old, new, step_multiple)
+            lerp_into(target, old, new, step_multiple)
         self.layout.after_write()
 
     @torch.no_grad()
@@ -213,11 +210,3 @@ class DeepSpeedBackend:
             self._rng.restore()
             self.engine.module.train(self._module_training)
         self._theta_t = self._theta_next = self._rng = None
-
-
-def _lerp_into(target: torch.Tensor, old: torch.Tensor, new: torch.Tensor, weight: float) -> None:
-    """target ← lerp(old, new, weight), cast to target's dtype and device, in bounded slices."""
-    target_flat, old_flat, new_flat = target.view(-1), old.view(-1), new.view(-1)
-    for start in range(0, old_flat.numel(), LERP_CHUNK_ELEMENTS):
-        end = start + LERP_CHUNK_ELEMENTS
-        target_flat[start:end].copy_(torch.lerp(old_flat[start:end], new_flat[start:end], weight))

@@ -31,6 +31,7 @@ def worker(a: argparse.Namespace) -> None:
     import torch
     from deepspeed import comm as ds_comm
 
+    from megatron_sharpness.backends.lerp import LERP_CHUNK_ELEMENTS
     from megatron_sharpness.config import SharpnessConfig
     from megatron_sharpness.data import ByteBatches, embedded_corpus
     from megatron_sharpness.integrations.deepspeed import attach
@@ -94,7 +95,7 @@ def worker(a: argparse.Namespace) -> None:
     snapshot_bytes = sum(master.numel() * master.element_size() for master, _ in layout.pairs())
     # θ_t always; θ_{t+1} too where the master is the model param; one lerp slice at a time.
     largest = max(master.numel() for master, _ in layout.pairs())
-    extra_bytes = snapshot_bytes * (2 if layout.master_is_model else 1) + 4 * min(largest, 1 << 24)
+    extra_bytes = snapshot_bytes * (2 if layout.master_is_model else 1) + 4 * min(largest, LERP_CHUNK_ELEMENTS)
     if ds_comm.get_rank() == 0:
         micro_batches = min(a.micro_batches or a.accumulation, a.accumulation)
         print("RESULT " + json.dumps({
