@@ -1,0 +1,196 @@
+"""Backend for megatron-core: model chunks wrapped in its DistributedDataParallel and the optimizer
+from get_megatron_optimizer (a ChainedOptimizer over DistributedOptimizer /
+Float16OptimizerWithFloat16Params / FP32Optimizer), with tensor, pipeline (also virtual) and data
+parallelism. Attribute names are those of megatron-core 0.16.1 (verified bitwise on CPU, see
+DESIGN.md §3); they are unchanged on Megatron-LM main.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer import (ChainedOptimizer, DistributedOptimizer, Float16OptimizerWithFloat16Params,
+                                     FP32Optimizer)
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from megatron_sharpness.backends.lerp import lerp_into
+from megatron_sharpness.backends.rng import RngState
+
+SUPPORTED = ("DistributedOptimizer, Float16OptimizerWithFloat16Params and FP32Optimizer, alone or in a "
+             "ChainedOptimizer, over megatron-core DistributedDataParallel model chunks")
+
+# Reduced loss of a task over its micro-batches, the same value on every rank up to the bits,
+# given what this rank recorded (per model chunk) and how many micro-batches every rank runs.
+Evaluator = Callable[[Sequence[Sequence[Any]], int], torch.Tensor]
+
+
+def _unsupported(what: str) -> TypeError:
+    return TypeError(f"critical sharpness: {what} is not supported yet; supported: {SUPPORTED}")
+
+
+def leaf_optimizers(optimizer) -> list:
+    kind = type(optimizer).__name__
+    if kind == "LayerWiseDistributedOptimizer":
+        raise _unsupported("LayerWiseDistributedOptimizer")
+    if isinstance(optimizer, ChainedOptimizer):
+        return [leaf for inner in optimizer.chained_optimizers for leaf in leaf_optimizers(inner)]
+    if type(optimizer) not in (DistributedOptimizer, Float16OptimizerWithFloat16Params, FP32Optimizer):
+        raise _unsupported(f"optimizer {type(optimizer).__module__}.{kind}")
+    config = getattr(optimizer, "config", None)
+    if getattr(config, "use_precision_aware_optimizer", False):
+        raise _unsupported("use_precision_aware_optimizer (the fused optimizer holds the master weights)")
+    inner = getattr(optimizer, "optimizer", None)
+    if inner is not None and type(inner).__name__ == "HybridDeviceOptimizer":
+        raise _unsupported("HybridDeviceOptimizer (optimizer CPU offload)")
+    return [optimizer]
+
+
+def master_pairs(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(fp32 master tensor of this rank, the model-side tensor the optimizer copies it into),
+    following each class's own _copy_main_params_to_model_params."""
+    if getattr(optimizer, "is_stub_optimizer", False):
+        return []
+    if isinstance(optimizer, DistributedOptimizer):
+        def shard_of(model_param: torch.Tensor) -> torch.Tensor:
+            world_range = optimizer._get_model_param_range_map(model_param)["gbuf_world_in_bucket"]
+            buffer_index, _, bucket = optimizer.model_param_gbuf_map[model_param]
+            flat = optimizer.buffers[buffer_index].buckets[bucket].param_data.view(-1)
+            return flat[world_range.start:world_range.end]
+
+        groups = list(zip(optimizer.model_float16_groups, optimizer.shard_fp32_from_float16_groups))
+        groups += list(zip(optimizer.model_fp32_groups, optimizer.shard_fp32_groups))
+        return [(main, shard_of(model)) for models, mains in groups for model, main in zip(models, mains)]
+    if isinstance(optimizer, Float16OptimizerWithFloat16Params):
+        pairs = [(main, model.data) for models, mains in zip(optimizer.float16_groups, optimizer.fp32_from_float16_groups)
+                 for model, main in zip(models, mains)]
+        return pairs + [(param.data, param.data) for group in optimizer.fp32_from_fp32_groups for param in group]
+    return [(param.data, param.data) for group in optimizer.optimizer.param_groups for param in group["params"]]
+
+
+def reject_unsupported_model(model_chunks: Sequence[torch.nn.Module]) -> None:
+    for chunk in model_chunks:
+        kind = type(chunk).__name__
+        if kind == "FullyShardedDataParallel" or getattr(getattr(chunk, "ddp_config", None), "use_megatron_fsdp", False):
+            raise _unsupported("Megatron-FSDP")
+        if getattr(getattr(chunk, "config", None), "fp8_param", False):
+            raise _unsupported("fp8 params (fp8_param)")
+        if not hasattr(chunk, "start_param_sync"):
+            raise _unsupported(f"a model chunk of type {kind} (wrap it in megatron.core DistributedDataParallel)")
+
+
+class MegatronBackend:
+    """batches: per model chunk, the micro-batches its data iterator yielded during the step.
+    micro_batch_counts: how many micro-batches each task runs, the same on every rank.
+    relative_batches: per relative task, in the same per-chunk form. step_applied: what
+    optimizer.step() returned as its first value (False when the loss scaler skipped the step)."""
+
+    def __init__(self, optimizer, model_chunks: Sequence[torch.nn.Module], evaluate: Evaluator):
+        reject_unsupported_model(model_chunks)
+        self.leaves = leaf_optimizers(optimizer)
+        self.model_chunks = list(model_chunks)
+        self.evaluate = evaluate
+        self.uses_param_gather = any(isinstance(leaf, DistributedOptimizer) for leaf in self.leaves)
+        self.batches: list[list[Any]] = []
+        self.relative_batches: dict[str, list[list[Any]]] = {}
+        self.micro_batch_counts: dict[str | None, int] = {}
+        self.step_applied = True
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._theta_t: list[torch.Tensor] | None = None
+        self._theta_next: list[torch.Tensor] | None = None
+        self._rng: RngState | None = None
+        self._tracker_states: dict[str, torch.Tensor] | None = None
+        self._modes: list[bool] = []
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        self._pairs = [pair for leaf in self.leaves for pair in master_pairs(leaf)]
+        self._theta_t = [main.detach().clone() for main, _ in self._pairs]
+
+    @torch.no_grad()
+    def after_step(self) -> str | None:
+        assert self._theta_t is not None, "snapshot() must run before optimizer.step()"
+        if not self.step_applied:
+            return "the optimizer skipped the step (inf/NaN gradients)"
+        # Where the master is the model tensor itself a trial point would overwrite θ_{t+1}.
+        self._theta_next = [main.detach().clone() if main.data_ptr() == target.data_ptr() else main
+                            for main, target in self._pairs]
+        self._sync_params()  # also drains a param all-gather that overlap_param_gather deferred
+        self._rng = RngState.capture()
+        self._tracker_states = {name: state.clone() for name, state in get_cuda_rng_tracker().get_states().items()}
+        self._modes = [chunk.training for chunk in self.model_chunks]
+        changed = any(not torch.equal(old, new) for old, new in zip(self._theta_t, self._theta_next))
+        flag = torch.tensor([float(changed)], device=_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return None if flag.item() else "the step changed no parameter (zero update)"
+
+    @torch.no_grad()
+    def write(self, step_multiple: float) -> None:
+        assert self._theta_t is not None and self._theta_next is not None
+        for (_, target), old, new in zip(self._pairs, self._theta_t, self._theta_next):
+            lerp_into(target, old, new, step_multiple)
+        self._sync_params()
+
+    @torch.no_grad()
+    def loss(self, task: str | None) -> float:
+        batches = self.batches if task is None else self.relative_batches[task]
+        self._reset_random_state()
+        value = self.evaluate(batches, self.micro_batch_counts[task]).detach().reshape(1).to(torch.float64)
+        # Every rank must branch alike: take rank 0's bits.
+        value = value.to(_device())
+        dist.broadcast(value, src=0)
+        return value.item()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self._theta_next is not None:
+            for (_, target), new in zip(self._pairs, self._theta_next):
+                if target.data_ptr() != new.data_ptr():
+                    target.copy_(new)
+            self._sync_params()
+            self._reset_random_state()
+            for chunk, training in zip(self.model_chunks, self._modes):
+                chunk.train(training)
+        self._theta_t = self._theta_next = self._rng = self._tracker_states = None
+        self._pairs = []
+
+    def _sync_params(self) -> None:
+        if self.uses_param_gather:
+            for chunk in self.model_chunks:
+                chunk.start_param_sync(force_sync=True)
+
+    def _reset_random_state(self) -> None:
+        self._rng.restore()
+        get_cuda_rng_tracker().set_states({name: state.clone() for name, state in self._tracker_states.items()})
+
+
+def _device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def reduce_lm_loss(forward_data_store: Sequence[dict], key: str = "lm loss") -> torch.Tensor:
+    """The mean loss over micro-batches, tokens and data-parallel ranks, broadcast from the last
+    pipeline stage so that every rank holds it.
+
+    Each entry of forward_data_store (last stage only) is what loss_func reported: [loss sum,
+    token count] (megatron-core's convention since 0.9) or a loss already averaged over data
+    parallelism (older scripts)."""
+    totals = torch.zeros(2, dtype=torch.float64, device=_device())
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        if not forward_data_store or key not in forward_data_store[0]:
+            raise KeyError(f"critical sharpness: loss_func reported no {key!r}; got "
+                           f"{sorted(forward_data_store[0]) if forward_data_store else 'nothing'}")
+        reported = [torch.as_tensor(entry[key]).double().reshape(-1) for entry in forward_data_store]
+        if reported[0].numel() == 2:
+            totals += torch.stack(reported).sum(0).to(totals.device)
+            dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        else:
+            totals[0], totals[1] = torch.cat(reported).sum(), len(reported)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    return totals[0] / totals[1]

@@ -1,0 +1,147 @@
+"""Critical sharpness in a megatron-core training loop (tensor, pipeline incl. virtual, and data
+parallelism). Two calls in the train step:
+
+    sharpness = MegatronSharpness(model, optimizer, forward_step_func, config,
+                                  seq_length=..., micro_batch_size=...)
+    ...
+    data_iterator = sharpness.record(data_iterator, num_microbatches)   # before forward_backward_func
+    losses = forward_backward_func(..., data_iterator=data_iterator, ...)
+    update_successful, grad_norm, num_zeros = sharpness.step()         # instead of optimizer.step()
+
+On measured iterations step() snapshots this rank's master shard, runs the real optimizer.step(),
+then searches along the update with forward-only passes of Megatron's own forward_backward_func on
+the micro-batches the step read, and restores θ_{t+1}.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+from megatron_sharpness.backends.megatron import MegatronBackend, reduce_lm_loss
+from megatron_sharpness.config import SharpnessConfig
+from megatron_sharpness.loggers import JsonlLogger, MeasurementLogger
+from megatron_sharpness.measurement import Measurement
+from megatron_sharpness.probe import SharpnessProbe
+
+
+
+class _RecordingIterator:
+    """Passes a data iterator through, keeping the first `limit` items it yields."""
+
+    def __init__(self, source: Iterator, limit: int):
+        self.source, self.limit, self.items = source, limit, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.source)
+        if len(self.items) < self.limit:
+            self.items.append(item)
+        return item
+
+
+class MegatronSharpness:
+    """model: the list of model chunks (one per virtual pipeline stage). relative_data_iterators:
+    per task name, the data iterator(s) of another task in the same form as the training ones;
+    each measurement draws `config.micro_batches` (or the step's count) fresh micro-batches from
+    them and searches their loss along the same update."""
+
+    def __init__(self, model: list, optimizer, forward_step_func: Callable, config: SharpnessConfig, *,
+                 seq_length: int, micro_batch_size: int, decoder_seq_length: int | None = None,
+                 relative_data_iterators: Mapping[str, Any] | None = None, loss_key: str = "lm loss",
+                 loggers: Iterable[MeasurementLogger] | None = None,
+                 forward_backward_func: Callable | None = None):
+        if forward_backward_func is None:
+            from megatron.core.pipeline_parallel import get_forward_backward_func
+
+            forward_backward_func = get_forward_backward_func()
+        self.model = list(model)
+        self.optimizer = optimizer
+        self.config = config
+        self.relative_data_iterators = dict(relative_data_iterators or {})
+        for name in self.relative_data_iterators:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"relative task name {name!r} must be a non-empty string")
+
+        def evaluate(batches: list[list[Any]], count: int) -> torch.Tensor:
+            iterators = [iter(chunk_batches) for chunk_batches in batches]
+            with torch.no_grad():
+                forward_data_store = forward_backward_func(
+                    forward_step_func=forward_step_func,
+                    data_iterator=iterators if len(self.model) > 1 else iterators[0],
+                    model=self.model, num_microbatches=count, seq_length=seq_length,
+                    micro_batch_size=micro_batch_size, decoder_seq_length=decoder_seq_length, forward_only=True)
+            return reduce_lm_loss(forward_data_store, loss_key)
+
+        self.backend = MegatronBackend(optimizer, self.model, evaluate)
+        self.probe = SharpnessProbe(config, _default_loggers(config) if loggers is None else loggers)
+        self.iteration = 0
+        self.last_measurement: Measurement | None = None
+        self._recorders: list[_RecordingIterator | None] = []
+
+    def record(self, data_iterator, num_microbatches: int):
+        """The step's data iterator(s), recording the micro-batches of a measured step as they are
+        read; returned unchanged on other steps. A list (virtual pipeline) is recorded per chunk."""
+        self._recorders = []
+        if not self.probe.is_due(self.iteration + 1):
+            return data_iterator
+        count = self._count(num_microbatches)
+        self.backend.micro_batch_counts[None] = count
+        for name in self.relative_data_iterators:
+            self.backend.micro_batch_counts[name] = count
+        iterators = data_iterator if isinstance(data_iterator, list) else [data_iterator]
+        self._recorders = [None if it is None else _RecordingIterator(it, count) for it in iterators]
+        wrapped = [it if recorder is None else recorder for it, recorder in zip(iterators, self._recorders)]
+        return wrapped if isinstance(data_iterator, list) else wrapped[0]
+
+    def step(self, iteration: int | None = None):
+        """optimizer.step(), with the measurement around it on due iterations; returns what
+        optimizer.step() returned. iteration: Megatron's 1-based iteration of this step (counted
+        here when not given)."""
+        self.iteration = self.iteration + 1 if iteration is None else iteration
+        if not self.probe.is_due(self.iteration):
+            return self.optimizer.step()
+        if not self._recorders:
+            raise RuntimeError(f"critical sharpness: iteration {self.iteration} is measured but its data "
+                               "iterator was not passed through record() before forward_backward_func")
+        self.backend.batches = [[] if recorder is None else recorder.items for recorder in self._recorders]
+        self.backend.relative_batches = {name: self._draw(iterators, self.backend.micro_batch_counts[name])
+                                         for name, iterators in self.relative_data_iterators.items()}
+        self._recorders = []
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.backend.snapshot()
+        try:
+            result = self.optimizer.step()
+        except BaseException:
+            self.backend.restore()
+            raise
+        self.backend.step_applied = bool(result[0])
+        self.last_measurement = self.probe.measure(self.backend, self.iteration, lr,
+                                                   list(self.relative_data_iterators))
+        return result
+
+    def close(self) -> None:
+        self.probe.close()
+
+    def _count(self, num_microbatches: int) -> int:
+        k = self.config.micro_batches
+        return num_microbatches if k is None else min(k, num_microbatches)
+
+    def _draw(self, data_iterator, count: int) -> list[list[Any]]:
+        iterators = data_iterator if isinstance(data_iterator, list) else [data_iterator]
+        if len(iterators) != len(self.model):
+            raise ValueError(f"critical sharpness: {len(iterators)} relative data iterators for "
+                             f"{len(self.model)} model chunks")
+        return [[] if it is None else list(itertools.islice(it, count)) for it in iterators]
+
+
+def _default_loggers(config: SharpnessConfig) -> list[MeasurementLogger]:
+    # Megatron prints and writes TensorBoard from the last rank; the JSONL file follows it.
+    if config.log_file is None or dist.get_rank() != dist.get_world_size() - 1:
+        return []
+    return [JsonlLogger(config.log_file)]

@@ -1,0 +1,70 @@
+"""The megatron-core backend, multi-process with the real megatron-core on gloo (CPU shims on).
+
+Each layout trains a tiny GPTModel with Megatron's own schedules with and without the probe
+(tests/workers/megatron_train.py) and checks: training is bitwise unchanged (params, main params,
+optimizer state, RNG tracker states, per-step losses), the data iterator is not advanced, s = 0 /
+s = 1 / restore reproduce the params exactly on every rank, every rank holds the same measurement,
+and L(θ_t) of the probe is the step's own training loss.
+"""
+
+import json
+import os
+
+import pytest
+
+from megatron_sharpness.testing.launch import run_ranks
+
+pytest.importorskip("megatron.core", reason="the megatron extra is not installed (pip install -e '.[megatron]')")
+
+WORKER = os.path.join(os.path.dirname(__file__), "workers", "megatron_train.py")
+
+LAYOUTS = {
+    "dp2-fp32": (2, [], "FP32Optimizer"),
+    "dp2-fp32-distributed-optimizer": (2, ["--dist-opt"], "DistributedOptimizer"),
+    "dp2-bf16-distributed-optimizer": (2, ["--bf16", "--dist-opt"], "DistributedOptimizer"),
+    "dp2-bf16-distributed-optimizer-overlap-param-gather": (2, ["--bf16", "--dist-opt", "--overlap"],
+                                                            "DistributedOptimizer"),
+    "dp2-bf16-first-2-micro-batches": (2, ["--bf16", "--micro-batches", "2"], "Float16OptimizerWithFloat16Params"),
+    "dp2-bf16-dropout": (2, ["--bf16", "--dropout", "0.1"], "Float16OptimizerWithFloat16Params"),
+    "tp2-bf16": (2, ["--tp", "2", "--bf16"], "Float16OptimizerWithFloat16Params"),
+    "pp2-fp32": (2, ["--pp", "2"], "FP32Optimizer"),
+    "pp2-bf16-distributed-optimizer": (2, ["--pp", "2", "--bf16", "--dist-opt"], "DistributedOptimizer"),
+    "pp2-vpp2-fp32": (2, ["--pp", "2", "--vpp", "2", "--layers", "4"], "FP32Optimizer"),
+    "pp2-vpp2-bf16-distributed-optimizer": (2, ["--pp", "2", "--vpp", "2", "--layers", "4", "--bf16", "--dist-opt"],
+                                            "DistributedOptimizer"),
+    "tp2xpp2-bf16-distributed-optimizer": (4, ["--tp", "2", "--pp", "2", "--bf16", "--dist-opt"],
+                                           "DistributedOptimizer"),
+    "tp2xdp2-fp32": (4, ["--tp", "2"], "FP32Optimizer"),
+    "tp2xdp2-bf16-distributed-optimizer-overlap-param-gather": (4, ["--tp", "2", "--bf16", "--dist-opt", "--overlap"],
+                                                                "DistributedOptimizer"),
+}
+
+
+def strip_timing(records):
+    return [{k: v for k, v in r.items() if k != "probe_seconds"} for r in records]
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
+    world_size, args, optimizer = LAYOUTS[name]
+    run_ranks([WORKER, "--out", str(tmp_path), *args], world_size=world_size, timeout=400,
+              env={"PYTHONWARNINGS": "ignore"})
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(world_size)]
+    chunks = 2 if "--vpp" in args else 1
+    for result in ranks:
+        assert result["optimizers"] == [optimizer]
+        assert all(result["bitwise_equal"].values()), f"rank {result['rank']}: {result['bitwise_equal']}"
+        assert result["same_training_losses"]
+        assert result["micro_batches_left"] == [4] * chunks  # exactly the unused last step's micro-batches
+        assert result["checks"] == {"after_step": None, "s1_is_step": True, "s0_is_before": True,
+                                    "s_half_moves": True, "restored": True}
+    first = strip_timing(ranks[0]["records"])
+    for result in ranks[1:]:
+        assert strip_timing(result["records"]) == first, f"rank {result['rank']} disagrees with rank 0"
+    exact_baseline = "--dropout" not in args
+    for record, training_loss in zip(first, ranks[0]["training_losses"]):
+        assert record["skipped"] is None and record["converged"]
+        assert (record["loss"] == training_loss) == exact_baseline
+        relative = record["relative"]["held-out"]
+        assert relative["converged"] or relative["bracket"][0] == 0.0
+    assert [r["step"] for r in first] == [1, 2, 3]

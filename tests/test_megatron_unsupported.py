@@ -1,0 +1,42 @@
+"""Setups the megatron-core backend does not support are refused with the setup's name."""
+
+import types
+
+import pytest
+
+pytest.importorskip("megatron.core", reason="the megatron extra is not installed (pip install -e '.[megatron]')")
+
+from megatron.core.optimizer import DistributedOptimizer  # noqa: E402
+
+from megatron_sharpness.backends.megatron import leaf_optimizers, reject_unsupported_model  # noqa: E402
+
+
+def bare(cls, **attributes):
+    instance = cls.__new__(cls)
+    instance.__dict__.update(attributes)
+    return instance
+
+
+@pytest.mark.parametrize("optimizer, message", [
+    (type("LayerWiseDistributedOptimizer", (), {})(), "LayerWiseDistributedOptimizer is not supported"),
+    (type("Lion", (), {})(), "optimizer .*Lion is not supported"),
+    (bare(DistributedOptimizer, config=types.SimpleNamespace(use_precision_aware_optimizer=True)),
+     "use_precision_aware_optimizer"),
+    (bare(DistributedOptimizer, config=types.SimpleNamespace(use_precision_aware_optimizer=False),
+          optimizer=type("HybridDeviceOptimizer", (), {})()), "HybridDeviceOptimizer"),
+])
+def test_unsupported_optimizers(optimizer, message):
+    with pytest.raises(TypeError, match=message) as error:
+        leaf_optimizers(optimizer)
+    assert "supported: DistributedOptimizer, Float16OptimizerWithFloat16Params and FP32Optimizer" in str(error.value)
+
+
+@pytest.mark.parametrize("chunk, message", [
+    (types.SimpleNamespace(ddp_config=types.SimpleNamespace(use_megatron_fsdp=True), start_param_sync=None),
+     "Megatron-FSDP"),
+    (types.SimpleNamespace(config=types.SimpleNamespace(fp8_param=True), start_param_sync=None), "fp8 params"),
+    (types.SimpleNamespace(), "wrap it in megatron.core DistributedDataParallel"),
+])
+def test_unsupported_models(chunk, message):
+    with pytest.raises(TypeError, match=message):
+        reject_unsupported_model([chunk])
