@@ -9,7 +9,6 @@ import argparse
 import datetime
 import json
 import os
-from functools import partial
 
 import torch
 
@@ -18,102 +17,46 @@ from megatron_sharpness.testing.megatron_cpu import install_cpu_shims
 install_cpu_shims()
 
 from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
-from megatron.core.distributed.finalize_model_grads import finalize_model_grads  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
-from megatron.core.models.gpt.gpt_model import GPTModel  # noqa: E402
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
-from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, model_parallel_cuda_manual_seed  # noqa: E402
-from megatron.core.transformer.module import Float16Module  # noqa: E402
-from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker  # noqa: E402
 
 from megatron_sharpness.backends.megatron import MegatronBackend, leaf_optimizers, master_pairs, reduce_lm_loss  # noqa: E402,E501
 from megatron_sharpness.config import SharpnessConfig  # noqa: E402
 from megatron_sharpness.integrations.megatron_core import MegatronSharpness  # noqa: E402
-
-VOCAB, SEQ, MICRO_BATCH = 128, 16, 2
-
-
-def build(a):
-    # On CPU the tracker's states are taken from the CPU generator: seed it first so that both runs
-    # of this process start from the same tracker states.
-    torch.manual_seed(1234)
-    model_parallel_cuda_manual_seed(1234)
-    dtype = torch.bfloat16 if a.bf16 else torch.float32
-    config = TransformerConfig(
-        num_layers=a.layers, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True,
-        pipeline_dtype=dtype, params_dtype=dtype, bf16=a.bf16, hidden_dropout=a.dropout, attention_dropout=0.0,
-        tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-        virtual_pipeline_model_parallel_size=a.vpp, batch_p2p_comm=a.vpp is None)
-    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=a.dist_opt, overlap_grad_reduce=a.overlap,
-                                               overlap_param_gather=a.overlap, grad_reduce_in_fp32=True)
-    chunks = []
-    for virtual in range(a.vpp or 1):
-        stage = virtual if a.vpp else None
-        chunk = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
-                         max_sequence_length=SEQ, vp_stage=stage,
-                         pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-                         post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage))
-        if a.bf16:
-            chunk = Float16Module(config, chunk)
-        chunk = DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=virtual > 0)
-        chunk.broadcast_params()
-        chunks.append(chunk)
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.01, bf16=a.bf16, params_dtype=dtype,
-                        use_distributed_optimizer=a.dist_opt, clip_grad=1.0), chunks)
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
-    if a.overlap:
-        config.no_sync_func = [c.no_sync for c in chunks] if a.vpp else chunks[0].no_sync
-        config.grad_sync_func = [c.start_grad_sync for c in chunks] if a.vpp else chunks[0].start_grad_sync
-    return chunks, optimizer
+from megatron_sharpness.testing.megatron_gpt import (TinyGPTSetup, build_model_and_optimizer, forward_step,  # noqa: E402
+                                                      synthetic_batch)
 
 
-def batch(seed):
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ + 1), generator=generator)
-    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-            "loss_mask": torch.ones(MICRO_BATCH, SEQ),
-            "position_ids": torch.arange(SEQ).unsqueeze(0).expand(MICRO_BATCH, -1).contiguous(),
-            "attention_mask": torch.tril(torch.ones(1, 1, SEQ, SEQ)) < 0.5}
+def setup_of(a):
+    return TinyGPTSetup(tensor_parallel=a.tp, pipeline_parallel=a.pp, virtual_pipeline=a.vpp,
+                        distributed_optimizer=a.dist_opt, bf16=a.bf16, overlap_param_gather=a.overlap,
+                        layers=a.layers, dropout=a.dropout)
 
 
 def data_iterators(a, seed_base, steps):
     """One long-lived iterator per model chunk over all steps: a probe that consumed a micro-batch
     would shift every later step."""
     dp_rank = ps.get_data_parallel_rank()
-    items = [batch(seed_base + 1000 * step + 10 * dp_rank + micro) for step in range(steps) for micro in range(a.nmb)]
+    items = [synthetic_batch(a.setup, seed_base + 1000 * step + 10 * dp_rank + micro)
+             for step in range(steps) for micro in range(a.nmb)]
     return [iter(items) for _ in range(a.vpp or 1)]
 
 
-def loss_func(loss_mask, output_tensor):
-    losses = output_tensor.float().view(-1)
-    mask = loss_mask.view(-1)
-    loss = torch.sum(losses * mask)
-    tokens = mask.sum().to(torch.int)
-    return loss, tokens, {"lm loss": torch.cat([loss.clone().detach().view(1), tokens.view(1).float()])}
-
-
-def forward_step(data_iterator, model):
-    item = next(data_iterator)
-    output = model(item["tokens"], item["position_ids"], item["attention_mask"], labels=item["labels"])
-    return output, partial(loss_func, item["loss_mask"])
-
-
-def train_step(a, chunks, optimizer, iterators, sharpness=None):
+def forward_backward(a, chunks, optimizer, data):
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    return get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data, model=chunks,
+                                       num_microbatches=a.nmb, seq_length=a.setup.seq_length,
+                                       micro_batch_size=a.setup.micro_batch_size, forward_only=False)
+
+
+def train_step(a, chunks, optimizer, iterators, sharpness=None):
     data = iterators if a.vpp else iterators[0]
-    if sharpness is not None:
-        data = sharpness.record(data, a.nmb)
-    store = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data, model=chunks,
-                                        num_microbatches=a.nmb, seq_length=SEQ, micro_batch_size=MICRO_BATCH,
-                                        forward_only=False)
-    result = optimizer.step() if sharpness is None else sharpness.step()
-    return store, result
+    if sharpness is None:
+        return forward_backward(a, chunks, optimizer, data), optimizer.step()
+    store = forward_backward(a, chunks, optimizer, sharpness.record(data, a.nmb))
+    return store, sharpness.step()
 
 
 def state(chunks, optimizer):
@@ -133,7 +76,7 @@ def state(chunks, optimizer):
 
 
 def reference_run(a):
-    chunks, optimizer = build(a)
+    chunks, optimizer = build_model_and_optimizer(a.setup)
     iterators = data_iterators(a, 0, a.steps + 1)
     losses = [reduce_lm_loss(train_step(a, chunks, optimizer, iterators)[0]).item() for _ in range(a.steps)]
     reference = state(chunks, optimizer)
@@ -143,12 +86,7 @@ def reference_run(a):
         return [p.detach().clone() for c in chunks for p in c.parameters()]
 
     backend = MegatronBackend(optimizer, chunks, evaluate=None)
-    for chunk in chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iterators if a.vpp else iterators[0],
-                                model=chunks, num_microbatches=a.nmb, seq_length=SEQ,
-                                micro_batch_size=MICRO_BATCH, forward_only=False)
+    forward_backward(a, chunks, optimizer, iterators if a.vpp else iterators[0])
     before = params()
     backend.snapshot()
     optimizer.step()
@@ -166,11 +104,12 @@ def reference_run(a):
 
 
 def probe_run(a):
-    chunks, optimizer = build(a)
+    chunks, optimizer = build_model_and_optimizer(a.setup)
     iterators = data_iterators(a, 0, a.steps + 1)
     held_out = data_iterators(a, 777_000, 64)
-    sharpness = MegatronSharpness(chunks, optimizer, forward_step, SharpnessConfig(interval=1, micro_batches=a.micro_batches),
-                                  seq_length=SEQ, micro_batch_size=MICRO_BATCH, loggers=[],
+    config = SharpnessConfig(interval=1, micro_batches=a.micro_batches)
+    sharpness = MegatronSharpness(chunks, optimizer, forward_step, config, seq_length=a.setup.seq_length,
+                                  micro_batch_size=a.setup.micro_batch_size, loggers=[],
                                   relative_data_iterators={"held-out": held_out if a.vpp else held_out[0]})
     records, training_losses, optimizer_names = [], [], [type(o).__name__ for o in leaf_optimizers(optimizer)]
     all_batch_losses = []
@@ -200,6 +139,7 @@ def main():
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=3)
     a = parser.parse_args()
+    a.setup = setup_of(a)
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))

@@ -1,0 +1,112 @@
+"""A tiny megatron-core GPTModel with its optimizer, in any TP/PP/VPP/DP layout, plus the
+forward_step_func and synthetic micro-batches Megatron's schedules expect. For tests, benchmarks
+and the demo; call parallel_state.initialize_model_parallel (and, on CPU, install_cpu_shims) first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+@dataclass(frozen=True)
+class TinyGPTSetup:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int | None = None
+    distributed_optimizer: bool = False
+    bf16: bool = False
+    overlap_param_gather: bool = False
+    layers: int = 2
+    hidden: int = 32
+    heads: int = 4
+    vocab: int = 128
+    seq_length: int = 16
+    micro_batch_size: int = 2
+    dropout: float = 0.0
+    lr: float = 1e-3
+    seed: int = 1234
+
+
+def build_model_and_optimizer(setup: TinyGPTSetup):
+    """Model chunks (one per virtual stage), wrapped as Megatron-LM wraps them, and the optimizer."""
+    # On CPU the RNG tracker's states come from the CPU generator: seed that first so that every
+    # build in a process starts from the same states.
+    torch.manual_seed(setup.seed)
+    model_parallel_cuda_manual_seed(setup.seed)
+    dtype = torch.bfloat16 if setup.bf16 else torch.float32
+    config = TransformerConfig(
+        num_layers=setup.layers, hidden_size=setup.hidden, num_attention_heads=setup.heads,
+        use_cpu_initialization=True, pipeline_dtype=dtype, params_dtype=dtype, bf16=setup.bf16,
+        hidden_dropout=setup.dropout, attention_dropout=0.0,
+        tensor_model_parallel_size=setup.tensor_parallel, pipeline_model_parallel_size=setup.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=setup.virtual_pipeline,
+        # Batched p2p pairs up messages wrongly on gloo with interleaved (virtual) pipelines.
+        batch_p2p_comm=setup.virtual_pipeline is None)
+    ddp_config = DistributedDataParallelConfig(
+        use_distributed_optimizer=setup.distributed_optimizer, overlap_grad_reduce=setup.overlap_param_gather,
+        overlap_param_gather=setup.overlap_param_gather, grad_reduce_in_fp32=True)
+    chunks = []
+    for virtual in range(setup.virtual_pipeline or 1):
+        stage = virtual if setup.virtual_pipeline else None
+        chunk = GPTModel(
+            config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=setup.vocab,
+            max_sequence_length=setup.seq_length, vp_stage=stage,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage))
+        if setup.bf16:
+            chunk = Float16Module(config, chunk)
+        chunk = DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=virtual > 0)
+        chunk.broadcast_params()
+        chunks.append(chunk)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=setup.lr, weight_decay=0.01, bf16=setup.bf16, params_dtype=dtype,
+                        use_distributed_optimizer=setup.distributed_optimizer, clip_grad=1.0), chunks)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    if setup.overlap_param_gather:
+        config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+        config.grad_sync_func = [c.start_grad_sync for c in chunks] if len(chunks) > 1 else chunks[0].start_grad_sync
+    return chunks, optimizer
+
+
+def synthetic_batch(setup: TinyGPTSetup, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, setup.vocab, (setup.micro_batch_size, setup.seq_length + 1), generator=generator)
+    return token_batch(tokens)
+
+
+def token_batch(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A micro-batch as Megatron's GPT forward_step reads it, from [batch, seq + 1] token ids."""
+    batch, seq_plus_one = tokens.shape
+    seq = seq_plus_one - 1
+    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+            "loss_mask": torch.ones(batch, seq),
+            "position_ids": torch.arange(seq).unsqueeze(0).expand(batch, -1).contiguous(),
+            "attention_mask": torch.tril(torch.ones(1, 1, seq, seq)) < 0.5}
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """megatron-core's convention: (loss sum, token count, {"lm loss": [sum, count]})."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1)
+    loss = torch.sum(losses * mask)
+    tokens = mask.sum().to(torch.int)
+    return loss, tokens, {"lm loss": torch.cat([loss.clone().detach().view(1), tokens.view(1).float()])}
+
+
+def forward_step(data_iterator, model):
+    item = next(data_iterator)
+    output = model(item["tokens"], item["position_ids"], item["attention_mask"], labels=item["labels"])
+    return output, partial(loss_func, item["loss_mask"])
