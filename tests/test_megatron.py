@@ -21,7 +21,8 @@ WORKER = os.path.join(os.path.dirname(__file__), "workers", "megatron_train.py")
 LAYOUTS = {
     "dp2-fp32": (2, [], "FP32Optimizer"),
     "dp2-fp32-distributed-optimizer": (2, ["--dist-opt"], "DistributedOptimizer"),
-    "dp2-bf16-distributed-optimizer": (2, ["--bf16", "--dist-opt"], "DistributedOptimizer"),
+    "dp2-bf16-distributed-optimizer-resumed-at-41": (2, ["--bf16", "--dist-opt", "--first-iteration", "41"],
+                                                     "DistributedOptimizer"),
     "dp2-bf16-distributed-optimizer-overlap-param-gather": (2, ["--bf16", "--dist-opt", "--overlap"],
                                                             "DistributedOptimizer"),
     "dp2-bf16-first-2-micro-batches": (2, ["--bf16", "--micro-batches", "2"], "Float16OptimizerWithFloat16Params"),
@@ -67,4 +68,5 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
         assert (record["loss"] == training_loss) == exact_baseline
         relative = record["relative"]["held-out"]
         assert relative["converged"] or relative["bracket"][0] == 0.0
-    assert [r["step"] for r in first] == [1, 2, 3]
+    first_iteration = int(args[args.index("--first-iteration") + 1]) if "--first-iteration" in args else 1
+    assert [r["step"] for r in first] == [first_iteration, first_iteration + 1, first_iteration + 2]

@@ -174,22 +174,16 @@ def _device() -> torch.device:
 
 def reduce_lm_loss(forward_data_store: Sequence[dict], key: str = "lm loss") -> torch.Tensor:
     """The mean loss over micro-batches, tokens and data-parallel ranks, broadcast from the last
-    pipeline stage so that every rank holds it.
-
-    Each entry of forward_data_store (last stage only) is what loss_func reported: [loss sum,
-    token count] (megatron-core's convention since 0.9) or a loss already averaged over data
-    parallelism (older scripts)."""
+    pipeline stage so that every rank holds it. Each entry of forward_data_store (last stage only)
+    is what loss_func reported: [loss sum, token count], megatron-core's convention."""
     totals = torch.zeros(2, dtype=torch.float64, device=_device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        if not forward_data_store or key not in forward_data_store[0]:
-            raise KeyError(f"critical sharpness: loss_func reported no {key!r}; got "
-                           f"{sorted(forward_data_store[0]) if forward_data_store else 'nothing'}")
-        reported = [torch.as_tensor(entry[key]).double().reshape(-1) for entry in forward_data_store]
-        if reported[0].numel() == 2:
-            totals += torch.stack(reported).sum(0).to(totals.device)
-            dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        else:
-            totals[0], totals[1] = torch.cat(reported).sum(), len(reported)
+        reported = [entry.get(key) if isinstance(entry, dict) else None for entry in forward_data_store]
+        if not reported or any(value is None or torch.as_tensor(value).numel() != 2 for value in reported):
+            raise ValueError(f"critical sharpness: loss_func must report {key!r} as [loss sum, token count] "
+                             f"for every micro-batch (megatron-core's convention); got {forward_data_store[:1]!r}")
+        totals += torch.stack([torch.as_tensor(value).double().reshape(2) for value in reported]).sum(0).to(totals.device)
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())

@@ -84,11 +84,12 @@ class MegatronSharpness:
         self.last_measurement: Measurement | None = None
         self._recorders: list[_RecordingIterator | None] = []
 
-    def record(self, data_iterator, num_microbatches: int):
+    def record(self, data_iterator, num_microbatches: int, iteration: int | None = None):
         """The step's data iterator(s), recording the micro-batches of a measured step as they are
-        read; returned unchanged on other steps. A list (virtual pipeline) is recorded per chunk."""
+        read; returned unchanged on other steps. A list (virtual pipeline) is recorded per chunk.
+        iteration: the 1-based iteration this step will be (default: the one after the last step())."""
         self._recorders = []
-        if not self.probe.is_due(self.iteration + 1):
+        if not self.probe.is_due(self.iteration + 1 if iteration is None else iteration):
             return data_iterator
         count = self._count(num_microbatches)
         self.backend.micro_batch_counts[None] = count

@@ -51,12 +51,12 @@ def forward_backward(a, chunks, optimizer, data):
                                        micro_batch_size=a.setup.micro_batch_size, forward_only=False)
 
 
-def train_step(a, chunks, optimizer, iterators, sharpness=None):
+def train_step(a, chunks, optimizer, iterators, sharpness=None, iteration=None):
     data = iterators if a.vpp else iterators[0]
     if sharpness is None:
         return forward_backward(a, chunks, optimizer, data), optimizer.step()
-    store = forward_backward(a, chunks, optimizer, sharpness.record(data, a.nmb))
-    return store, sharpness.step()
+    store = forward_backward(a, chunks, optimizer, sharpness.record(data, a.nmb, iteration))
+    return store, sharpness.step(iteration)
 
 
 def state(chunks, optimizer):
@@ -113,8 +113,10 @@ def probe_run(a):
                                   relative_data_iterators={"held-out": held_out if a.vpp else held_out[0]})
     records, training_losses, optimizer_names = [], [], [type(o).__name__ for o in leaf_optimizers(optimizer)]
     all_batch_losses = []
-    for _ in range(a.steps):
-        store, _ = train_step(a, chunks, optimizer, iterators, sharpness)
+    for step in range(a.steps):
+        # Megatron-LM passes its own iteration (e.g. when resuming); otherwise the probe counts.
+        iteration = None if a.first_iteration is None else a.first_iteration + step
+        store, _ = train_step(a, chunks, optimizer, iterators, sharpness, iteration)
         count = min(a.micro_batches or a.nmb, a.nmb)
         training_losses.append(reduce_lm_loss(store[:count]).item())
         all_batch_losses.append(reduce_lm_loss(store).item())
@@ -138,6 +140,7 @@ def main():
     parser.add_argument("--micro-batches", type=int, default=None)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--first-iteration", type=int, default=None)
     a = parser.parse_args()
     a.setup = setup_of(a)
 
