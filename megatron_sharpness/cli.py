@@ -6,16 +6,10 @@ import argparse
 import sys
 
 from megatron_sharpness import __version__
+from megatron_sharpness.integrations.flags import integer_at_least
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+positive_int = integer_at_least(1, "an integer >= 1")
 
 
 def build_parser() -> argparse.ArgumentParser:

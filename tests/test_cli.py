@@ -32,7 +32,7 @@ def test_demo_prints_megatron_style_lines_and_writes_jsonl(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["demo", "--steps", "0"], "--steps: 0 must be >= 1"),
+    (["demo", "--steps", "0"], "--steps: 0 is invalid; allowed: an integer >= 1"),
     (["demo", "--interval", "x"], "--interval: 'x' is not an integer"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])

@@ -13,16 +13,17 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
+from megatron_sharpness.benchmarks import markdown_table, run_setups
+
 SETUPS = {
-    "ZeRO-0 fp32": ["--stage", "0", "--dtype", "fp32"],
-    "ZeRO-1 bf16": ["--stage", "1", "--dtype", "bf16"],
-    "ZeRO-2 bf16": ["--stage", "2", "--dtype", "bf16"],
-    "ZeRO-2 bf16 offload": ["--stage", "2", "--dtype", "bf16", "--offload"],
-    "ZeRO-3 bf16": ["--stage", "3", "--dtype", "bf16"],
-    "ZeRO-3 bf16 offload": ["--stage", "3", "--dtype", "bf16", "--offload"],
+    "ZeRO-0 fp32": (2, ["--stage", "0", "--dtype", "fp32"]),
+    "ZeRO-1 bf16": (2, ["--stage", "1", "--dtype", "bf16"]),
+    "ZeRO-2 bf16": (2, ["--stage", "2", "--dtype", "bf16"]),
+    "ZeRO-2 bf16 offload": (2, ["--stage", "2", "--dtype", "bf16", "--offload"]),
+    "ZeRO-3 bf16": (2, ["--stage", "3", "--dtype", "bf16"]),
+    "ZeRO-3 bf16 offload": (2, ["--stage", "3", "--dtype", "bf16", "--offload"]),
 }
 
 
@@ -133,33 +134,18 @@ def main(argv: list[str] | None = None) -> None:
         worker(a)
         return
 
-    from megatron_sharpness.testing.launch import run_ranks
-
     common = ["--steps", str(a.steps), "--interval", str(a.interval), "--accumulation", str(a.accumulation),
               "--micro-batches", str(a.micro_batches), "--micro-batch-size", str(a.micro_batch_size),
               "--seq-len", str(a.seq_len), "--width", str(a.width), "--layers", str(a.layers)]
-    rows = []
-    for name, setup in SETUPS.items():
-        results = run_ranks(["-m", "megatron_sharpness.benchmarks.deepspeed_zero", "--worker", *setup, *common],
-                            world_size=2, timeout=600, env={"DS_ACCELERATOR": "cpu"})
-        line = next(line for line in results[0].output.splitlines() if line.startswith("RESULT "))
-        rows.append((name, json.loads(line[len("RESULT "):])))
-        print(f"done: {name}", file=sys.stderr, flush=True)
-
-    parameters = rows[0][1]["parameters"]
-    print(f"tiny GPT, {parameters:,} parameters, 2 ranks (CPU, gloo), {a.accumulation} micro-batches per step, "
-          f"probe on the first {a.micro_batches}, every {a.interval} steps")
-    header = ("setup", "optimizer", "train step ms", "forward ms", "probe ms", "forwards med/max",
-              "probe/(fw×fwd)", "extra bytes/rank", "params/DP bytes")
-    table = [header] + [(
-        name, r["optimizer"], f"{r['train_step_ms']:.1f}", f"{r['forward_ms']:.1f}", f"{r['probe_ms']:.1f}",
-        f"{r['forwards_median']:.0f}/{r['forwards_max']}", f"{r['probe_over_forwards']:.2f}",
-        f"{r['extra_bytes']:,}", f"{r['params_bytes_per_dp']:,.0f}") for name, r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for index, row in enumerate(table):
-        print("| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |")
-        if index == 0:
-            print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    rows = run_setups("megatron_sharpness.benchmarks.deepspeed_zero", SETUPS, common, {"DS_ACCELERATOR": "cpu"})
+    print(f"tiny GPT, {rows[0][1]['parameters']:,} parameters, 2 ranks (CPU, gloo), {a.accumulation} micro-batches "
+          f"per step, probe on the first {a.micro_batches}, every {a.interval} steps")
+    print(markdown_table(
+        ("setup", "optimizer", "train step ms", "forward ms", "probe ms", "forwards med/max", "probe/(fw×fwd)",
+         "extra bytes/rank", "params/DP bytes"),
+        [(name, r["optimizer"], f"{r['train_step_ms']:.1f}", f"{r['forward_ms']:.1f}", f"{r['probe_ms']:.1f}",
+          f"{r['forwards_median']:.0f}/{r['forwards_max']}", f"{r['probe_over_forwards']:.2f}",
+          f"{r['extra_bytes']:,}", f"{r['params_bytes_per_dp']:,.0f}") for name, r in rows]))
 
 
 if __name__ == "__main__":

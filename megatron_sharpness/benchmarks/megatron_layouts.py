@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
+
+from megatron_sharpness.benchmarks import markdown_table, run_setups
 
 LAYOUTS = {
     "DP2 bf16 dist-opt": (2, ["--bf16", "--dist-opt"]),
@@ -154,31 +155,17 @@ def main(argv: list[str] | None = None) -> None:
         worker(a)
         return
 
-    from megatron_sharpness.testing.launch import run_ranks
-
     common = ["--steps", str(a.steps), "--interval", str(a.interval), "--micro-batches", str(a.micro_batches)]
-    rows = []
-    for name, (world_size, layout) in LAYOUTS.items():
-        results = run_ranks(["-m", "megatron_sharpness.benchmarks.megatron_layouts", "--worker", *layout, *common],
-                            world_size=world_size, timeout=600, env={"PYTHONWARNINGS": "ignore"})
-        line = next(line for line in results[0].output.splitlines() if line.startswith("RESULT "))
-        rows.append((name, json.loads(line[len("RESULT "):])))
-        print(f"done: {name}", file=sys.stderr, flush=True)
-
+    rows = run_setups("megatron_sharpness.benchmarks.megatron_layouts", LAYOUTS, common, {"PYTHONWARNINGS": "ignore"})
     print(f"tiny GPTModel, {rows[0][1]['parameters']:,} parameters, CPU/gloo, {a.micro_batches} micro-batches "
           f"per step, probe every {a.interval} steps")
-    header = ("layout", "optimizer", "train step ms", "fwd-only ms", "write ms", "probe ms", "forwards med/max",
-              "probe/(fw×fwd)", "extra bytes/rank", "params/DP bytes")
-    table = [header] + [(
-        name, ",".join(r["optimizers"]), f"{r['train_step_ms']:.1f}", f"{r['forward_ms']:.1f}",
-        f"{r['write_ms']:.2f}", f"{r['probe_ms']:.1f}", f"{r['forwards_median']:.0f}/{r['forwards_max']}",
-        f"{r['probe_over_forwards']:.2f}", f"{r['extra_bytes']:,}", f"{r['params_bytes_per_dp_rank']:,.0f}")
-        for name, r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for index, row in enumerate(table):
-        print("| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |")
-        if index == 0:
-            print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    print(markdown_table(
+        ("layout", "optimizer", "train step ms", "fwd-only ms", "write ms", "probe ms", "forwards med/max",
+         "probe/(fw×fwd)", "extra bytes/rank", "params/DP bytes"),
+        [(name, ",".join(r["optimizers"]), f"{r['train_step_ms']:.1f}", f"{r['forward_ms']:.1f}",
+          f"{r['write_ms']:.2f}", f"{r['probe_ms']:.1f}", f"{r['forwards_median']:.0f}/{r['forwards_max']}",
+          f"{r['probe_over_forwards']:.2f}", f"{r['extra_bytes']:,}", f"{r['params_bytes_per_dp_rank']:,.0f}")
+         for name, r in rows]))
 
 
 if __name__ == "__main__":

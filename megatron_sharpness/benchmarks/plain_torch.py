@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from megatron_sharpness.benchmarks import markdown_table
 from megatron_sharpness.config import SharpnessConfig
 from megatron_sharpness.data import ByteBatches, embedded_corpus
 from megatron_sharpness.demo import warmup_cosine
@@ -105,11 +106,7 @@ def main(argv=None):
         ("extra bytes while measuring (θ_t + θ_{t+1} clones)",
          f"{2 * sum(p.numel() * p.element_size() for p in model.parameters()):,}"),
     ]
-    width = max(len(name) for name, _ in rows)
-    print(f"| {'metric'.ljust(width)} | value |")
-    print(f"|{'-' * (width + 2)}|-------|")
-    for name, value in rows:
-        print(f"| {name.ljust(width)} | {value} |")
+    print(markdown_table(("metric", "value"), rows))
 
 
 if __name__ == "__main__":

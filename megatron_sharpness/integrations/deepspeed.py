@@ -23,6 +23,7 @@ from megatron_sharpness.backends.deepspeed import DeepSpeedBackend, Evaluator
 from megatron_sharpness.config import ConfigError, SharpnessConfig
 from megatron_sharpness.loggers import JsonlLogger, LogLineLogger, MeasurementLogger
 from megatron_sharpness.measurement import Measurement
+from megatron_sharpness.integrations.recording import RecordingIterator
 from megatron_sharpness.probe import SharpnessProbe
 
 CONFIG_SECTION = "critical_sharpness"
@@ -125,7 +126,7 @@ class DeepSpeedSharpness:
         self.probe = SharpnessProbe(config, _default_loggers(engine, config) if loggers is None else loggers)
         self.last_measurement: Measurement | None = None
         self._recorded: list[Any] = []
-        self._recorder: _RecordingIterator | None = None
+        self._recorder: RecordingIterator | None = None
         self._set_relative_batches(relative_batches or {})
         self._hook = None
         if self.is_pipeline:
@@ -159,7 +160,7 @@ class DeepSpeedSharpness:
                                "records the micro-batches as they reach the engine")
         if not self._next_step_is_due():
             return data_iterator
-        self._recorder = _RecordingIterator(data_iterator, self.micro_batches)
+        self._recorder = RecordingIterator(data_iterator, self.micro_batches)
         return self._recorder
 
     def _set_relative_batches(self, relative_batches: Mapping[str, Sequence[Any]]) -> None:
@@ -186,7 +187,7 @@ class DeepSpeedSharpness:
         if not (engine.is_gradient_accumulation_boundary() and self._next_step_is_due()):
             return self._original(*args, **kwargs)
         if self._recorder is not None:
-            self._recorded, self._recorder = self._recorder.batches, None
+            self._recorded, self._recorder = self._recorder.items, None
         self.backend.batches, self._recorded = self._recorded, []
         return self._measure_around(lambda: self._original(*args, **kwargs))
 
@@ -199,7 +200,7 @@ class DeepSpeedSharpness:
         self.backend.batches = []
         if engine.data_iterator is None:  # middle stages read no data
             return self._measure_around(lambda: self._original(None))
-        recorder = _RecordingIterator(engine.data_iterator, self.micro_batches)
+        recorder = RecordingIterator(engine.data_iterator, self.micro_batches)
         engine.data_iterator = recorder
 
         def run_step():
@@ -207,7 +208,7 @@ class DeepSpeedSharpness:
                 return self._original(None)
             finally:
                 engine.data_iterator = recorder.source
-                self.backend.batches = recorder.batches
+                self.backend.batches = recorder.items
 
         return self._measure_around(run_step)
 
@@ -224,22 +225,6 @@ class DeepSpeedSharpness:
         self.last_measurement = self.probe.measure(self.backend, step_number, lr,
                                                    list(self.backend.relative_batches))
         return result
-
-
-class _RecordingIterator:
-    """Passes the training iterator through, keeping the first `limit` items it yields."""
-
-    def __init__(self, source: Iterator, limit: int):
-        self.source, self.limit, self.batches = source, limit, []
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = next(self.source)
-        if len(self.batches) < self.limit:
-            self.batches.append(item)
-        return item
 
 
 def _as_call(batch: Any) -> tuple[tuple, dict]:

@@ -34,21 +34,25 @@ def _validated(field: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _interval(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= 1, or 0 for off")
-    return value
+def integer_at_least(minimum: int, allowed: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum, else an error saying what is allowed."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: {allowed}")
+        return value
+
+    return convert
 
 
 def add_critical_sharpness_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """For Megatron's extra_args_provider: returns the parser, as Megatron expects."""
     defaults = SharpnessConfig()
     group = parser.add_argument_group(title="critical sharpness")
-    group.add_argument("--critical-sharpness-interval", type=_interval, default=0, metavar="N",
+    group.add_argument("--critical-sharpness-interval", type=integer_at_least(0, "an integer >= 1, or 0 for off"), default=0, metavar="N",
                        help="measure critical sharpness every N iterations (default 0: off)")
     group.add_argument("--critical-sharpness-tol", type=_validated("tol", float), default=defaults.tol,
                        help=f"bisect until 1 - lo/hi <= tol (default {defaults.tol})")

@@ -25,24 +25,9 @@ from megatron_sharpness.backends.megatron import MegatronBackend, reduce_lm_loss
 from megatron_sharpness.config import SharpnessConfig
 from megatron_sharpness.loggers import JsonlLogger, MeasurementLogger
 from megatron_sharpness.measurement import Measurement
+from megatron_sharpness.integrations.recording import RecordingIterator
 from megatron_sharpness.probe import SharpnessProbe
 
-
-
-class _RecordingIterator:
-    """Passes a data iterator through, keeping the first `limit` items it yields."""
-
-    def __init__(self, source: Iterator, limit: int):
-        self.source, self.limit, self.items = source, limit, []
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = next(self.source)
-        if len(self.items) < self.limit:
-            self.items.append(item)
-        return item
 
 
 class MegatronSharpness:
@@ -82,7 +67,7 @@ class MegatronSharpness:
         self.probe = SharpnessProbe(config, _default_loggers(config) if loggers is None else loggers)
         self.iteration = 0
         self.last_measurement: Measurement | None = None
-        self._recorders: list[_RecordingIterator | None] = []
+        self._recorders: list[RecordingIterator | None] = []
 
     def record(self, data_iterator, num_microbatches: int, iteration: int | None = None):
         """The step's data iterator(s), recording the micro-batches of a measured step as they are
@@ -96,7 +81,7 @@ class MegatronSharpness:
         for name in self.relative_data_iterators:
             self.backend.micro_batch_counts[name] = count
         iterators = data_iterator if isinstance(data_iterator, list) else [data_iterator]
-        self._recorders = [None if it is None else _RecordingIterator(it, count) for it in iterators]
+        self._recorders = [None if it is None else RecordingIterator(it, count) for it in iterators]
         wrapped = [it if recorder is None else recorder for it, recorder in zip(iterators, self._recorders)]
         return wrapped if isinstance(data_iterator, list) else wrapped[0]
 
