@@ -25,6 +25,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-file", default="critical_sharpness.jsonl",
                       help="JSONL output (default critical_sharpness.jsonl)")
     demo.add_argument("--seed", type=int, default=0)
+
+    parse = commands.add_parser("parse", help="per-step sharpness from training logs or JSONL files")
+    parse.add_argument("logs", nargs="+", metavar="LOG")
+    parse.add_argument("--format", choices=("table", "csv", "json"), default="table")
+
+    summary = commands.add_parser("summary", help="per-phase statistics of the measured sharpness")
+    summary.add_argument("logs", nargs="+", metavar="LOG")
+    summary.add_argument("--phases", type=positive_int, default=4, help="split the measured steps into N phases")
+
+    plot = commands.add_parser("plot", help="PNG of λ_c per step with the 2/η edge of stability and the lr")
+    plot.add_argument("logs", nargs="+", metavar="LOG")
+    plot.add_argument("--output", "-o", default="critical_sharpness.png")
     return parser
 
 
@@ -35,6 +47,23 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_sharpness.demo import run_demo
 
         run_demo(steps=args.steps, interval=args.interval, log_file=args.log_file, seed=args.seed)
+        return 0
+    if args.command in ("parse", "summary", "plot"):
+        from megatron_sharpness import report
+        from megatron_sharpness.logs import LogError, read_logs
+
+        try:
+            records = read_logs(args.logs)
+            if args.command == "parse":
+                print(report.render(records, args.format))
+            elif args.command == "summary":
+                print(report.summary(records, args.phases))
+            else:
+                report.plot(records, args.output)
+                print(f"wrote {args.output}")
+        except (LogError, report.ReportError) as error:
+            print(f"megatron-sharpness {args.command}: error: {error}", file=sys.stderr)
+            return 2
         return 0
     parser.print_help()
     return 2

@@ -1,0 +1,131 @@
+"""Reading per-step sharpness back from training logs: our JSONL files and the iteration lines of
+Megatron-LM, Megatron-DeepSpeed and our DeepSpeed logger, including multi-rank SLURM logs with rank
+prefixes, lines of several ranks run together and lines cut short."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+# "iteration      10/     200 |" (Megatron) or "iteration       10 |" (our DeepSpeed line); the
+# rest of the line up to the next "iteration" holds that step's "key: value |" fields.
+_ITERATION = re.compile(r"iteration\s+(\d+)(?:\s*/\s*\d+)?\s*\|")
+_FIELD = re.compile(r"\s*([A-Za-z][A-Za-z0-9 /_\-.()]*?):\s*([^|]*?)\s*\|")
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_VALUE = re.compile(rf"^({_NUMBER})$")
+
+
+class LogError(ValueError):
+    """A log could not be read or holds no sharpness measurement."""
+
+
+@dataclass
+class StepRecord:
+    step: int
+    critical_sharpness: float | None
+    critical_lr: float | None = None
+    lr: float | None = None
+    lr_over_critical_lr: float | None = None
+    loss: float | None = None
+    relative: dict[str, float | None] = field(default_factory=dict)
+    skipped: str | None = None
+
+    def as_row(self, relative_names: list[str]) -> dict[str, object]:
+        row: dict[str, object] = {"step": self.step, "lr": self.lr, "critical_sharpness": self.critical_sharpness,
+                                  "critical_lr": self.critical_lr, "lr_over_critical_lr": self.lr_over_critical_lr,
+                                  "loss": self.loss}
+        for name in relative_names:
+            row[f"relative_sharpness/{name}"] = self.relative.get(name)
+        return row
+
+
+def _number(text: str) -> float | None:
+    match = _VALUE.match(text.strip())
+    return float(match.group(1)) if match else None
+
+
+def _from_json(record: dict) -> StepRecord | None:
+    if not isinstance(record.get("step"), int) or "critical_sharpness" not in record:
+        return None
+
+    def real(value):
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    relative = {name: real(task.get("critical_sharpness")) for name, task in (record.get("relative") or {}).items()
+                if isinstance(task, dict)}
+    return StepRecord(step=record["step"], critical_sharpness=real(record.get("critical_sharpness")),
+                      critical_lr=real(record.get("critical_lr")), lr=real(record.get("lr")),
+                      lr_over_critical_lr=real(record.get("lr_over_critical_lr")), loss=real(record.get("loss")),
+                      relative=relative, skipped=record.get("skipped") if isinstance(record.get("skipped"), str) else None)
+
+
+def _from_fields(step: int, text: str) -> StepRecord | None:
+    fields = {key.strip().lower(): value for key, value in _FIELD.findall(text)}
+    if "critical sharpness" not in fields:
+        return None
+    sharpness_text = fields["critical sharpness"]
+    skipped = None
+    if sharpness_text.startswith("skipped"):
+        skipped = sharpness_text[len("skipped"):].strip(" ()") or "skipped"
+    relative = {key[len("relative sharpness "):]: _number(value) for key, value in fields.items()
+                if key.startswith("relative sharpness ")}
+    loss = fields.get("lm loss", fields.get("loss"))
+    return StepRecord(step=step, critical_sharpness=_number(sharpness_text), critical_lr=_number(fields.get("critical lr", "")),
+                      lr=_number(fields.get("learning rate", "")),
+                      lr_over_critical_lr=_number(fields.get("lr/critical lr", "")),
+                      loss=_number(loss) if loss is not None else None, relative=relative, skipped=skipped)
+
+
+def parse_lines(lines: Iterable[str]) -> list[StepRecord]:
+    """Every step measured in the lines, in step order; the first record of a step wins (every
+    rank that prints a step prints the same values)."""
+    records: dict[int, StepRecord] = {}
+    for line in lines:
+        start = line.find("{")
+        if start >= 0 and '"critical_sharpness"' in line:
+            try:
+                record = _from_json(json.loads(line[start:]))
+            except (json.JSONDecodeError, AttributeError):
+                record = None
+            if record is not None:
+                records.setdefault(record.step, record)
+                continue
+        matches = list(_ITERATION.finditer(line))
+        for index, match in enumerate(matches):
+            end = matches[index + 1].start() if index + 1 < len(matches) else len(line)
+            record = _from_fields(int(match.group(1)), line[match.end():end])
+            if record is not None and (record.critical_sharpness is not None or record.skipped
+                                       or "(capped)" in line[match.end():end]):
+                records.setdefault(record.step, record)
+    return [records[step] for step in sorted(records)]
+
+
+def read_logs(paths: Iterable[str]) -> list[StepRecord]:
+    merged: dict[int, StepRecord] = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as handle:
+                text = handle.read().decode("utf-8", errors="replace")
+        except OSError as error:
+            raise LogError(f"cannot read {path}: {error.strerror or error}") from None
+        found = parse_lines(text.splitlines())
+        if not found:
+            raise LogError(f"{path}: no critical sharpness measurement found (expected JSONL records from "
+                           "--critical-sharpness-log-file or iteration lines with '| critical sharpness: ... |')")
+        for record in found:
+            merged.setdefault(record.step, record)
+    return [merged[step] for step in sorted(merged)]
+
+
+def relative_names(records: Iterable[StepRecord]) -> list[str]:
+    names: list[str] = []
+    for record in records:
+        names += [name for name in record.relative if name not in names]
+    return names
+
+
+def is_finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)

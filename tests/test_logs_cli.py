@@ -1,0 +1,125 @@
+"""megatron-sharpness parse / summary / plot on logs as jobs write them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from megatron_sharpness.cli import main
+from megatron_sharpness.logs import parse_lines
+
+MEGATRON_LINE = (" [2026-11-24 10:00:{sec:02d}] iteration {step:8d}/    1000 | consumed samples: {samples:10d} | "
+                 "elapsed time per iteration (ms): 812.3 | learning rate: {lr:.6E} | global batch size:    64 | "
+                 "lm loss: {loss:.6E} | loss scale: 1.0 | grad norm: 0.812 | critical sharpness: {sharp} | "
+                 "critical lr: {clr} | lr/critical lr: {ratio} | sharpness forwards: 7 | "
+                 "relative sharpness heldout: {rel} | number of skipped iterations:   0 |")
+
+
+def megatron_line(step, sharp=1.5e2, lr=3e-4, rel=2.0e2):
+    clr = 2 / sharp
+    return MEGATRON_LINE.format(sec=step % 60, step=step, samples=64 * step, lr=lr, loss=2.5, sharp=f"{sharp:.4E}",
+                                clr=f"{clr:.4E}", ratio=f"{lr / clr:.3f}", rel=f"{rel:.4E}")
+
+
+def test_multi_rank_slurm_log_with_prefixes_interleaving_and_truncation(tmp_path):
+    lines = [
+        "0: using world size: 8, data-parallel size: 2, tensor-model-parallel size: 2",
+        "7: " + megatron_line(10, sharp=120.0),
+        "7: " + megatron_line(20, sharp=130.0, lr=5e-4),
+        # two ranks' output run together on one line
+        "[rank7]: " + megatron_line(30, sharp=140.0) + "[rank3]: some warning" + megatron_line(40, sharp=150.0),
+        "7: " + megatron_line(50, sharp=1.0).replace("critical sharpness: 1.0000E+00", "critical sharpness: < 3.1E-01 (capped)"),
+        "7: " + megatron_line(60).split("critical sharpness:")[0] + "critical sharpness: skipped (the optimizer skipped the step) |",
+        "7: " + megatron_line(70, sharp=170.0)[:180],  # cut before the sharpness fields
+        "7: " + megatron_line(80, sharp=180.0)[:-60],  # cut after them
+        "\x00\x01 garbage \xff",
+    ]
+    log = tmp_path / "slurm-1234.out"
+    log.write_text("\n".join(lines) + "\n")
+    records = parse_lines(log.read_text().splitlines())
+    assert [r.step for r in records] == [10, 20, 30, 40, 50, 60, 80]
+    by_step = {r.step: r for r in records}
+    assert by_step[10].critical_sharpness == 120.0 and by_step[10].lr == 3e-4 and by_step[10].loss == 2.5
+    assert by_step[20].lr == 5e-4 and by_step[20].lr_over_critical_lr == pytest.approx(5e-4 / (2 / 130), abs=1e-3)
+    assert by_step[40].critical_sharpness == 150.0 and by_step[40].relative == {"heldout": 200.0}
+    assert by_step[50].critical_sharpness is None and by_step[50].skipped is None
+    assert by_step[60].skipped == "the optimizer skipped the step"
+    assert by_step[80].critical_sharpness == 180.0
+
+
+def test_jsonl_and_deepspeed_log_line_and_corrupt_records(tmp_path):
+    records = [{"step": 5, "lr": 1e-3, "critical_lr": 0.02, "critical_sharpness": 100.0, "lr_over_critical_lr": 0.05,
+                "loss": 3.0, "relative": {"web": {"critical_sharpness": 80.0}}, "skipped": None},
+               {"step": 10, "lr": 1e-3, "critical_lr": None, "critical_sharpness": None, "skipped": "DeepSpeed skipped"}]
+    jsonl = tmp_path / "sharpness.jsonl"
+    jsonl.write_text(json.dumps(records[0]) + "\n{\"step\": 7, \"critical_sha\n" + json.dumps(records[1]) + "\n")
+    deepspeed_log = tmp_path / "ds.log"
+    deepspeed_log.write_text("[2026-11-24 10:00:00,000] [INFO] [engine.py:100] something\n"
+                             " iteration       15 | critical sharpness: 9.0000E+01 | critical lr: 2.2222E-02 | "
+                             "lr/critical lr: 0.045 | sharpness forwards: 6 | relative sharpness web: 7.0000E+01 |\n")
+    parsed = parse_lines(jsonl.read_text().splitlines() + deepspeed_log.read_text().splitlines())
+    assert [(r.step, r.critical_sharpness, r.skipped) for r in parsed] == [
+        (5, 100.0, None), (10, None, "DeepSpeed skipped"), (15, 90.0, None)]
+    assert parsed[0].relative == {"web": 80.0} and parsed[2].relative == {"web": 70.0}
+
+
+def test_demo_log_round_trip_through_parse(tmp_path, capsys):
+    jsonl = tmp_path / "demo.jsonl"
+    main(["demo", "--steps", "20", "--interval", "5", "--log-file", str(jsonl)])
+    log = tmp_path / "demo.log"
+    log.write_text(capsys.readouterr().out)
+    assert main(["parse", str(log), "--format", "json"]) == 0
+    from_log = json.loads(capsys.readouterr().out)
+    from_jsonl = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["step"] for r in from_log] == [r["step"] for r in from_jsonl] == [5, 10, 15, 20]
+    for parsed, record in zip(from_log, from_jsonl):
+        assert parsed["critical_sharpness"] == pytest.approx(record["critical_sharpness"], rel=1e-4)
+        assert parsed["critical_lr"] == pytest.approx(record["critical_lr"], rel=1e-4)
+        assert parsed["lr"] == pytest.approx(record["lr"], rel=1e-6)
+        assert parsed["relative_sharpness/heldout"] == pytest.approx(
+            record["relative"]["heldout"]["critical_sharpness"], rel=1e-4)
+    assert main(["parse", str(jsonl), "--format", "csv"]) == 0
+    csv_lines = capsys.readouterr().out.splitlines()
+    assert csv_lines[0] == "step,lr,critical_sharpness,critical_lr,lr_over_critical_lr,loss,relative_sharpness/heldout,skipped"
+    assert len(csv_lines) == 5
+    assert main(["summary", str(jsonl), "--phases", "2"]) == 0
+    summary = capsys.readouterr().out
+    assert "4 measured steps (0 skipped, 0 capped), steps 5-20" in summary and "5-10" in summary and "15-20" in summary
+    png = tmp_path / "sharpness.png"
+    assert main(["plot", str(jsonl), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_slope_and_edge_share(tmp_path):
+    jsonl = tmp_path / "s.jsonl"
+    records = [{"step": s, "lr": 0.01, "critical_lr": 2 / (100 + s), "critical_sharpness": 100.0 + s,
+                "lr_over_critical_lr": 0.01 * (100 + s) / 2, "relative": {}, "skipped": None} for s in range(0, 400, 10)]
+    jsonl.write_text("\n".join(json.dumps(r) for r in records))
+    result = subprocess.run([sys.executable, "-m", "megatron_sharpness.cli", "summary", str(jsonl), "--phases", "2"],
+                            capture_output=True, text=True, timeout=60)
+    lines = result.stdout.splitlines()
+    # λ_c grows by 1 per step: +1000 per 1k steps; η·λ_c/2 > 1 once λ_c > 200, i.e. from step 110 on.
+    assert lines[2].split()[:5] == ["1", "0-190", "20", "195", "+1000"] and lines[2].split()[5] == "45%"
+    assert lines[3].split()[:5] == ["2", "200-390", "20", "395", "+1000"] and lines[3].split()[5] == "100%"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00binary", "no critical sharpness measurement found"),
+    (b"", "no critical sharpness measurement found"),
+    (b'{"step": 3, "critical_sharpness": "abc"}\n', "no converged measurement"),
+])
+def test_garbage_input_is_a_clear_error_not_a_traceback(tmp_path, content, message):
+    bad = tmp_path / "bad.log"
+    bad.write_bytes(content)
+    command = "summary" if b"abc" in content else "parse"
+    result = subprocess.run([sys.executable, "-m", "megatron_sharpness.cli", command, str(bad)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "megatron_sharpness.cli", "plot", str(tmp_path / "nope.log")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
