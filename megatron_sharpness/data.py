@@ -38,3 +38,18 @@ class ByteBatches:
 def train_heldout_split(corpus: bytes, heldout_fraction: float = 0.1) -> tuple[bytes, bytes]:
     cut = int(len(corpus) * (1.0 - heldout_fraction))
     return corpus[:cut], corpus[cut:]
+
+
+def write_indexed_dataset(path_prefix: str, corpus: bytes, document_bytes: int = 4096) -> str:
+    """Writes corpus as a Megatron indexed dataset (path_prefix.bin / .idx) of byte tokens, one
+    document per document_bytes; returns path_prefix. Needs megatron-core."""
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(path_prefix + ".bin", dtype=numpy.uint16)
+    tokens = torch.frombuffer(bytearray(corpus), dtype=torch.uint8).to(torch.int32)
+    for start in range(0, len(tokens), document_bytes):
+        document = tokens[start:start + document_bytes]
+        builder.add_document(document, [len(document)])
+    builder.finalize(path_prefix + ".idx")
+    return path_prefix

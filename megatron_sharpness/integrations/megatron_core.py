@@ -34,11 +34,12 @@ class MegatronSharpness:
     """model: the list of model chunks (one per virtual pipeline stage). relative_data_iterators:
     per task name, the data iterator(s) of another task in the same form as the training ones;
     each measurement draws `config.micro_batches` (or the step's count) fresh micro-batches from
-    them and searches their loss along the same update."""
+    them (`relative_micro_batches` if given) and searches their loss along the same update."""
 
     def __init__(self, model: list, optimizer, forward_step_func: Callable, config: SharpnessConfig, *,
                  seq_length: int, micro_batch_size: int, decoder_seq_length: int | None = None,
-                 relative_data_iterators: Mapping[str, Any] | None = None, loss_key: str = "lm loss",
+                 relative_data_iterators: Mapping[str, Any] | None = None,
+                 relative_micro_batches: int | None = None, loss_key: str = "lm loss",
                  loggers: Iterable[MeasurementLogger] | None = None,
                  forward_backward_func: Callable | None = None):
         if forward_backward_func is None:
@@ -49,6 +50,7 @@ class MegatronSharpness:
         self.optimizer = optimizer
         self.config = config
         self.relative_data_iterators = dict(relative_data_iterators or {})
+        self.relative_micro_batches = relative_micro_batches
         for name in self.relative_data_iterators:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"relative task name {name!r} must be a non-empty string")
@@ -79,7 +81,7 @@ class MegatronSharpness:
         count = self._count(num_microbatches)
         self.backend.micro_batch_counts[None] = count
         for name in self.relative_data_iterators:
-            self.backend.micro_batch_counts[name] = count
+            self.backend.micro_batch_counts[name] = self.relative_micro_batches or count
         iterators = data_iterator if isinstance(data_iterator, list) else [data_iterator]
         self._recorders = [None if it is None else RecordingIterator(it, count) for it in iterators]
         wrapped = [it if recorder is None else recorder for it, recorder in zip(iterators, self._recorders)]

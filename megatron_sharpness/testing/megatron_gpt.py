@@ -19,6 +19,8 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_sharpness.integrations.megatron_lm import gpt_micro_batch
+
 
 @dataclass(frozen=True)
 class TinyGPTSetup:
@@ -84,17 +86,7 @@ def build_model_and_optimizer(setup: TinyGPTSetup):
 def synthetic_batch(setup: TinyGPTSetup, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, setup.vocab, (setup.micro_batch_size, setup.seq_length + 1), generator=generator)
-    return token_batch(tokens)
-
-
-def token_batch(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A micro-batch as Megatron's GPT forward_step reads it, from [batch, seq + 1] token ids."""
-    batch, seq_plus_one = tokens.shape
-    seq = seq_plus_one - 1
-    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-            "loss_mask": torch.ones(batch, seq),
-            "position_ids": torch.arange(seq).unsqueeze(0).expand(batch, -1).contiguous(),
-            "attention_mask": torch.tril(torch.ones(1, 1, seq, seq)) < 0.5}
+    return gpt_micro_batch(tokens)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

@@ -1,0 +1,158 @@
+"""Wiring for NVIDIA/Megatron-LM's training loop; patches/megatron-lm/ adds these calls:
+
+    add_critical_sharpness_args(parser)           as (part of) the extra_args_provider
+    data_iterator = record(data_iterator, ...)    in train_step, before forward_backward_func
+    ... = optimizer_step(optimizer, iteration)    in train_step, instead of optimizer.step()
+    log_string += log_fields(iteration)           in training_log, and write_scalars(...) beside it
+
+On measured iterations the probe runs right after the real optimizer.step(), with the script's own
+forward_step_func on the micro-batches the step read. Relative tasks read Megatron indexed datasets
+(.bin/.idx) given by --relative-sharpness-data-path NAME=PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+import torch
+
+from megatron_sharpness.integrations.flags import add_critical_sharpness_args as add_probe_args
+from megatron_sharpness.integrations.flags import config_from_args, integer_at_least
+from megatron_sharpness.integrations.megatron_core import MegatronSharpness
+from megatron_sharpness.measurement import Measurement
+
+_sharpness: MegatronSharpness | None = None
+
+
+def _name_and_path(text: str) -> tuple[str, str]:
+    name, separator, path = text.partition("=")
+    if not separator or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: NAME=PATH with PATH the prefix of a "
+                                         "Megatron indexed dataset (PATH.bin and PATH.idx)")
+    return name, path
+
+
+def add_critical_sharpness_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron-LM's extra_args_provider (or a part of it): returns the parser."""
+    add_probe_args(parser)
+    group = parser.add_argument_group(title="relative critical sharpness")
+    group.add_argument("--relative-sharpness-data-path", type=_name_and_path, nargs="+", default=[],
+                       metavar="NAME=PATH", help="another task's Megatron indexed dataset, searched along each "
+                                                 "measured update (e.g. heldout=/data/val_text_document)")
+    group.add_argument("--relative-sharpness-micro-batches", type=integer_at_least(1, "an integer >= 1"), default=1,
+                       metavar="K", help="micro-batches of each relative task per measurement (default 1)")
+    return parser
+
+
+class IndexedDatasetBatches:
+    """Micro-batches of consecutive (seq_length + 1)-token windows over the documents of a Megatron
+    indexed dataset, in the dict form Megatron's GPT get_batch reads; cycles forever."""
+
+    def __init__(self, path_prefix: str, seq_length: int, micro_batch_size: int):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        try:
+            self.dataset = IndexedDataset(path_prefix)
+        except (OSError, AssertionError, ValueError) as error:
+            raise ValueError(f"--relative-sharpness-data-path: cannot read the indexed dataset {path_prefix!r} "
+                             f"({path_prefix}.bin / {path_prefix}.idx): {error}") from None
+        if len(self.dataset) == 0:
+            raise ValueError(f"--relative-sharpness-data-path: {path_prefix!r} holds no document")
+        self.window, self.micro_batch_size = seq_length + 1, micro_batch_size
+        self._document, self._buffer = 0, torch.empty(0, dtype=torch.long)
+
+    def __iter__(self) -> IndexedDatasetBatches:
+        return self
+
+    def _tokens(self, count: int) -> torch.Tensor:
+        while self._buffer.numel() < count:
+            document = torch.from_numpy(self.dataset[self._document].astype("int64"))
+            self._buffer = torch.cat([self._buffer, document])
+            self._document = (self._document + 1) % len(self.dataset)
+        tokens, self._buffer = self._buffer[:count], self._buffer[count:]
+        return tokens
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        windows = self._tokens(self.window * self.micro_batch_size).view(self.micro_batch_size, self.window)
+        return gpt_micro_batch(windows)
+
+
+def gpt_micro_batch(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A micro-batch as Megatron's GPT get_batch reads it, from [batch, seq + 1] token ids."""
+    batch, seq_plus_one = tokens.shape
+    seq = seq_plus_one - 1
+    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+            "loss_mask": torch.ones(batch, seq),
+            "position_ids": torch.arange(seq).unsqueeze(0).expand(batch, -1).contiguous(),
+            "attention_mask": torch.tril(torch.ones(1, 1, seq, seq)) < 0.5}
+
+
+def _relative_iterators(args: argparse.Namespace, chunks: int) -> dict[str, Any]:
+    iterators = {}
+    for name, path in args.relative_sharpness_data_path:
+        if name in iterators:
+            raise ValueError(f"--relative-sharpness-data-path: task name {name!r} is given twice")
+        per_chunk = [IndexedDatasetBatches(path, args.seq_length, args.micro_batch_size) for _ in range(chunks)]
+        iterators[name] = per_chunk if chunks > 1 else per_chunk[0]
+    return iterators
+
+
+def record(data_iterator, model: list, optimizer, forward_step_func: Callable, args: argparse.Namespace,
+           iteration: int, num_microbatches: int):
+    """The step's data iterator(s), recorded on measured iterations (1-based `iteration`)."""
+    global _sharpness
+    config = config_from_args(args)
+    if not config.enabled:
+        return data_iterator
+    if _sharpness is None:
+        _sharpness = MegatronSharpness(
+            model, optimizer, forward_step_func, config, seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size, decoder_seq_length=getattr(args, "decoder_seq_length", None),
+            relative_data_iterators=_relative_iterators(args, len(model)),
+            relative_micro_batches=args.relative_sharpness_micro_batches)
+    return _sharpness.record(data_iterator, num_microbatches, iteration)
+
+
+def optimizer_step(optimizer, iteration: int):
+    """optimizer.step(), measured on due iterations; returns (update_successful, grad_norm, num_zeros)."""
+    if _sharpness is None:
+        return optimizer.step()
+    return _sharpness.step(iteration)
+
+
+def _measurement_at(iteration: int) -> Measurement | None:
+    if _sharpness is None or _sharpness.last_measurement is None:
+        return None
+    return _sharpness.last_measurement if _sharpness.last_measurement.step == iteration else None
+
+
+def log_fields(iteration: int) -> str:
+    """' critical sharpness: ... | critical lr: ... |' for Megatron's iteration line, or ''."""
+    measurement = _measurement_at(iteration)
+    return "" if measurement is None else " " + measurement.log_fields()
+
+
+def write_scalars(writer, wandb_writer, iteration: int, consumed_samples: int) -> None:
+    """Megatron-style TensorBoard tags (also ' vs samples') and W&B keys, as training_log writes them."""
+    measurement = _measurement_at(iteration)
+    if measurement is None or measurement.task is None:
+        return
+    values = {"critical sharpness": measurement.critical_sharpness, "critical lr": measurement.critical_lr,
+              "lr over critical lr": measurement.lr_over_critical_lr}
+    for name, task in measurement.relative.items():
+        values[f"relative critical sharpness {name}"] = task.search.critical_sharpness
+    for tag, value in values.items():
+        if value is None:
+            continue
+        if writer is not None:
+            writer.add_scalar(tag, value, iteration)
+            writer.add_scalar(f"{tag} vs samples", value, consumed_samples)
+        if wandb_writer is not None:
+            wandb_writer.log({tag: value}, iteration)
+
+
+def reset() -> None:
+    """Forget the attached probe (tests run several trainings in one process)."""
+    global _sharpness
+    _sharpness = None

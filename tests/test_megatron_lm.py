@@ -1,0 +1,87 @@
+"""The Megatron-LM glue: flags, the train-step hook in a megatron-core loop shaped like
+Megatron-LM's, the iteration log line, TensorBoard / W&B scalars, indexed relative datasets."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("megatron.core", reason="the megatron extra is not installed (pip install -e '.[megatron]')")
+
+from megatron_sharpness.data import embedded_corpus, write_indexed_dataset  # noqa: E402
+from megatron_sharpness.integrations import megatron_lm  # noqa: E402
+from megatron_sharpness.logs import parse_lines  # noqa: E402
+from megatron_sharpness.testing.launch import run_ranks  # noqa: E402
+
+WORKER = os.path.join(os.path.dirname(__file__), "workers", "megatron_lm_train.py")
+
+
+def test_hook_log_line_tensorboard_wandb_and_jsonl_agree(tmp_path):
+    heldout = write_indexed_dataset(str(tmp_path / "heldout_text_document"), embedded_corpus()[-60000:])
+    log_file = tmp_path / "sharpness.jsonl"
+    results = run_ranks([WORKER, "--out", str(tmp_path), "--pipeline-model-parallel-size", "2",
+                         "--critical-sharpness-interval", "2", "--critical-sharpness-micro-batches", "2",
+                         "--relative-sharpness-data-path", f"heldout={heldout}", "--relative-sharpness-micro-batches", "2",
+                         "--critical-sharpness-log-file", str(log_file)],
+                        world_size=2, timeout=300, env={"PYTHONWARNINGS": "ignore"})
+    assert "iteration" not in results[0].output  # Megatron prints from the last rank only
+    lines = [line for line in results[1].output.splitlines() if " iteration " in line]
+    assert len(lines) == 6
+    assert all("critical sharpness:" in line for line in lines[1::2])
+    assert not any("critical sharpness:" in line for line in lines[0::2])
+
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    parsed = parse_lines(results[1].output.splitlines())
+    assert [r.step for r in parsed] == [2, 4, 6]
+    for record, from_log in zip(records, parsed):
+        assert record["converged"]
+        assert from_log.critical_sharpness == pytest.approx(record["critical_sharpness"], rel=1e-4)
+        assert from_log.lr == pytest.approx(record["lr"], rel=1e-6)
+        assert set(record["relative"]) == {"heldout"} and record["relative"]["heldout"]["forwards"] >= 2
+
+    written = json.loads((tmp_path / "rank1.json").read_text())
+    assert json.loads((tmp_path / "rank0.json").read_text())["left"] == 0  # training read every micro-batch
+    scalars = {(kind, tag, step): value for kind, tag, value, step in written["scalars"]}
+    for record in records:
+        samples = record["step"] * 2 * 4  # micro batch 2, 4 micro-batches, data parallel 1
+        assert scalars[("tb", "critical sharpness", record["step"])] == record["critical_sharpness"]
+        assert scalars[("tb", "critical sharpness vs samples", samples)] == record["critical_sharpness"]
+        assert scalars[("tb", "lr over critical lr", record["step"])] == record["lr_over_critical_lr"]
+        assert scalars[("wandb", "critical lr", record["step"])] == record["critical_lr"]
+        relative = record["relative"]["heldout"]["critical_sharpness"]
+        if relative is not None:
+            assert scalars[("tb", "relative critical sharpness heldout", record["step"])] == relative
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--relative-sharpness-data-path", "heldout"], "'heldout' is invalid; allowed: NAME=PATH"),
+    (["--relative-sharpness-data-path", "=/data/x"], "allowed: NAME=PATH"),
+    (["--relative-sharpness-micro-batches", "0"], "0 is invalid; allowed: an integer >= 1"),
+    (["--critical-sharpness-interval", "-3"], "allowed: an integer >= 1, or 0 for off"),
+])
+def test_bad_flags_fail_at_parsing(flags, message):
+    code = ("import argparse; from megatron_sharpness.integrations.megatron_lm import add_critical_sharpness_args;"
+            f"add_critical_sharpness_args(argparse.ArgumentParser(prog='pretrain_gpt.py')).parse_args({flags!r})")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_relative_dataset_is_read_in_windows_and_a_bad_path_is_a_clear_error(tmp_path):
+    corpus = bytes(range(256)) * 20
+    prefix = write_indexed_dataset(str(tmp_path / "ramp"), corpus, document_bytes=1000)
+    batches = megatron_lm.IndexedDatasetBatches(prefix, seq_length=9, micro_batch_size=3)
+    first, second = next(batches), next(batches)
+    assert first["tokens"].tolist()[0] == list(range(9)) and first["labels"].tolist()[0] == list(range(1, 10))
+    assert first["tokens"].tolist()[1][0] == 10 and second["tokens"].tolist()[0][0] == 30
+    assert first["attention_mask"].shape == (1, 1, 9, 9) and first["loss_mask"].shape == (3, 9)
+    with pytest.raises(ValueError, match="cannot read the indexed dataset"):
+        megatron_lm.IndexedDatasetBatches(str(tmp_path / "missing"), seq_length=9, micro_batch_size=3)
+    args = megatron_lm.add_critical_sharpness_args(argparse.ArgumentParser()).parse_args(
+        ["--relative-sharpness-data-path", f"a={prefix}", f"a={prefix}"])
+    args.seq_length, args.micro_batch_size = 9, 3
+    with pytest.raises(ValueError, match="task name 'a' is given twice"):
+        megatron_lm._relative_iterators(args, 1)

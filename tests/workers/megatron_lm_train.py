@@ -1,0 +1,92 @@
+"""One rank of a megatron-core training loop shaped like Megatron-LM's train() / train_step() /
+training_log(), with the three calls patches/megatron-lm/ adds. Prints Megatron's iteration line
+from the last rank and writes OUT/rank{R}.json with the TensorBoard / W&B scalars it was given."""
+
+import argparse
+import datetime
+import json
+import os
+
+import torch
+
+from megatron_sharpness.testing.megatron_cpu import install_cpu_shims
+
+install_cpu_shims()
+
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+
+from megatron_sharpness.backends.megatron import reduce_lm_loss  # noqa: E402
+from megatron_sharpness.integrations import megatron_lm  # noqa: E402
+from megatron_sharpness.testing.megatron_gpt import (TinyGPTSetup, build_model_and_optimizer, forward_step,  # noqa: E402
+                                                      synthetic_batch)
+
+
+class Recorder:
+    """Stands in for the TensorBoard SummaryWriter and the W&B run."""
+
+    def __init__(self):
+        self.scalars = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append(["tb", tag, value, step])
+
+    def log(self, values, step):
+        self.scalars += [["wandb", tag, value, step] for tag, value in values.items()]
+
+
+def main():
+    parser = megatron_lm.add_critical_sharpness_args(argparse.ArgumentParser())
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parser.add_argument("--train-iters", type=int, default=6)
+    parser.add_argument("--num-microbatches", type=int, default=4)
+    args = parser.parse_args()
+    args.seq_length, args.micro_batch_size, args.decoder_seq_length = 16, 2, None
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    ps.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                                 pipeline_model_parallel_size=args.pipeline_model_parallel_size)
+    setup = TinyGPTSetup(tensor_parallel=args.tensor_model_parallel_size,
+                         pipeline_parallel=args.pipeline_model_parallel_size, distributed_optimizer=True, bf16=True,
+                         vocab=256, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size)
+    model, optimizer = build_model_and_optimizer(setup)
+    dp_rank = ps.get_data_parallel_rank()
+    train_data = iter([synthetic_batch(setup, 100 * step + micro + 7 * dp_rank)
+                       for step in range(args.train_iters) for micro in range(args.num_microbatches)])
+    writer, wandb_writer = Recorder(), Recorder()
+    last_rank = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+    consumed_samples = 0
+    for iteration in range(args.train_iters):  # Megatron's iteration is 0-based inside train_step
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        data_iterator = megatron_lm.record(train_data, model, optimizer, forward_step, args, iteration + 1,
+                                           args.num_microbatches)
+        losses_reduced = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=data_iterator, model=model,
+            num_microbatches=args.num_microbatches, seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size, forward_only=False)
+        update_successful, grad_norm, _ = megatron_lm.optimizer_step(optimizer, iteration + 1)
+        iteration += 1
+        consumed_samples += args.micro_batch_size * args.num_microbatches * ps.get_data_parallel_world_size()
+        loss = reduce_lm_loss(losses_reduced).item()
+        log_string = (f" [2026-11-24 10:00:00] iteration {iteration:8d}/{args.train_iters:8d} | "
+                      f"consumed samples: {consumed_samples:12d} | learning rate: {optimizer.param_groups[0]['lr']:.6E} | "
+                      f"lm loss: {loss:.6E} | grad norm: {grad_norm:.3f} |")
+        log_string += megatron_lm.log_fields(iteration)
+        if last_rank:
+            megatron_lm.write_scalars(writer, wandb_writer, iteration, consumed_samples)
+            print(log_string, flush=True)
+    rank = torch.distributed.get_rank()
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as out:
+        json.dump({"scalars": writer.scalars + wandb_writer.scalars, "left": sum(1 for _ in train_data)}, out)
+    torch.distributed.barrier()
+    ps.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
