@@ -1,6 +1,6 @@
 """Wiring for NVIDIA/Megatron-LM's training loop; patches/megatron-lm/ adds these calls:
 
-    add_critical_sharpness_args(parser)           as (part of) the extra_args_provider
+    extra_args_provider(...)                      as pretrain's / parse_and_validate_args' extra_args_provider
     data_iterator = record(data_iterator, ...)    in train_step, before forward_backward_func
     ... = optimizer_step(optimizer, iteration)    in train_step, instead of optimizer.step()
     log_string += log_fields(iteration)           in training_log, and write_scalars(...) beside it
@@ -31,6 +31,14 @@ def _name_and_path(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: NAME=PATH with PATH the prefix of a "
                                          "Megatron indexed dataset (PATH.bin and PATH.idx)")
     return name, path
+
+
+def extra_args_provider(other: Callable | None = None) -> Callable:
+    """An extra_args_provider adding our flags after those of `other` (e.g. ModelOpt's), if any."""
+    def provide(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        return add_critical_sharpness_args(parser if other is None else other(parser))
+
+    return provide
 
 
 def add_critical_sharpness_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
