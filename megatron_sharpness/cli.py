@@ -19,12 +19,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="train a tiny GPT on CPU with the probe on (embedded data)")
-    demo.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default 200)")
-    demo.add_argument("--interval", type=positive_int, default=10, help="measure every N steps (default 10)")
-    demo.add_argument("--log-file", default="critical_sharpness.jsonl",
-                      help="JSONL output (default critical_sharpness.jsonl)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = commands.add_parser("demo", help="pre-train a small GPT on CPU with megatron-core (TP and PP through "
+                                             "torchrun, bf16, distributed optimizer) with the probe on")
+    demo.add_argument("--steps", type=positive_int, default=300, help="iterations (default 300)")
+    demo.add_argument("--interval", type=positive_int, default=10, help="measure every N iterations (default 10)")
+    demo.add_argument("--output-dir", default="sharpness-demo",
+                      help="indexed datasets, JSONL and PNG go here (default sharpness-demo)")
+    demo.add_argument("--tensor-parallel", type=positive_int, default=2)
+    demo.add_argument("--pipeline-parallel", type=positive_int, default=2)
+
+    torch_demo = commands.add_parser("demo-torch", help="the same idea in plain PyTorch: a tiny GPT, one process")
+    torch_demo.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default 200)")
+    torch_demo.add_argument("--interval", type=positive_int, default=10, help="measure every N steps (default 10)")
+    torch_demo.add_argument("--log-file", default="critical_sharpness.jsonl",
+                            help="JSONL output (default critical_sharpness.jsonl)")
+    torch_demo.add_argument("--seed", type=int, default=0)
 
     parse = commands.add_parser("parse", help="per-step sharpness from training logs or JSONL files")
     parse.add_argument("logs", nargs="+", metavar="LOG")
@@ -44,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
+        from megatron_sharpness.demo_megatron import run_demo
+
+        return run_demo(steps=args.steps, interval=args.interval, output_dir=args.output_dir,
+                        tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel)
+    if args.command == "demo-torch":
         from megatron_sharpness.demo import run_demo
 
         run_demo(steps=args.steps, interval=args.interval, log_file=args.log_file, seed=args.seed)

@@ -18,7 +18,7 @@ def test_console_script_reports_the_version():
 
 def test_demo_prints_megatron_style_lines_and_writes_jsonl(tmp_path, capsys):
     log_file = tmp_path / "demo.jsonl"
-    assert main(["demo", "--steps", "30", "--interval", "10", "--log-file", str(log_file)]) == 0
+    assert main(["demo-torch", "--steps", "30", "--interval", "10", "--log-file", str(log_file)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if " iteration " in line]
     assert len(lines) == 3
     assert "iteration       10/      30 | lm loss: " in lines[0]
@@ -32,7 +32,7 @@ def test_demo_prints_megatron_style_lines_and_writes_jsonl(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["demo", "--steps", "0"], "--steps: 0 is invalid; allowed: an integer >= 1"),
+    (["demo-torch", "--steps", "0"], "--steps: 0 is invalid; allowed: an integer >= 1"),
     (["demo", "--interval", "x"], "--interval: 'x' is not an integer"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])

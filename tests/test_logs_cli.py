@@ -66,7 +66,7 @@ def test_jsonl_and_deepspeed_log_line_and_corrupt_records(tmp_path):
 
 def test_demo_log_round_trip_through_parse(tmp_path, capsys):
     jsonl = tmp_path / "demo.jsonl"
-    main(["demo", "--steps", "20", "--interval", "5", "--log-file", str(jsonl)])
+    main(["demo-torch", "--steps", "20", "--interval", "5", "--log-file", str(jsonl)])
     log = tmp_path / "demo.log"
     log.write_text(capsys.readouterr().out)
     assert main(["parse", str(log), "--format", "json"]) == 0

@@ -1,0 +1,135 @@
+"""CPU demo on real megatron-core: a small GPT pre-trains on the embedded corpus, converted to
+Megatron's indexed format, with tensor and pipeline parallelism through torchrun on gloo, the
+distributed optimizer and bf16, and our Megatron-LM flags and hooks on. The last rank prints
+Megatron's iteration line with λ_c; the run ends with `megatron-sharpness plot`.
+
+    megatron-sharpness demo [--steps 100] [--interval 10] [--output-dir sharpness-demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from megatron_sharpness.testing.launch import free_port
+
+
+def prepare_data(output_dir: str) -> tuple[str, str]:
+    """The embedded corpus as two Megatron indexed datasets: training text and held-out text."""
+    from megatron_sharpness.data import embedded_corpus, train_heldout_split, write_indexed_dataset
+
+    os.makedirs(output_dir, exist_ok=True)
+    train_text, heldout_text = train_heldout_split(embedded_corpus())
+    return (write_indexed_dataset(os.path.join(output_dir, "train_text_document"), train_text),
+            write_indexed_dataset(os.path.join(output_dir, "heldout_text_document"), heldout_text))
+
+
+def worker(argv: list[str]) -> None:
+    import datetime
+
+    import torch
+
+    from megatron_sharpness.testing.megatron_cpu import install_cpu_shims
+
+    install_cpu_shims()
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_sharpness.backends.megatron import reduce_lm_loss
+    from megatron_sharpness.integrations import megatron_lm
+    from megatron_sharpness.testing.megatron_gpt import TinyGPTSetup, build_model_and_optimizer, forward_step
+
+    parser = megatron_lm.add_critical_sharpness_args(argparse.ArgumentParser(prog="demo worker"))
+    parser.add_argument("--data-path", required=True)
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=2)
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=2)
+    parser.add_argument("--train-iters", type=int, default=100)
+    parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr-warmup-iters", type=int, default=10)
+    parser.add_argument("--num-microbatches", type=int, default=2)
+    parser.add_argument("--seq-length", type=int, default=64)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    args = parser.parse_args(argv)
+    args.decoder_seq_length = None
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                                             pipeline_model_parallel_size=args.pipeline_model_parallel_size)
+    setup = TinyGPTSetup(tensor_parallel=args.tensor_model_parallel_size,
+                         pipeline_parallel=args.pipeline_model_parallel_size, distributed_optimizer=True, bf16=True,
+                         layers=4, hidden=64, heads=4, vocab=256, seq_length=args.seq_length,
+                         micro_batch_size=args.micro_batch_size, lr=args.lr)
+    model, optimizer = build_model_and_optimizer(setup)
+    train_data = megatron_lm.IndexedDatasetBatches(args.data_path, args.seq_length, args.micro_batch_size)
+    last_rank = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+    consumed_samples, started = 0, time.time()
+    for iteration in range(args.train_iters):  # as in Megatron-LM's train(): 0-based inside train_step
+        learning_rate = args.lr * min(1.0, (iteration + 1) / args.lr_warmup_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        data_iterator = megatron_lm.record(train_data, model, optimizer, forward_step, args, iteration + 1,
+                                           args.num_microbatches)
+        losses_reduced = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=data_iterator, model=model,
+            num_microbatches=args.num_microbatches, seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size, forward_only=False)
+        _, grad_norm, _ = megatron_lm.optimizer_step(optimizer, iteration + 1)
+        iteration += 1
+        consumed_samples += args.micro_batch_size * args.num_microbatches * parallel_state.get_data_parallel_world_size()
+        loss = reduce_lm_loss(losses_reduced).item()
+        if iteration % args.log_interval == 0 and last_rank:
+            elapsed_ms = 1000 * (time.time() - started) / args.log_interval
+            started = time.time()
+            print(f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {iteration:8d}/{args.train_iters:8d} | "
+                  f"consumed samples: {consumed_samples:12d} | elapsed time per iteration (ms): {elapsed_ms:.1f} | "
+                  f"learning rate: {learning_rate:.6E} | lm loss: {loss:.6E} | grad norm: {grad_norm:.3f} |"
+                  + megatron_lm.log_fields(iteration), flush=True)
+    torch.distributed.barrier()
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+
+
+def run_demo(steps: int = 100, interval: int = 10, output_dir: str = "sharpness-demo", tensor_parallel: int = 2,
+             pipeline_parallel: int = 2, timeout: float = 900) -> int:
+    train_data, heldout_data = prepare_data(output_dir)
+    log_file = os.path.join(output_dir, "critical_sharpness.jsonl")
+    if os.path.exists(log_file):
+        os.remove(log_file)
+    ranks = tensor_parallel * pipeline_parallel
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+               "-m", "megatron_sharpness.demo_megatron", "--worker",
+               "--data-path", train_data, "--tensor-model-parallel-size", str(tensor_parallel),
+               "--pipeline-model-parallel-size", str(pipeline_parallel), "--train-iters", str(steps),
+               "--log-interval", str(interval), "--critical-sharpness-interval", str(interval),
+               "--critical-sharpness-micro-batches", "1", "--critical-sharpness-log-file", log_file,
+               "--relative-sharpness-data-path", f"heldout={heldout_data}"]
+    print(f"torchrun: {ranks} ranks (TP={tensor_parallel}, PP={pipeline_parallel}), gloo, bf16, distributed "
+          f"optimizer, {steps} iterations, critical sharpness every {interval}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    try:
+        result = subprocess.run(command, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"demo: torchrun did not finish within {timeout:.0f} s", file=sys.stderr)
+        return 1
+    if result.returncode != 0:
+        print(f"demo: torchrun exited with {result.returncode}", file=sys.stderr)
+        return result.returncode
+    from megatron_sharpness.cli import main as cli
+
+    return cli(["plot", log_file, "-o", os.path.join(output_dir, "critical_sharpness.png")])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        worker(sys.argv[2:])
+    else:
+        raise SystemExit("run it as `megatron-sharpness demo`")
