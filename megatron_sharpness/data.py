@@ -47,7 +47,7 @@ def write_indexed_dataset(path_prefix: str, corpus: bytes, document_bytes: int =
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     builder = IndexedDatasetBuilder(path_prefix + ".bin", dtype=numpy.uint16)
-    tokens = torch.frombuffer(bytearray(corpus), dtype=torch.uint8).to(torch.int32)
+    tokens = numpy.frombuffer(corpus, dtype=numpy.uint8).astype(numpy.uint16)
     for start in range(0, len(tokens), document_bytes):
         document = tokens[start:start + document_bytes]
         builder.add_document(document, [len(document)])
