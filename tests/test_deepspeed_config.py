@@ -80,3 +80,14 @@ def test_megatron_deepspeed_without_deepspeed_is_refused():
     assert megatron_deepspeed.attach([object()], None, args, None) is None
     args.deepspeed = True  # no flag and no ds_config section: off
     assert megatron_deepspeed.attach([engine_with(None)], None, args, None) is None
+
+
+def test_a_measured_step_without_recorded_micro_batches_is_a_clear_error():
+    from megatron_sharpness.integrations.deepspeed import DeepSpeedSharpness
+
+    sharpness = DeepSpeedSharpness.__new__(DeepSpeedSharpness)
+    sharpness.engine = types.SimpleNamespace(is_gradient_accumulation_boundary=lambda: True, global_steps=4)
+    sharpness.probe = types.SimpleNamespace(is_due=lambda step: True)
+    sharpness._recorder, sharpness._recorded = None, []
+    with pytest.raises(RuntimeError, match="step 5 is measured but none of its micro-batches was recorded"):
+        sharpness._step()

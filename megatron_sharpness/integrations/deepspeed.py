@@ -188,6 +188,10 @@ class DeepSpeedSharpness:
             return self._original(*args, **kwargs)
         if self._recorder is not None:
             self._recorded, self._recorder = self._recorder.items, None
+        if not self._recorded:
+            raise RuntimeError(f"critical sharpness: step {engine.global_steps + 1} is measured but none of its "
+                               "micro-batches was recorded: call the engine (with grad enabled) for the training "
+                               "forward, or pass the step's data iterator through record_batches()")
         self.backend.batches, self._recorded = self._recorded, []
         return self._measure_around(lambda: self._original(*args, **kwargs))
 
