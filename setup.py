@@ -24,7 +24,8 @@ setup(
         "megatron": ["megatron-core==0.16.1"],
         "mpi": ["mpi4py"],
         "plot": ["matplotlib"],
-        "dev": ["pytest", "pytest-timeout"],
+        # mpich: an MPI with mpiexec from PyPI, for the MPI launch tests
+        "dev": ["pytest", "pytest-timeout", "mpich"],
     },
     entry_points={"console_scripts": ["megatron-sharpness=megatron_sharpness.cli:main"]},
 )
