@@ -36,11 +36,9 @@ def worker(argv: list[str]) -> None:
 
     install_cpu_shims()
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_sharpness.backends.megatron import reduce_lm_loss
     from megatron_sharpness.integrations import megatron_lm
-    from megatron_sharpness.testing.megatron_gpt import TinyGPTSetup, build_model_and_optimizer, forward_step
+    from megatron_sharpness.testing.megatron_gpt import TinyGPTSetup, build_model_and_optimizer, megatron_lm_train_step
 
     parser = megatron_lm.add_critical_sharpness_args(argparse.ArgumentParser(prog="demo worker"))
     parser.add_argument("--data-path", required=True)
@@ -72,19 +70,9 @@ def worker(argv: list[str]) -> None:
         learning_rate = args.lr * min(1.0, (iteration + 1) / args.lr_warmup_iters)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        data_iterator = megatron_lm.record(train_data, model, optimizer, forward_step, args, iteration + 1,
-                                           args.num_microbatches)
-        losses_reduced = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=data_iterator, model=model,
-            num_microbatches=args.num_microbatches, seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size, forward_only=False)
-        _, grad_norm, _ = megatron_lm.optimizer_step(optimizer, iteration + 1)
+        loss, grad_norm = megatron_lm_train_step(model, optimizer, train_data, args, iteration)
         iteration += 1
         consumed_samples += args.micro_batch_size * args.num_microbatches * parallel_state.get_data_parallel_world_size()
-        loss = reduce_lm_loss(losses_reduced).item()
         if iteration % args.log_interval == 0 and last_rank:
             elapsed_ms = 1000 * (time.time() - started) / args.log_interval
             started = time.time()

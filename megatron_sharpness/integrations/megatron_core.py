@@ -16,7 +16,7 @@ the micro-batches the step read, and restores θ_{t+1}.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist

@@ -102,3 +102,25 @@ def forward_step(data_iterator, model):
     item = next(data_iterator)
     output = model(item["tokens"], item["position_ids"], item["attention_mask"], labels=item["labels"])
     return output, partial(loss_func, item["loss_mask"])
+
+
+def megatron_lm_train_step(model: list, optimizer, data_iterator, args, iteration: int):
+    """One iteration shaped like Megatron-LM's train_step with patches/megatron-lm applied: the
+    step's data iterator goes through record(), optimizer.step() through optimizer_step().
+    iteration is 0-based, as inside Megatron-LM's train_step. Returns (lm loss, grad norm)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_sharpness.backends.megatron import reduce_lm_loss
+    from megatron_sharpness.integrations import megatron_lm
+
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    data_iterator = megatron_lm.record(data_iterator, model, optimizer, forward_step, args, iteration + 1,
+                                       args.num_microbatches)
+    losses_reduced = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data_iterator, model=model,
+        num_microbatches=args.num_microbatches, seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size, forward_only=False)
+    _, grad_norm, _ = megatron_lm.optimizer_step(optimizer, iteration + 1)
+    return reduce_lm_loss(losses_reduced).item(), grad_norm

@@ -14,12 +14,10 @@ from megatron_sharpness.testing.megatron_cpu import install_cpu_shims
 install_cpu_shims()
 
 from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
-from megatron_sharpness.backends.megatron import reduce_lm_loss  # noqa: E402
 from megatron_sharpness.integrations import megatron_lm  # noqa: E402
-from megatron_sharpness.testing.megatron_gpt import (TinyGPTSetup, build_model_and_optimizer, forward_step,  # noqa: E402
-                                                      synthetic_batch)
+from megatron_sharpness.testing.megatron_gpt import (TinyGPTSetup, build_model_and_optimizer,  # noqa: E402
+                                                      megatron_lm_train_step, synthetic_batch)
 
 
 class Recorder:
@@ -60,19 +58,9 @@ def main():
     last_rank = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
     consumed_samples = 0
     for iteration in range(args.train_iters):  # Megatron's iteration is 0-based inside train_step
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        data_iterator = megatron_lm.record(train_data, model, optimizer, forward_step, args, iteration + 1,
-                                           args.num_microbatches)
-        losses_reduced = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=data_iterator, model=model,
-            num_microbatches=args.num_microbatches, seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size, forward_only=False)
-        update_successful, grad_norm, _ = megatron_lm.optimizer_step(optimizer, iteration + 1)
+        loss, grad_norm = megatron_lm_train_step(model, optimizer, train_data, args, iteration)
         iteration += 1
         consumed_samples += args.micro_batch_size * args.num_microbatches * ps.get_data_parallel_world_size()
-        loss = reduce_lm_loss(losses_reduced).item()
         log_string = (f" [2026-11-24 10:00:00] iteration {iteration:8d}/{args.train_iters:8d} | "
                       f"consumed samples: {consumed_samples:12d} | learning rate: {optimizer.param_groups[0]['lr']:.6E} | "
                       f"lm loss: {loss:.6E} | grad norm: {grad_norm:.3f} |")
