@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megatron_sharpness import __version__
@@ -46,7 +47,34 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="PNG of λ_c per step with the 2/η edge of stability and the lr")
     plot.add_argument("logs", nargs="+", metavar="LOG")
     plot.add_argument("--output", "-o", default="critical_sharpness.png")
+    run = commands.add_parser(
+        "exec", help="run COMMAND with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set from srun, "
+                     "mpiexec or torchrun (e.g. srun megatron-sharpness exec -- python pretrain_gpt.py ...)")
+    run.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- COMMAND")
     return parser
+
+
+def _exec(command: list[str]) -> int:
+    from megatron_sharpness.distributed import LaunchEnvironmentError, discover
+
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        print("megatron-sharpness exec: error: give the command to run after --", file=sys.stderr)
+        return 2
+    try:
+        found = discover()
+    except LaunchEnvironmentError as error:
+        print(f"megatron-sharpness exec: error: {error}", file=sys.stderr)
+        return 2
+    os.environ.update({"RANK": str(found.rank), "WORLD_SIZE": str(found.world_size),
+                       "LOCAL_RANK": str(found.local_rank), "MASTER_ADDR": found.master_addr,
+                       "MASTER_PORT": str(found.master_port)})
+    try:
+        os.execvp(command[0], command)
+    except OSError as error:
+        print(f"megatron-sharpness exec: error: cannot run {command[0]!r}: {error.strerror}", file=sys.stderr)
+        return 127
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(steps=args.steps, interval=args.interval, log_file=args.log_file, seed=args.seed)
         return 0
+    if args.command == "exec":
+        return _exec(args.command_line)
     if args.command in ("parse", "summary", "plot"):
         from megatron_sharpness import report
         from megatron_sharpness.logs import LogError, read_logs
