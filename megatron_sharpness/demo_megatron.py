@@ -28,8 +28,6 @@ def prepare_data(output_dir: str) -> tuple[str, str]:
 
 
 def worker(argv: list[str]) -> None:
-    import datetime
-
     import torch
 
     from megatron_sharpness.testing.megatron_cpu import install_cpu_shims
@@ -38,7 +36,9 @@ def worker(argv: list[str]) -> None:
     from megatron.core import parallel_state
 
     from megatron_sharpness.integrations import megatron_lm
-    from megatron_sharpness.testing.megatron_gpt import TinyGPTSetup, build_model_and_optimizer, megatron_lm_train_step
+    from megatron_sharpness.testing.megatron_gpt import (TinyGPTSetup, build_model_and_optimizer,
+                                                          init_gloo_model_parallel, megatron_lm_train_step,
+                                                          shutdown_model_parallel)
 
     parser = megatron_lm.add_critical_sharpness_args(argparse.ArgumentParser(prog="demo worker"))
     parser.add_argument("--data-path", required=True)
@@ -54,10 +54,7 @@ def worker(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     args.decoder_seq_length = None
 
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                                             pipeline_model_parallel_size=args.pipeline_model_parallel_size)
+    init_gloo_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     setup = TinyGPTSetup(tensor_parallel=args.tensor_model_parallel_size,
                          pipeline_parallel=args.pipeline_model_parallel_size, distributed_optimizer=True, bf16=True,
                          layers=4, hidden=64, heads=4, vocab=256, seq_length=args.seq_length,
@@ -80,9 +77,7 @@ def worker(argv: list[str]) -> None:
                   f"consumed samples: {consumed_samples:12d} | elapsed time per iteration (ms): {elapsed_ms:.1f} | "
                   f"learning rate: {learning_rate:.6E} | lm loss: {loss:.6E} | grad norm: {grad_norm:.3f} |"
                   + megatron_lm.log_fields(iteration), flush=True)
-    torch.distributed.barrier()
-    parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
+    shutdown_model_parallel()
 
 
 def run_demo(steps: int = 100, interval: int = 10, output_dir: str = "sharpness-demo", tensor_parallel: int = 2,

@@ -31,8 +31,6 @@ LAYOUTS = {
 
 
 def worker(a: argparse.Namespace) -> None:
-    import datetime
-
     import torch
 
     from megatron_sharpness.testing.megatron_cpu import install_cpu_shims
@@ -45,12 +43,10 @@ def worker(a: argparse.Namespace) -> None:
     from megatron_sharpness.config import SharpnessConfig
     from megatron_sharpness.integrations.megatron_core import MegatronSharpness
     from megatron_sharpness.testing.megatron_gpt import (TinyGPTSetup, build_model_and_optimizer, forward_step,
+                                                          init_gloo_model_parallel, shutdown_model_parallel,
                                                           synthetic_batch)
 
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-                                             virtual_pipeline_model_parallel_size=a.vpp)
+    init_gloo_model_parallel(a.tp, a.pp, a.vpp)
     setup = TinyGPTSetup(tensor_parallel=a.tp, pipeline_parallel=a.pp, virtual_pipeline=a.vpp,
                          distributed_optimizer=a.dist_opt, bf16=a.bf16, overlap_param_gather=a.overlap,
                          layers=4, hidden=128, heads=4, vocab=256, seq_length=64, micro_batch_size=4)
@@ -134,8 +130,7 @@ def worker(a: argparse.Namespace) -> None:
             "params_bytes_per_dp_rank": 4 * model_parameters / torch.distributed.get_world_size(),
             "parameters": int(model_parameters),
         }), flush=True)
-    parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
+    shutdown_model_parallel()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -110,10 +110,10 @@ def record(data_iterator, model: list, optimizer, forward_step_func: Callable, a
            iteration: int, num_microbatches: int):
     """The step's data iterator(s), recorded on measured iterations (1-based `iteration`)."""
     global _sharpness
-    config = config_from_args(args)
-    if not config.enabled:
-        return data_iterator
     if _sharpness is None:
+        config = config_from_args(args)
+        if not config.enabled:
+            return data_iterator
         _sharpness = MegatronSharpness(
             model, optimizer, forward_step_func, config, seq_length=args.seq_length,
             micro_batch_size=args.micro_batch_size, decoder_seq_length=getattr(args, "decoder_seq_length", None),

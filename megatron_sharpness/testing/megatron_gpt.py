@@ -124,3 +124,22 @@ def megatron_lm_train_step(model: list, optimizer, data_iterator, args, iteratio
         micro_batch_size=args.micro_batch_size, forward_only=False)
     _, grad_norm, _ = megatron_lm.optimizer_step(optimizer, iteration + 1)
     return reduce_lm_loss(losses_reduced).item(), grad_norm
+
+
+def init_gloo_model_parallel(tensor_parallel: int, pipeline_parallel: int, virtual_pipeline: int | None = None,
+                             timeout_seconds: float = 300) -> None:
+    """torch.distributed on gloo from the launcher's environment, then Megatron's parallel groups.
+    The timeout turns a rank that never arrives into an error instead of a hang."""
+    import datetime
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_seconds))
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                             pipeline_model_parallel_size=pipeline_parallel,
+                                             virtual_pipeline_model_parallel_size=virtual_pipeline)
+
+
+def shutdown_model_parallel() -> None:
+    torch.distributed.barrier()
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()

@@ -232,7 +232,9 @@ def probe_run(a, rank):
     engine = build(a)
     held_out = next(ByteBatches(embedded_corpus(), batch_size=4, seq_len=SEQ, seed=7))
     if a.megatron_deepspeed:
-        flags = ["--critical-sharpness-interval", "1", "--critical-sharpness-micro-batches", str(a.micro_batches or a.gas)]
+        # Without our flags the ds_config's critical_sharpness section (interval 1, same micro-batches) applies.
+        flags = [] if a.from_ds_config else ["--critical-sharpness-interval", "1",
+                                              "--critical-sharpness-micro-batches", str(a.micro_batches or a.gas)]
         args = megatron_deepspeed.add_critical_sharpness_args(argparse.ArgumentParser()).parse_args(flags)
         args.deepspeed, args.seq_length, args.micro_batch_size, args.decoder_seq_length = True, SEQ, 4, None
         sharpness = megatron_deepspeed.attach([engine], megatron_forward_step, args,
@@ -274,6 +276,8 @@ def main():
     parser.add_argument("--pipeline", action="store_true")
     parser.add_argument("--megatron-deepspeed", action="store_true",
                         help="train as Megatron-DeepSpeed's train_step does, with our patch's three calls")
+    parser.add_argument("--from-ds-config", action="store_true",
+                        help="with --megatron-deepspeed: no flags, switch the probe on from the ds_config")
     parser.add_argument("--fused", action="store_true", help="DeepSpeed's FusedAdam instead of torch's AdamW")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=4)

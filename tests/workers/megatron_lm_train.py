@@ -3,7 +3,6 @@ training_log(), with the three calls patches/megatron-lm/ adds. Prints Megatron'
 from the last rank and writes OUT/rank{R}.json with the TensorBoard / W&B scalars it was given."""
 
 import argparse
-import datetime
 import json
 import os
 
@@ -17,7 +16,8 @@ from megatron.core import parallel_state as ps  # noqa: E402
 
 from megatron_sharpness.integrations import megatron_lm  # noqa: E402
 from megatron_sharpness.testing.megatron_gpt import (TinyGPTSetup, build_model_and_optimizer,  # noqa: E402
-                                                      megatron_lm_train_step, synthetic_batch)
+                                                      init_gloo_model_parallel, megatron_lm_train_step,
+                                                      shutdown_model_parallel, synthetic_batch)
 
 
 class Recorder:
@@ -43,10 +43,7 @@ def main():
     args = parser.parse_args()
     args.seq_length, args.micro_batch_size, args.decoder_seq_length = 16, 2, None
 
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    ps.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                                 pipeline_model_parallel_size=args.pipeline_model_parallel_size)
+    init_gloo_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, timeout_seconds=120)
     setup = TinyGPTSetup(tensor_parallel=args.tensor_model_parallel_size,
                          pipeline_parallel=args.pipeline_model_parallel_size, distributed_optimizer=True, bf16=True,
                          vocab=256, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size)
@@ -71,9 +68,7 @@ def main():
     rank = torch.distributed.get_rank()
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as out:
         json.dump({"scalars": writer.scalars + wandb_writer.scalars, "left": sum(1 for _ in train_data)}, out)
-    torch.distributed.barrier()
-    ps.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
+    shutdown_model_parallel()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ with MegatronSharpness measuring every step. Writes OUT/rank{R}.json with what t
 """
 
 import argparse
-import datetime
 import json
 import os
 
@@ -24,6 +23,7 @@ from megatron_sharpness.backends.megatron import MegatronBackend, leaf_optimizer
 from megatron_sharpness.config import SharpnessConfig  # noqa: E402
 from megatron_sharpness.integrations.megatron_core import MegatronSharpness  # noqa: E402
 from megatron_sharpness.testing.megatron_gpt import (TinyGPTSetup, build_model_and_optimizer, forward_step,  # noqa: E402
+                                                      init_gloo_model_parallel, shutdown_model_parallel,
                                                       synthetic_batch)
 
 
@@ -144,10 +144,7 @@ def main():
     a = parser.parse_args()
     a.setup = setup_of(a)
 
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    ps.initialize_model_parallel(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-                                 virtual_pipeline_model_parallel_size=a.vpp)
+    init_gloo_model_parallel(a.tp, a.pp, a.vpp, timeout_seconds=120)
     reference, checks, reference_losses = reference_run(a)
     probed, records, training_losses, probed_losses, optimizers, left = probe_run(a)
     equal = {key: len(reference[key]) == len(probed[key]) and all(
@@ -158,9 +155,7 @@ def main():
               "same_training_losses": reference_losses == probed_losses}
     with open(os.path.join(a.out, f"rank{rank}.json"), "w") as out:
         json.dump(result, out)
-    torch.distributed.barrier()
-    ps.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
+    shutdown_model_parallel()
 
 
 if __name__ == "__main__":
