@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from megatron_sharpness.search import DEFAULT_MAX_SEARCH, DEFAULT_TOL
+from megatron_sharpness.search import DEFAULT_MAX_SEARCH, DEFAULT_TOL, SEARCH_METHODS
 
 
 class ConfigError(ValueError):
@@ -26,10 +26,12 @@ class SharpnessConfig:
     interval: measure every `interval`-th optimizer step (steps count from 1, as Megatron's
         iterations do).
     tol: stop bisecting once 1 − lo/hi ≤ tol; the paper uses 1/16.
-    max_search: at most this many loss evaluations in the exponential phase of one search.
+    max_search: at most this many loss evaluations before the crossing is bracketed.
     initial_guess: where the first search starts, as a multiple of the step's own lr
         (1.0 = the step the optimizer took).
-    warm_start: start each later search at the previous critical lr of the same task.
+    warm_start: start each later search at the previous converged critical lr of the same task.
+    search: "fast" places trial points with the quadratic model (about half the forwards);
+        "paper" is the paper's exponential + binary search. Both certify the same bracket.
     micro_batches: evaluate the loss on the first k micro-batches of the step (gradient
         accumulation); None = all of them.
     log_file: JSONL file that gets one object per measurement (written by rank 0), or None.
@@ -41,6 +43,7 @@ class SharpnessConfig:
     max_search: int = DEFAULT_MAX_SEARCH
     initial_guess: float = 1.0
     warm_start: bool = True
+    search: str = "fast"
     micro_batches: int | None = None
     log_file: str | None = None
 
@@ -56,6 +59,7 @@ class SharpnessConfig:
                  and self.initial_guess > 0.0, "initial_guess", self.initial_guess,
                  "a finite number > 0 (a multiple of the step's lr)")
         _require(isinstance(self.warm_start, bool), "warm_start", self.warm_start, "true or false")
+        _require(self.search in SEARCH_METHODS, "search", self.search, " or ".join(SEARCH_METHODS))
         _require(self.micro_batches is None or (_is_int(self.micro_batches) and self.micro_batches >= 1),
                  "micro_batches", self.micro_batches, "an integer >= 1, or null for all micro-batches of the step")
         _require(self.log_file is None or (isinstance(self.log_file, str) and self.log_file != ""),

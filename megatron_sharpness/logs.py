@@ -22,6 +22,10 @@ class LogError(ValueError):
     """A log could not be read or holds no sharpness measurement."""
 
 
+# The outcomes of a search (search.Outcome) and of a due step that was not measured.
+STATUSES = ("converged", "ascent", "unresolved", "capped", "skipped")
+
+
 @dataclass
 class StepRecord:
     step: int
@@ -32,13 +36,20 @@ class StepRecord:
     loss: float | None = None
     relative: dict[str, float | None] = field(default_factory=dict)
     skipped: str | None = None
+    status: str = "converged"
+    step_raised_loss: bool | None = None
+    # λ_c bound where no number exists: ('>', b) for unresolved, ('<', b) for capped
+    bound: tuple[str, float] | None = None
+    relative_status: dict[str, str] = field(default_factory=dict)
 
     def as_row(self, relative_names: list[str]) -> dict[str, object]:
-        row: dict[str, object] = {"step": self.step, "lr": self.lr, "critical_sharpness": self.critical_sharpness,
-                                  "critical_lr": self.critical_lr, "lr_over_critical_lr": self.lr_over_critical_lr,
-                                  "loss": self.loss}
+        row: dict[str, object] = {"step": self.step, "status": self.status, "lr": self.lr,
+                                  "critical_sharpness": self.critical_sharpness, "critical_lr": self.critical_lr,
+                                  "lr_over_critical_lr": self.lr_over_critical_lr,
+                                  "step_raised_loss": self.step_raised_loss, "loss": self.loss}
         for name in relative_names:
             row[f"relative_sharpness/{name}"] = self.relative.get(name)
+            row[f"relative_status/{name}"] = self.relative_status.get(name)
         return row
 
 
@@ -54,12 +65,54 @@ def _from_json(record: dict) -> StepRecord | None:
     def real(value):
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
-    relative = {name: real(task.get("critical_sharpness")) for name, task in (record.get("relative") or {}).items()
-                if isinstance(task, dict)}
-    return StepRecord(step=record["step"], critical_sharpness=real(record.get("critical_sharpness")),
+    tasks = {name: task for name, task in (record.get("relative") or {}).items() if isinstance(task, dict)}
+    skipped = record.get("skipped") if isinstance(record.get("skipped"), str) else None
+    sharpness = real(record.get("critical_sharpness"))
+    status = _json_status(record, skipped, sharpness)
+    bracket = record.get("bracket")
+    raised = record.get("step_raised_loss")
+    return StepRecord(step=record["step"], critical_sharpness=sharpness,
                       critical_lr=real(record.get("critical_lr")), lr=real(record.get("lr")),
                       lr_over_critical_lr=real(record.get("lr_over_critical_lr")), loss=real(record.get("loss")),
-                      relative=relative, skipped=record.get("skipped") if isinstance(record.get("skipped"), str) else None)
+                      relative={name: real(task.get("critical_sharpness")) for name, task in tasks.items()},
+                      skipped=skipped, status=status, step_raised_loss=raised if isinstance(raised, bool) else None,
+                      bound=_bound(status, bracket),
+                      relative_status={name: _json_status(task, None, real(task.get("critical_sharpness")))
+                                       for name, task in tasks.items()})
+
+
+def _json_status(record: dict, skipped: str | None, sharpness: float | None) -> str:
+    status = record.get("status")
+    if status in STATUSES:
+        return status
+    # Records from before the status key: a null critical sharpness was a capped search.
+    return "skipped" if skipped else ("converged" if sharpness is not None else "capped")
+
+
+def _bound(status: str, bracket: object) -> tuple[str, float] | None:
+    if not (isinstance(bracket, list) and len(bracket) == 2):
+        return None
+    lo, hi = bracket
+    if status == "unresolved" and isinstance(hi, (int, float)) and hi > 0:
+        return ">", 2.0 / hi
+    if status == "capped" and isinstance(lo, (int, float)) and lo > 0:
+        return "<", 2.0 / lo
+    return None
+
+
+def _text_status(text: str) -> tuple[str, tuple[str, float] | None]:
+    """The outcome of a log-line value: a number, 'ascent (...)', '> b (unresolved)',
+    '< b (never rose)' or, from older versions, '< b (capped)'."""
+    if _number(text) is not None:
+        return "converged", None
+    if text.startswith("ascent"):
+        return "ascent", None
+    if text.startswith("skipped"):
+        return "skipped", None
+    match = re.match(rf"^([<>])\s*({_NUMBER})\s*\((unresolved|never rose|capped)\)", text)
+    if match:
+        return ("unresolved" if match.group(3) == "unresolved" else "capped"), (match.group(1), float(match.group(2)))
+    return "unknown", None
 
 
 def _from_fields(step: int, text: str) -> StepRecord | None:
@@ -67,16 +120,23 @@ def _from_fields(step: int, text: str) -> StepRecord | None:
     if "critical sharpness" not in fields:
         return None
     sharpness_text = fields["critical sharpness"]
+    status, bound = _text_status(sharpness_text)
+    if status == "unknown":
+        return None
     skipped = None
-    if sharpness_text.startswith("skipped"):
+    if status == "skipped":
         skipped = sharpness_text[len("skipped"):].strip(" ()") or "skipped"
-    relative = {key[len("relative sharpness "):]: _number(value) for key, value in fields.items()
-                if key.startswith("relative sharpness ")}
+    relative_texts = {key[len("relative sharpness "):]: value for key, value in fields.items()
+                      if key.startswith("relative sharpness ")}
     loss = fields.get("lm loss", fields.get("loss"))
+    raised = fields.get("step raised loss")
     return StepRecord(step=step, critical_sharpness=_number(sharpness_text), critical_lr=_number(fields.get("critical lr", "")),
                       lr=_number(fields.get("learning rate", "")),
                       lr_over_critical_lr=_number(fields.get("lr/critical lr", "")),
-                      loss=_number(loss) if loss is not None else None, relative=relative, skipped=skipped)
+                      loss=_number(loss) if loss is not None else None,
+                      relative={name: _number(text) for name, text in relative_texts.items()}, skipped=skipped,
+                      status=status, step_raised_loss=None if raised is None else raised == "yes", bound=bound,
+                      relative_status={name: _text_status(text)[0] for name, text in relative_texts.items()})
 
 
 def parse_lines(lines: Iterable[str]) -> list[StepRecord]:
@@ -97,8 +157,7 @@ def parse_lines(lines: Iterable[str]) -> list[StepRecord]:
         for index, match in enumerate(matches):
             end = matches[index + 1].start() if index + 1 < len(matches) else len(line)
             record = _from_fields(int(match.group(1)), line[match.end():end])
-            if record is not None and (record.critical_sharpness is not None or record.skipped
-                                       or "(capped)" in line[match.end():end]):
+            if record is not None:
                 records.setdefault(record.step, record)
     return [records[step] for step in sorted(records)]
 

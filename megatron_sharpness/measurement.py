@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from megatron_sharpness.search import SearchResult
+from megatron_sharpness.search import Outcome, SearchResult
 
 
 @dataclass(frozen=True)
@@ -22,22 +22,59 @@ class TaskMeasurement:
     def forwards(self) -> int:
         return 1 + self.search.forwards  # the baseline L(θ_t) is one forward of its own
 
+    @property
+    def status(self) -> str:
+        return self.search.outcome.value
+
     def evaluations(self) -> list[list[float | str]]:
-        """Every trial point as [lr, loss]."""
+        """Every trial point as [lr, loss], in the order evaluated (negative lrs: the slope)."""
         return [[step_multiple * self.search.lr, _json_float(loss)]
                 for step_multiple, loss in self.search.evaluations]
 
     def to_dict(self) -> dict[str, Any]:
         search = self.search
         return {
+            "status": self.status,
             "critical_lr": search.critical_lr,
             "critical_sharpness": search.critical_sharpness,
+            "step_raised_loss": search.step_raised_loss,
+            "slope": _json_float(search.slope) if search.slope is not None else None,
+            "resolution_floor_lr": search.resolution_floor_lr,
             "forwards": self.forwards,
             "bracket": list(search.bracket),
             "converged": search.converged,
             "loss": search.baseline_loss,
             "evaluations": self.evaluations(),
         }
+
+    def value_text(self, sharpness: bool) -> str:
+        """The critical sharpness (or lr), or what the outcome says instead of a number."""
+        search = self.search
+        value = search.critical_sharpness if sharpness else search.critical_lr
+        if value is not None:
+            return f"{value:.4E}"
+        if search.outcome is Outcome.ASCENT:
+            return "ascent" if search.slope is None else f"ascent (slope {search.slope:+.3E})"
+        lo, hi = search.bracket
+        # where η_c lies; λ_c = 2/η_c turns the inequality around
+        above, bound = (True, lo) if search.outcome is Outcome.CAPPED else (False, hi)
+        if sharpness:
+            above, bound = not above, 2.0 / bound
+        label = "never rose" if search.outcome is Outcome.CAPPED else "unresolved"
+        return f"{'>' if above else '<'} {bound:.4E} ({label})"
+
+    def scalars(self, prefix: str, suffix: str = "") -> dict[str, float]:
+        """Numbers for TensorBoard-like writers; which series has a point says the outcome."""
+        search = self.search
+        values = {f"{prefix}critical_sharpness{suffix}": search.critical_sharpness,
+                  f"{prefix}step_raised_loss{suffix}": float(search.step_raised_loss)}
+        bound = search.sharpness_bound()
+        if bound is not None:
+            kind = "lower" if bound[0] == ">" else "upper"
+            values[f"{prefix}critical_sharpness_{kind}_bound{suffix}"] = bound[1]
+        if search.outcome is Outcome.ASCENT and search.slope is not None and math.isfinite(search.slope):
+            values[f"{prefix}ascent_slope{suffix}"] = search.slope
+        return {key: value for key, value in values.items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -56,6 +93,10 @@ class Measurement:
     skipped: str | None = None
 
     @property
+    def status(self) -> str:
+        return "skipped" if self.task is None else self.task.status
+
+    @property
     def critical_lr(self) -> float | None:
         return None if self.task is None else self.task.search.critical_lr
 
@@ -65,58 +106,75 @@ class Measurement:
 
     @property
     def lr_over_critical_lr(self) -> float | None:
-        """η_t/η_c = η_t·λ_c/2: above 1 the real step raised the loss of its own batch."""
+        """η_t/η_c = η_t·λ_c/2, the edge-of-stability reading. Whether the real step raised the
+        loss is step_raised_loss, measured at s = 1 exactly."""
         critical_lr = self.critical_lr
         return None if critical_lr is None else self.lr / critical_lr
 
+    @property
+    def forwards(self) -> int:
+        """Forward passes of the whole measurement, relative tasks included."""
+        return sum(task.forwards for task in self.tasks())
+
+    def tasks(self) -> list[TaskMeasurement]:
+        return ([] if self.task is None else [self.task]) + list(self.relative.values())
+
     def to_dict(self) -> dict[str, Any]:
+        task = self.task
+        search = None if task is None else task.search
         record: dict[str, Any] = {
             "step": self.step,
             "lr": self.lr,
+            "status": self.status,
             "critical_lr": self.critical_lr,
             "critical_sharpness": self.critical_sharpness,
             "lr_over_critical_lr": self.lr_over_critical_lr,
-            "forwards": None if self.task is None else self.task.forwards,
-            "bracket": None if self.task is None else list(self.task.search.bracket),
-            "converged": None if self.task is None else self.task.search.converged,
-            "loss": None if self.task is None else self.task.search.baseline_loss,
+            "step_raised_loss": None if search is None else search.step_raised_loss,
+            "slope": None if search is None or search.slope is None else _json_float(search.slope),
+            "resolution_floor_lr": None if search is None else search.resolution_floor_lr,
+            "forwards": None if task is None else task.forwards,
+            "bracket": None if search is None else list(search.bracket),
+            "converged": None if search is None else search.converged,
+            "loss": None if search is None else search.baseline_loss,
             "probe_seconds": self.probe_seconds,
-            "relative": {name: task.to_dict() for name, task in self.relative.items()},
+            "relative": {name: relative.to_dict() for name, relative in self.relative.items()},
             "skipped": self.skipped,
         }
-        if self.task is not None:
-            record["evaluations"] = self.task.evaluations()
+        if task is not None:
+            record["evaluations"] = task.evaluations()
         return record
+
+    def scalars(self) -> dict[str, float]:
+        """Per measurement, the numbers that exist, under snake_case names; relative tasks as
+        `<name>/<task>` (DeepSpeed's monitor style)."""
+        if self.task is None:
+            return {}
+        values = self.task.scalars("")
+        if self.critical_lr is not None:
+            values["critical_lr"] = self.critical_lr
+        if self.lr_over_critical_lr is not None:
+            values["lr_over_critical_lr"] = self.lr_over_critical_lr
+        for name, task in self.relative.items():
+            values.update(task.scalars("relative_", f"/{name}"))
+        return values
 
     def log_fields(self) -> str:
         """Fields for Megatron's iteration line: `critical sharpness: ... | critical lr: ... |`."""
         if self.task is None:
             return f"critical sharpness: skipped ({self.skipped}) |"
-        parts = [
-            f"critical sharpness: {_value_text(self.task.search, sharpness=True)}",
-            f"critical lr: {_value_text(self.task.search, sharpness=False)}",
-        ]
+        parts = [f"critical sharpness: {self.task.value_text(sharpness=True)}"]
+        if self.task.search.outcome is not Outcome.ASCENT:
+            parts.append(f"critical lr: {self.task.value_text(sharpness=False)}")
         ratio = self.lr_over_critical_lr
         if ratio is not None:
             parts.append(f"lr/critical lr: {ratio:.3f}")
+        parts.append(f"step raised loss: {'yes' if self.task.search.step_raised_loss else 'no'}")
         parts.append(f"sharpness forwards: {self.task.forwards}")
         for name, task in self.relative.items():
-            parts.append(f"relative sharpness {name}: {_value_text(task.search, sharpness=True)}")
+            parts.append(f"relative sharpness {name}: {task.value_text(sharpness=True)}")
         return " | ".join(parts) + " |"
 
 
 def _json_float(value: float) -> float | str:
     """JSON has no NaN or infinity, but a diverged trial point is worth keeping: write it as text."""
     return value if math.isfinite(value) else str(value)
-
-
-def _value_text(search: SearchResult, sharpness: bool) -> str:
-    """The critical lr or sharpness, or for a capped search the bound that is known."""
-    value = search.critical_sharpness if sharpness else search.critical_lr
-    if value is not None:
-        return f"{value:.4E}"
-    lo, hi = search.bracket
-    above, bound = (True, lo) if hi is None else (False, hi)  # where η_c lies
-    if sharpness:  # λ_c = 2/η_c turns the inequality around
-        above, bound = not above, 2.0 / bound
-    return f"{'>' if above else '<'} {bound:.4E} (capped)"

@@ -19,7 +19,8 @@ class SharpnessProbe:
         self.config = config
         self.loggers = list(loggers)
         # Last converged critical lr per task (None = the step's own batch), in lr units so that
-        # the warm start survives lr schedules.
+        # the warm start survives lr schedules. Only converged results: a bound or an ascent is
+        # no place to start from.
         self._last_critical_lr: dict[str | None, float] = {}
 
     def is_due(self, step: int) -> bool:
@@ -37,7 +38,8 @@ class SharpnessProbe:
                 baselines = {name: backend.loss(name) for name in (None, *relative_tasks)}
                 skipped = _non_finite_baseline(baselines)
             if skipped is None:
-                searches = {name: self._search(backend, name, lr, baseline)
+                floor = backend.resolution_floor()
+                searches = {name: self._search(backend, name, lr, baseline, floor)
                             for name, baseline in baselines.items()}
         finally:
             backend.restore()
@@ -53,7 +55,8 @@ class SharpnessProbe:
             return f"lr is {lr}"
         return backend.after_step()
 
-    def _search(self, backend: ProbeBackend, name: str | None, lr: float, baseline: float) -> TaskMeasurement:
+    def _search(self, backend: ProbeBackend, name: str | None, lr: float, baseline: float,
+                floor: float) -> TaskMeasurement:
         guess = self.config.initial_guess
         if self.config.warm_start and name in self._last_critical_lr:
             guess = self._last_critical_lr[name] / lr
@@ -63,7 +66,8 @@ class SharpnessProbe:
             return backend.loss(name)
 
         search = critical_lr_search(loss_at, baseline, lr=lr, initial_step_multiple=guess,
-                                    tol=self.config.tol, max_search=self.config.max_search)
+                                    tol=self.config.tol, max_search=self.config.max_search,
+                                    resolution_floor=floor, method=self.config.search)
         if search.critical_lr is not None:
             self._last_critical_lr[name] = search.critical_lr
         return TaskMeasurement(search)

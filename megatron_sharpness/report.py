@@ -8,7 +8,7 @@ import io
 import json
 import statistics
 
-from megatron_sharpness.logs import StepRecord, is_finite, relative_names
+from megatron_sharpness.logs import STATUSES, StepRecord, is_finite, relative_names
 
 
 class ReportError(ValueError):
@@ -75,42 +75,79 @@ def summary(records: list[StepRecord], phases: int) -> str:
         share = f"{100 * sum(ratio > 1 for ratio in ratios) / len(ratios):.0f}%" if ratios else "-"
         lines.append([str(index + 1), f"{steps[0]}-{steps[-1]}", str(len(part)), f"{statistics.median(values):.4g}",
                       "-" if slope is None else f"{1000 * slope:+.4g}", share])
-    skipped = sum(1 for r in records if r.skipped)
-    capped = sum(1 for r in records if not r.skipped and not is_finite(r.critical_sharpness))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     table = "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines)
-    return (f"{len(records)} measured steps ({skipped} skipped, {capped} capped), "
-            f"steps {records[0].step}-{records[-1].step}\n{table}")
+    outcomes = [f"{len(records)} measured steps, steps {records[0].step}-{records[-1].step}",
+                f"  step's batch: {_outcome_counts([r.status for r in records])}"]
+    raised = [r.step_raised_loss for r in records if r.step_raised_loss is not None]
+    if raised:
+        outcomes.append(f"  the step raised its batch's loss at {sum(raised)} of {len(raised)} measured steps")
+    for name in relative_names(records):
+        statuses = [r.relative_status[name] for r in records if name in r.relative_status]
+        values = [r.relative[name] for r in records if is_finite(r.relative.get(name))]
+        median = f", median relative λ_c {statistics.median(values):.4g}" if values else ""
+        outcomes.append(f"  relative task {name}: {_outcome_counts(statuses)}{median}")
+    return "\n".join(outcomes) + "\n" + table
+
+
+def _outcome_counts(statuses: list[str]) -> str:
+    """'12 converged, 3 ascent, ...' in the order of STATUSES, outcomes that occur only."""
+    return ", ".join(f"{statuses.count(status)} {status}" for status in STATUSES if status in statuses) or "none"
 
 
 def plot(records: list[StepRecord], output: str) -> None:
+    """λ_c per step on a log scale, relative tasks beside it, the lr in a panel of its own.
+
+    Only converged values are drawn as lines, broken where a step has no number. Bounds are
+    triangles pointing where λ_c lies (unresolved: λ_c above the marker; never rose: below); an
+    ascent has no λ_c at all and is marked on the top edge.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.transforms import blended_transform_factory
     except ImportError:
         raise ReportError("plot needs matplotlib: pip install 'megatron-sharpness[plot]'") from None
-    measured = [r for r in records if is_finite(r.critical_sharpness)]
-    if not measured:
-        raise ReportError("nothing to plot: no converged measurement")
-    figure, axis = plt.subplots(figsize=(9, 5))
-    axis.plot([r.step for r in measured], [r.critical_sharpness for r in measured], "o-", ms=3,
-              label="critical sharpness λ_c")
-    for name in relative_names(records):
-        points = [(r.step, r.relative.get(name)) for r in records if is_finite(r.relative.get(name))]
-        if points:
-            axis.plot(*zip(*points), ".-", ms=3, alpha=0.8, label=f"relative λ_c: {name}")
+    if not any(r.status != "skipped" for r in records):
+        raise ReportError("nothing to plot: every measured step was skipped")
     with_lr = [r for r in records if is_finite(r.lr) and r.lr > 0]
+    figure, axes = plt.subplots(2 if with_lr else 1, 1, figsize=(9, 6.5 if with_lr else 5), sharex=True,
+                                squeeze=False, gridspec_kw={"height_ratios": [3, 1]} if with_lr else None)
+    axis = axes[0][0]
+    top_edge = blended_transform_factory(axis.transData, axis.transAxes)
+    series = [("critical sharpness λ_c", "tab:blue", [(r.step, r.critical_sharpness, r.status, r.bound) for r in records])]
+    colors = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    for index, name in enumerate(relative_names(records)):
+        points = [(r.step, r.relative.get(name), r.relative_status.get(name), None) for r in records
+                  if name in r.relative_status or name in r.relative]
+        series.append((f"relative λ_c: {name}", colors[index % len(colors)], points))
+    for label, color, points in series:
+        steps = [step for step, _, _, _ in points]
+        values = [value if is_finite(value) else float("nan") for _, value, _, _ in points]
+        axis.plot(steps, values, "o-", ms=3, lw=1, color=color, label=label)
+        for marker, status, text in (("^", "unresolved", "λ_c > bound (unresolved)"),
+                                     ("v", "capped", "λ_c < bound (never rose)")):
+            bounded = [(step, bound[1]) for step, _, state, bound in points if state == status and bound]
+            if bounded:
+                axis.plot(*zip(*bounded), marker, ls="none", ms=6, color=color, mfc="none", label=f"{label}: {text}")
+        ascents = [step for step, _, state, _ in points if state == "ascent"]
+        if ascents:
+            axis.plot(ascents, [0.98] * len(ascents), "x", ms=5, color=color, transform=top_edge,
+                      label=f"{label}: ascent (no λ_c)")
     if with_lr:
-        axis.plot([r.step for r in with_lr], [2 / r.lr for r in with_lr], "k--", lw=1, label="2/η (edge of stability)")
-        lr_axis = axis.twinx()
-        lr_axis.plot([r.step for r in with_lr], [r.lr for r in with_lr], color="tab:gray", lw=1, alpha=0.6)
-        lr_axis.set_ylabel("learning rate η", color="tab:gray")
+        steps = [r.step for r in with_lr]
+        axis.plot(steps, [2 / r.lr for r in with_lr], "k--", lw=1, label="2/η (edge of stability)")
+        lr_axis = axes[1][0]
+        lr_axis.plot(steps, [r.lr for r in with_lr], color="tab:gray", lw=1)
+        lr_axis.set_ylabel("learning rate η")
+        lr_axis.set_xlabel("step")
+    else:
+        axis.set_xlabel("step")
     axis.set_yscale("log")
-    axis.set_xlabel("step")
     axis.set_ylabel("sharpness")
-    axis.legend(loc="best", fontsize=8)
+    axis.legend(loc="best", fontsize=7)
     axis.set_title("critical sharpness along the optimizer's update")
     figure.tight_layout()
     try:

@@ -81,11 +81,13 @@ def test_demo_log_round_trip_through_parse(tmp_path, capsys):
             record["relative"]["heldout"]["critical_sharpness"], rel=1e-4)
     assert main(["parse", str(jsonl), "--format", "csv"]) == 0
     csv_lines = capsys.readouterr().out.splitlines()
-    assert csv_lines[0] == "step,lr,critical_sharpness,critical_lr,lr_over_critical_lr,loss,relative_sharpness/heldout,skipped"
+    assert csv_lines[0] == ("step,status,lr,critical_sharpness,critical_lr,lr_over_critical_lr,step_raised_loss,"
+                            "loss,relative_sharpness/heldout,relative_status/heldout,skipped")
     assert len(csv_lines) == 5
     assert main(["summary", str(jsonl), "--phases", "2"]) == 0
     summary = capsys.readouterr().out
-    assert "4 measured steps (0 skipped, 0 capped), steps 5-20" in summary and "5-10" in summary and "15-20" in summary
+    assert "4 measured steps, steps 5-20" in summary and "5-10" in summary and "15-20" in summary
+    assert "step's batch: 4 converged" in summary
     png = tmp_path / "sharpness.png"
     assert main(["plot", str(jsonl), "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -99,9 +101,10 @@ def test_summary_slope_and_edge_share(tmp_path):
     result = subprocess.run([sys.executable, "-m", "megatron_sharpness.cli", "summary", str(jsonl), "--phases", "2"],
                             capture_output=True, text=True, timeout=60)
     lines = result.stdout.splitlines()
+    lines = lines[[line.split()[0] for line in lines].index("phase"):]
     # λ_c grows by 1 per step: +1000 per 1k steps; η·λ_c/2 > 1 once λ_c > 200, i.e. from step 110 on.
-    assert lines[2].split()[:5] == ["1", "0-190", "20", "195", "+1000"] and lines[2].split()[5] == "45%"
-    assert lines[3].split()[:5] == ["2", "200-390", "20", "395", "+1000"] and lines[3].split()[5] == "100%"
+    assert lines[1].split()[:5] == ["1", "0-190", "20", "195", "+1000"] and lines[1].split()[5] == "45%"
+    assert lines[2].split()[:5] == ["2", "200-390", "20", "395", "+1000"] and lines[2].split()[5] == "100%"
 
 
 @pytest.mark.parametrize("content, message", [

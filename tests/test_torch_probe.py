@@ -337,13 +337,15 @@ def test_capped_search_is_reported_as_not_converged(tmp_path):
                                 SharpnessConfig(interval=1, max_search=6, log_file=str(log_file)))
     theta.grad = torch.ones_like(theta)
     measurement = probe.step(lambda: theta.sum())  # a linear loss falls forever along the step
-    assert not measurement.task.search.converged
+    assert not measurement.task.search.converged and measurement.status == "capped"
     assert measurement.critical_lr is None and measurement.task.forwards == 7
-    assert "(capped)" in measurement.log_fields()
+    assert "(never rose)" in measurement.log_fields()
     probe.close()
     record = json.loads(log_file.read_text())
     assert record["converged"] is False and record["critical_lr"] is None
-    assert record["bracket"] == [pytest.approx(0.32), None]
+    assert record["status"] == "capped" and record["bracket"][1] is None and record["step_raised_loss"] is False
+    # the loss fell at every evaluated lr: the largest of them bounds η_c from below
+    assert record["bracket"][0] == max(lr for lr, _ in record["evaluations"]) > 0.32
 
 
 def test_jsonl_record_and_log_line(tmp_path):
@@ -425,9 +427,16 @@ def test_log_fields_of_capped_searches_give_the_known_bound():
     from megatron_sharpness.measurement import Measurement, TaskMeasurement
     from megatron_sharpness.search import critical_lr_search
 
-    never_rose = TaskMeasurement(critical_lr_search(lambda s: -s, 0.0, lr=0.5, max_search=3))
-    always_rose = TaskMeasurement(critical_lr_search(lambda s: 1 + s, 0.0, lr=0.5, max_search=3))
-    fields = Measurement(step=1, lr=0.5, task=never_rose, relative={"b": always_rose}).log_fields()
-    # never rose up to η = 0.5·4 = 2: η_c > 2, λ_c < 1; rose down to η = 0.5/4: η_c < 0.125, λ_c > 16
-    assert "critical sharpness: < 1.0000E+00 (capped) | critical lr: > 2.0000E+00 (capped) |" in fields
-    assert "relative sharpness b: > 1.6000E+01 (capped) |" in fields
+    never_rose = TaskMeasurement(critical_lr_search(lambda s: -s, 0.0, lr=0.5, max_search=3, method="paper"))
+    # descent (slope −1) whose crossing lies below the floor 1/8: L rises from s = 1/8 on
+    below_floor = TaskMeasurement(critical_lr_search(lambda s: -s + 100 * s * s, 0.0, lr=0.5,
+                                                     resolution_floor=0.125))
+    uphill = TaskMeasurement(critical_lr_search(lambda s: s + s * s, 0.0, lr=0.5))
+    fields = Measurement(step=1, lr=0.5, task=never_rose,
+                         relative={"b": below_floor, "c": uphill}).log_fields()
+    # never rose up to η = 0.5·4 = 2: η_c > 2, λ_c < 1; rose at the floor η = 0.5/8: λ_c > 32
+    assert "critical sharpness: < 1.0000E+00 (never rose) | critical lr: > 2.0000E+00 (never rose) |" in fields
+    assert "relative sharpness b: > 3.2000E+01 (unresolved) |" in fields
+    # slope of L(θ_t − η·Δθ) in η: (L(1) − L(−1))/2 per step multiple, / 0.5 per lr
+    assert "relative sharpness c: ascent (slope +2.000E+00) |" in fields
+    assert "step raised loss: no |" in fields

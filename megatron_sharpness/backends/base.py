@@ -19,8 +19,13 @@ class ProbeBackend(Protocol):
         disturb. Returns why the step cannot be measured (the optimizer skipped it, or it changed
         no parameter on any rank), or None; the answer is the same on every rank."""
 
+    def resolution_floor(self) -> float:
+        """After after_step(): the step multiple at which half of the parameters that the step
+        changed move in the compute dtype (backends/resolution.py); the same on every rank."""
+
     def write(self, step_multiple: float) -> None:
-        """Put θ(s) = lerp(θ_t, θ_{t+1}, s) into the parameters the forward pass reads."""
+        """Put θ(s) = lerp(θ_t, θ_{t+1}, s) into the parameters the forward pass reads (s may be
+        negative: the slope is measured on both sides of θ_t)."""
 
     def loss(self, task: str | None) -> float:
         """Forward-only loss at the current parameters, reduced so that every rank gets the same

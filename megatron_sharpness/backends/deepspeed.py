@@ -21,6 +21,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch._utils import _unflatten_dense_tensors
 
 from megatron_sharpness.backends.lerp import lerp_into
+from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
 
 SUPPORTED_OPTIMIZERS = ("DeepSpeedZeroOptimizer (ZeRO-1/2, with or without offload_optimizer)",
@@ -162,6 +163,7 @@ class DeepSpeedBackend:
         self._theta_next: list[torch.Tensor] | None = None
         self._rng: RngState | None = None
         self._module_training = True
+        self._floor = 0.0
 
     @torch.no_grad()
     def snapshot(self) -> None:
@@ -176,10 +178,16 @@ class DeepSpeedBackend:
         self._theta_next = [m.clone() for m in masters] if self.layout.master_is_model else masters
         self._rng = RngState.capture()
         self._module_training = self.engine.module.training
-        changed = any(not torch.equal(old, new) for old, new in zip(self._theta_t, self._theta_next))
-        flag = torch.tensor([float(changed)], device=self.engine.device)
-        ds_comm.all_reduce(flag, op=ds_comm.ReduceOp.MAX)
-        return None if flag.item() else "the step changed no parameter (zero update)"
+        # The histogram's counts also say whether any rank's step changed a parameter.
+        histogram = ResolutionHistogram(self.engine.device)
+        for (_, target), old, new in zip(self.layout.pairs(), self._theta_t, self._theta_next):
+            histogram.add(old, new, target.dtype)
+        ds_comm.all_reduce(histogram.counts)
+        self._floor = histogram.floor()
+        return None if histogram.counts.sum().item() > 0 else "the step changed no parameter (zero update)"
+
+    def resolution_floor(self) -> float:
+        return self._floor
 
     @torch.no_grad()
     def write(self, step_multiple: float) -> None:

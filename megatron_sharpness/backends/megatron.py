@@ -17,6 +17,7 @@ from megatron.core.optimizer import (ChainedOptimizer, DistributedOptimizer, Flo
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_sharpness.backends.lerp import lerp_into
+from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
 
 SUPPORTED = ("DistributedOptimizer, Float16OptimizerWithFloat16Params and FP32Optimizer, alone or in a "
@@ -103,6 +104,7 @@ class MegatronBackend:
         self._rng: RngState | None = None
         self._tracker_states: dict[str, torch.Tensor] | None = None
         self._modes: list[bool] = []
+        self._floor = 0.0
 
     @torch.no_grad()
     def snapshot(self) -> None:
@@ -121,10 +123,17 @@ class MegatronBackend:
         self._rng = RngState.capture()
         self._tracker_states = {name: state.clone() for name, state in get_cuda_rng_tracker().get_states().items()}
         self._modes = [chunk.training for chunk in self.model_chunks]
-        changed = any(not torch.equal(old, new) for old, new in zip(self._theta_t, self._theta_next))
-        flag = torch.tensor([float(changed)], device=_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return None if flag.item() else "the step changed no parameter (zero update)"
+        # Summed over the world: tensor, pipeline and distributed-optimizer shards differ. The
+        # counts also say whether any rank's step changed a parameter.
+        histogram = ResolutionHistogram(_device())
+        for (_, target), old, new in zip(self._pairs, self._theta_t, self._theta_next):
+            histogram.add(old, new, target.dtype)
+        dist.all_reduce(histogram.counts)
+        self._floor = histogram.floor()
+        return None if histogram.counts.sum().item() > 0 else "the step changed no parameter (zero update)"
+
+    def resolution_floor(self) -> float:
+        return self._floor
 
     @torch.no_grad()
     def write(self, step_multiple: float) -> None:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
 
 LossFn = Callable[[], "torch.Tensor | float"]
@@ -19,10 +20,12 @@ LossFn = Callable[[], "torch.Tensor | float"]
 
 class TorchBackend:
     """loss_fns maps None (the step's batch) and each relative task's name to a closure that
-    returns that batch's mean loss at the current parameters; the integration sets it per step."""
+    returns that batch's mean loss at the current parameters; the integration sets it per step.
+    compute_dtype: the dtype the forward computes in where it differs from the parameters' (e.g.
+    bf16 under torch.autocast); None = each parameter's own dtype."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 process_group: dist.ProcessGroup | None = None):
+                 process_group: dist.ProcessGroup | None = None, compute_dtype: torch.dtype | None = None):
         _reject_sharded_model(model)
         self.model = model
         self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
@@ -31,7 +34,9 @@ class TorchBackend:
         if process_group is None and isinstance(model, DistributedDataParallel):
             process_group = model.process_group
         self.process_group = process_group
+        self.compute_dtype = compute_dtype
         self.loss_fns: dict[str | None, LossFn] = {}
+        self._floor = 0.0
         self._theta_t: list[torch.Tensor] | None = None
         self._theta_next: list[torch.Tensor] | None = None
         self._buffers: list[torch.Tensor] | None = None
@@ -52,7 +57,15 @@ class TorchBackend:
         changed = any(not torch.equal(old, new) for old, new in zip(self._theta_t, self._theta_next))
         if not self._any_rank(changed):
             return "the step changed no parameter (skipped step or zero update)"
+        # Every rank holds the same parameters (plain or DDP), so the floor needs no reduction.
+        histogram = ResolutionHistogram()
+        for param, old, new in zip(self.params, self._theta_t, self._theta_next):
+            histogram.add(old, new, self.compute_dtype or param.dtype)
+        self._floor = histogram.floor()
         return None
+
+    def resolution_floor(self) -> float:
+        return self._floor
 
     @torch.no_grad()
     def write(self, step_multiple: float) -> None:

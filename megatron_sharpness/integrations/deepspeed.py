@@ -57,15 +57,8 @@ class DeepSpeedMonitorLogger:
         self.engine = engine
 
     def log(self, measurement: Measurement) -> None:
-        values = {
-            "critical_sharpness": measurement.critical_sharpness,
-            "critical_lr": measurement.critical_lr,
-            "lr_over_critical_lr": measurement.lr_over_critical_lr,
-        }
-        for name, task in measurement.relative.items():
-            values[f"relative_critical_sharpness/{name}"] = task.search.critical_sharpness
         samples = self.engine.global_samples
-        events = [(f"Train/Samples/{name}", value, samples) for name, value in values.items() if value is not None]
+        events = [(f"Train/Samples/{name}", value, samples) for name, value in measurement.scalars().items()]
         if events:
             self.engine.monitor.write_events(events)
 

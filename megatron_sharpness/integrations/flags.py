@@ -8,12 +8,14 @@ import argparse
 from typing import Any, Callable
 
 from megatron_sharpness.config import ConfigError, SharpnessConfig
+from megatron_sharpness.search import SEARCH_METHODS
 
 # flag suffix -> SharpnessConfig field
 FLAG_FIELDS = {
     "tol": "tol",
     "max-search": "max_search",
     "initial-guess": "initial_guess",
+    "search": "search",
     "micro-batches": "micro_batches",
     "log-file": "log_file",
 }
@@ -57,9 +59,12 @@ def add_critical_sharpness_args(parser: argparse.ArgumentParser) -> argparse.Arg
     group.add_argument("--critical-sharpness-tol", type=_validated("tol", float), default=defaults.tol,
                        help=f"bisect until 1 - lo/hi <= tol (default {defaults.tol})")
     group.add_argument("--critical-sharpness-max-search", type=_validated("max_search", int),
-                       default=defaults.max_search, help="at most this many exponential-phase evaluations")
+                       default=defaults.max_search, help="at most this many evaluations before the crossing is bracketed")
     group.add_argument("--critical-sharpness-initial-guess", type=_validated("initial_guess", float),
                        default=defaults.initial_guess, help="first search's start, as a multiple of the lr")
+    group.add_argument("--critical-sharpness-search", type=_validated("search", str), default=defaults.search,
+                       choices=SEARCH_METHODS, help="fast: trial points from the quadratic model (default); "
+                                                    "paper: the paper's exponential + binary search")
     group.add_argument("--critical-sharpness-micro-batches", type=_validated("micro_batches", int), default=None,
                        metavar="K", help="evaluate on the first K micro-batches of the step (default: all)")
     group.add_argument("--critical-sharpness-log-file", type=_validated("log_file", str), default=None,

@@ -144,15 +144,11 @@ def log_fields(iteration: int) -> str:
 def write_scalars(writer, wandb_writer, iteration: int, consumed_samples: int) -> None:
     """Megatron-style TensorBoard tags (also ' vs samples') and W&B keys, as training_log writes them."""
     measurement = _measurement_at(iteration)
-    if measurement is None or measurement.task is None:
+    if measurement is None:
         return
-    values = {"critical sharpness": measurement.critical_sharpness, "critical lr": measurement.critical_lr,
-              "lr over critical lr": measurement.lr_over_critical_lr}
-    for name, task in measurement.relative.items():
-        values[f"relative critical sharpness {name}"] = task.search.critical_sharpness
-    for tag, value in values.items():
-        if value is None:
-            continue
+    for key, value in measurement.scalars().items():
+        name, _, task = key.partition("/")  # relative tasks: "relative_critical_sharpness/<task>"
+        tag = name.replace("_", " ") + (f" {task}" if task else "")
         if writer is not None:
             writer.add_scalar(tag, value, iteration)
             writer.add_scalar(f"{tag} vs samples", value, consumed_samples)
