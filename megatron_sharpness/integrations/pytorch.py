@@ -22,15 +22,18 @@ class TorchSharpnessProbe:
     current parameters; it is called under torch.no_grad() with the model in whatever mode the
     training loop left it, and must read the same batch each time it is called. Under DDP each
     rank's value is averaged over the DDP process group, so every rank sees the same number.
+    compute_dtype: the dtype the forward computes in when it is not the parameters' own, e.g.
+    torch.bfloat16 under torch.autocast; it sets the resolution floor of the search.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  config: SharpnessConfig | None = None,
                  loggers: Iterable[MeasurementLogger] | None = None,
-                 process_group: dist.ProcessGroup | None = None):
+                 process_group: dist.ProcessGroup | None = None,
+                 compute_dtype: torch.dtype | None = None):
         self.config = config if config is not None else SharpnessConfig()
         self.optimizer = optimizer
-        self.backend = TorchBackend(model, optimizer, process_group)
+        self.backend = TorchBackend(model, optimizer, process_group, compute_dtype)
         if loggers is None:
             loggers = _default_loggers(self.config)
         self.probe = SharpnessProbe(self.config, loggers)

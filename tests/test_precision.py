@@ -1,0 +1,189 @@
+"""bf16 measurements against fp64 references on identical states.
+
+The model keeps fp32 master weights and computes in bf16 (torch.autocast), as LLM training does.
+For each measured step θ_t and θ_{t+1} are kept; an fp64 copy of the model evaluates the same
+batch at θ_t + s·(θ_{t+1} − θ_t) exactly, which gives the reference crossing (dense scan, then
+bisection) and the exact slope (autograd in fp64).
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from megatron_sharpness.config import SharpnessConfig
+from megatron_sharpness.data import ByteBatches, embedded_corpus, train_heldout_split
+from megatron_sharpness.integrations.pytorch import TorchSharpnessProbe
+from megatron_sharpness.testing.tiny_gpt import TinyGPT, lm_loss
+
+TOL = 1 / 16
+
+
+def bf16_loss(model, tokens, targets):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return lm_loss(model, tokens, targets)
+
+
+class Fp64Reference:
+    """L(θ_t + s·Δθ) in fp64 on one batch, for the θ_t and θ_{t+1} of one step."""
+
+    def __init__(self, model, theta_t, theta_next, tokens, targets):
+        self.model = copy.deepcopy(model).double()
+        self.theta_t = [p.double() for p in theta_t]
+        self.delta = [n.double() - p for n, p in zip(theta_next, self.theta_t)]
+        self.tokens, self.targets = tokens, targets
+        self.baseline = self.loss(0.0)
+
+    def _set(self, s):
+        with torch.no_grad():
+            for param, start, delta in zip(self.model.parameters(), self.theta_t, self.delta):
+                param.copy_(start + s * delta)
+
+    def loss(self, s):
+        self._set(s)
+        with torch.no_grad():
+            return lm_loss(self.model, self.tokens, self.targets).item()
+
+    def slope(self):
+        """dL/ds at s = 0, exactly: ∇L(θ_t)·Δθ."""
+        self._set(0.0)
+        self.model.zero_grad()
+        lm_loss(self.model, self.tokens, self.targets).backward()
+        return sum((p.grad * d).sum().item() for p, d in zip(self.model.parameters(), self.delta))
+
+    def first_crossing(self, low, high):
+        """Smallest s in a geometric scan of [low, high] with L(s) > L(0), refined by bisection."""
+        grid = [low * (high / low) ** (i / 40) for i in range(41)]
+        previous = 0.0
+        for s in grid:
+            if self.loss(s) > self.baseline:
+                lo, hi = previous, s
+                for _ in range(16):
+                    mid = 0.5 * (lo + hi)
+                    lo, hi = (lo, mid) if self.loss(mid) > self.baseline else (mid, hi)
+                return hi
+            previous = s
+        return None
+
+
+def params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def check_against_reference(task, reference, lr):
+    """The outcome is right for the fp64 truth on the same state, or honest about its limits.
+    Returns |λ_c / λ_c(fp64) − 1| for a converged search, else None."""
+    search = task.search
+    if task.status == "converged":
+        truth = reference.first_crossing(search.resolution_floor / 4, 4 * search.bracket_step_multiple[1])
+        assert truth is not None
+        return abs(search.critical_step_multiple / truth - 1)
+        assert search.critical_sharpness <= 2 / (search.resolution_floor * lr) * (1 + 1e-12)
+    elif task.status == "ascent":
+        assert reference.slope() > 0, search
+    elif task.status == "unresolved":
+        # λ_c > bound, i.e. the fp64 crossing lies below hi
+        hi = search.bracket_step_multiple[1]
+        truth = reference.first_crossing(hi * 1e-6, hi)
+        assert reference.slope() > 0 or (truth is not None and truth <= hi), search
+    else:
+        assert task.status == "capped"
+        lo = search.bracket_step_multiple[0]
+        assert reference.first_crossing(search.resolution_floor / 4, lo) is None
+    return None
+
+
+def test_bf16_training_run_with_heldout_agrees_with_fp64():
+    torch.manual_seed(0)
+    train_text, heldout_text = train_heldout_split(embedded_corpus())
+    batches = ByteBatches(train_text, 8, 32, 0)
+    heldout = next(ByteBatches(heldout_text, 8, 32, 1))
+    model = TinyGPT(width=32, layers=2, heads=2, max_seq_len=32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=10), compute_dtype=torch.bfloat16)
+    probe.add_relative_task("heldout", lambda: bf16_loss(model, *heldout))
+    outcomes = {"converged": 0, "ascent": 0, "unresolved": 0, "capped": 0}
+    ascents_by_truth, errors = [], []
+    for iteration in range(1, 201):
+        tokens, targets = next(batches)
+        loss = bf16_loss(model, tokens, targets)
+        loss.backward()
+        measured = iteration % 10 == 0
+        if measured:
+            theta_t = params(model)
+            with torch.no_grad():
+                before = bf16_loss(model, tokens, targets).item()
+        measurement = probe.step(lambda: bf16_loss(model, tokens, targets))
+        optimizer.zero_grad()
+        if not measured:
+            continue
+        with torch.no_grad():
+            after = bf16_loss(model, tokens, targets).item()
+        assert measurement.task.search.step_raised_loss == (after > before)
+        lr = measurement.lr
+        theta_next = params(model)
+        for task, batch in ((measurement.task, (tokens, targets)), (measurement.relative["heldout"], heldout)):
+            reference = Fp64Reference(model, theta_t, theta_next, *batch)
+            error = check_against_reference(task, reference, lr)
+            if error is not None:
+                errors.append(error)
+            outcomes[task.status] += 1
+            if task is measurement.relative["heldout"]:
+                ascents_by_truth.append((reference.slope() > 0, task.status))
+    print("errors", sorted(errors), outcomes)
+    assert outcomes["converged"] >= 20, outcomes
+    # bf16 computes a different loss than fp64: where L(s) − L(θ_t) stays within the bf16 loss's
+    # rounding over a wide range of s the crossing is ill-conditioned. Most values agree to tol.
+    errors.sort()
+    assert errors[len(errors) // 2] <= TOL / 2 and errors[int(0.8 * len(errors))] <= TOL, errors
+    # every held-out update that the exact fp64 slope calls uphill is reported without a λ_c
+    assert all(status in ("ascent", "unresolved") for uphill, status in ascents_by_truth if uphill), ascents_by_truth
+
+
+@pytest.fixture(scope="module")
+def state_and_grads():
+    torch.manual_seed(1)
+    model = TinyGPT(width=32, layers=2, heads=2, max_seq_len=32)
+    tokens, targets = next(ByteBatches(train_heldout_split(embedded_corpus())[0], 8, 32, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(30):  # away from initialisation
+        optimizer.zero_grad()
+        bf16_loss(model, tokens, targets).backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    bf16_loss(model, tokens, targets).backward()
+    return model, tokens, targets
+
+
+def measure_once(model, tokens, targets, lr, initial_guess=1.0):
+    grads = [p.grad for p in model.parameters()]
+    model = copy.deepcopy(model)  # deepcopy drops .grad
+    for param, grad in zip(model.parameters(), grads):
+        param.grad = grad.clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=1, initial_guess=initial_guess),
+                                compute_dtype=torch.bfloat16)
+    theta_t = params(model)
+    measurement = probe.step(lambda: bf16_loss(model, tokens, targets))
+    return measurement, Fp64Reference(model, theta_t, params(model), tokens, targets)
+
+
+@pytest.mark.parametrize("lr", [1e-8, 1e-7, 1e-5, 1e-3, 1e-2])
+def test_lr_sweep_in_bf16_is_right_or_honest(state_and_grads, lr):
+    measurement, reference = measure_once(*state_and_grads, lr)
+    if measurement.skipped is not None:
+        assert all(torch.equal(d, torch.zeros_like(d)) for d in reference.delta)  # fp32 could not take the step
+        return
+    error = check_against_reference(measurement.task, reference, lr)
+    assert error is None or error <= 0.1
+
+
+def test_poisoned_warm_start_in_bf16(state_and_grads):
+    honest, reference = measure_once(*state_and_grads, 1e-3)
+    assert honest.status == "converged"
+    poisoned, _ = measure_once(*state_and_grads, 1e-3,
+                               initial_guess=1e-6 * honest.task.search.critical_step_multiple)
+    assert poisoned.status == "converged"
+    assert check_against_reference(poisoned.task, reference, 1e-3) <= 0.1
+    assert all(s >= poisoned.task.search.resolution_floor for s, _ in poisoned.task.search.evaluations if s != 1.0)
