@@ -25,9 +25,8 @@ class TorchBackend:
                  process_group: dist.ProcessGroup | None = None):
         _reject_sharded_model(model)
         self.model = model
-        self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        if not self.params:
-            raise ValueError("the optimizer holds no parameter that requires grad: nothing to measure")
+        self.optimizer = optimizer
+        self.params = self._trainable_params()
         if process_group is None and isinstance(model, DistributedDataParallel):
             process_group = model.process_group
         self.process_group = process_group
@@ -37,8 +36,17 @@ class TorchBackend:
         self._buffers: list[torch.Tensor] | None = None
         self._rng: RngState | None = None
 
+    def _trainable_params(self) -> list[torch.Tensor]:
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
+        if not params:
+            raise ValueError("the optimizer holds no parameter that requires grad: nothing to measure")
+        return params
+
     @torch.no_grad()
     def snapshot(self) -> None:
+        # Read at every measured step: a param group added (add_param_group) or a param unfrozen
+        # since the last one moves with the step too.
+        self.params = self._trainable_params()
         self._theta_t = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
