@@ -80,8 +80,10 @@ def _from_fields(step: int, text: str) -> StepRecord | None:
 
 
 def parse_lines(lines: Iterable[str]) -> list[StepRecord]:
-    """Every step measured in the lines, in step order; the first record of a step wins (every
-    rank that prints a step prints the same values)."""
+    """Every step measured in the lines, in step order. A step that appears again replaces the
+    earlier record: a run resumed from a checkpoint measures and logs its steps after the last save
+    again, and the earlier record is the stale one (ranks that print the same step print the same
+    values, so for them the choice does not matter)."""
     records: dict[int, StepRecord] = {}
     for line in lines:
         start = line.find("{")
@@ -91,7 +93,7 @@ def parse_lines(lines: Iterable[str]) -> list[StepRecord]:
             except (json.JSONDecodeError, AttributeError):
                 record = None
             if record is not None:
-                records.setdefault(record.step, record)
+                records[record.step] = record
                 continue
         matches = list(_ITERATION.finditer(line))
         for index, match in enumerate(matches):
@@ -99,11 +101,13 @@ def parse_lines(lines: Iterable[str]) -> list[StepRecord]:
             record = _from_fields(int(match.group(1)), line[match.end():end])
             if record is not None and (record.critical_sharpness is not None or record.skipped
                                        or "(capped)" in line[match.end():end]):
-                records.setdefault(record.step, record)
+                records[record.step] = record
     return [records[step] for step in sorted(records)]
 
 
 def read_logs(paths: Iterable[str]) -> list[StepRecord]:
+    """The records of all files; where files share a step the later file's record wins (give the
+    logs of a resumed job in run order)."""
     merged: dict[int, StepRecord] = {}
     for path in paths:
         try:
@@ -115,8 +119,7 @@ def read_logs(paths: Iterable[str]) -> list[StepRecord]:
         if not found:
             raise LogError(f"{path}: no critical sharpness measurement found (expected JSONL records from "
                            "--critical-sharpness-log-file or iteration lines with '| critical sharpness: ... |')")
-        for record in found:
-            merged.setdefault(record.step, record)
+        merged.update((record.step, record) for record in found)
     return [merged[step] for step in sorted(merged)]
 
 

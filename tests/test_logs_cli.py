@@ -123,3 +123,21 @@ def test_missing_file_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "megatron_sharpness.cli", "plot", str(tmp_path / "nope.log")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_step_logged_again_after_a_resume_keeps_the_last_record(tmp_path, capsys):
+    # The job ran to step 30, was killed, resumed from the checkpoint at step 20 and re-ran 20 and 30.
+    log = tmp_path / "job.log"
+    log.write_text("\n".join([megatron_line(10, sharp=110.0), megatron_line(20, sharp=120.0),
+                              megatron_line(30, sharp=130.0), "resuming from checkpoint at iteration 20",
+                              megatron_line(30, sharp=135.0), megatron_line(40, sharp=140.0)]) + "\n")
+    assert [(r.step, r.critical_sharpness) for r in parse_lines(log.read_text().splitlines())] == [
+        (10, 110.0), (20, 120.0), (30, 135.0), (40, 140.0)]
+    first, resumed = tmp_path / "first.jsonl", tmp_path / "resumed.jsonl"
+    first.write_text("\n".join(json.dumps({"step": s, "lr": 1e-3, "critical_sharpness": v, "relative": {}})
+                               for s, v in ((10, 1.0), (20, 2.0), (20, 2.5))) + "\n")
+    resumed.write_text(json.dumps({"step": 20, "lr": 1e-3, "critical_sharpness": 3.0, "relative": {}}) + "\n")
+    assert main(["parse", str(first), "--format", "json"]) == 0
+    assert [r["critical_sharpness"] for r in json.loads(capsys.readouterr().out)] == [1.0, 2.5]
+    assert main(["parse", str(first), str(resumed), "--format", "json"]) == 0
+    assert [r["critical_sharpness"] for r in json.loads(capsys.readouterr().out)] == [1.0, 3.0]
