@@ -41,7 +41,7 @@ def output_dir_problem(output_dir: str, flag: str = "--output-dir") -> str | Non
     return None
 
 
-def _missing_module(name: str) -> bool:
+def missing_module(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is None
     except ModuleNotFoundError:  # the parent package is missing
@@ -64,9 +64,9 @@ def demo_problems(steps: int, interval: int, output_dir: str, tensor_parallel: i
     problem = output_dir_problem(output_dir)
     if problem:
         problems.append(problem)
-    if _missing_module("megatron.core"):
+    if missing_module("megatron.core"):
         problems.append("megatron-core is not installed: pip install -e '.[megatron]'")
-    if _missing_module("matplotlib"):
+    if missing_module("matplotlib"):
         problems.append("matplotlib (for the PNG) is not installed: pip install -e '.[plot]'")
     return problems
 

@@ -16,10 +16,16 @@ def test_console_script_reports_the_version():
     assert output.stdout.strip() == f"megatron-sharpness {megatron_sharpness.__version__}"
 
 
-def test_demo_prints_megatron_style_lines_and_writes_jsonl(tmp_path, capsys):
-    log_file = tmp_path / "demo.jsonl"
-    assert main(["demo-torch", "--steps", "30", "--interval", "10", "--log-file", str(log_file)]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if " iteration " in line]
+def test_demo_prints_megatron_style_lines_and_writes_jsonl_and_png(tmp_path, capsys):
+    out = tmp_path / "torch-demo"
+    log_file = out / "critical_sharpness.jsonl"
+    log_file.parent.mkdir()
+    log_file.write_text('{"step": 999, "critical_sharpness": 1.0}\n')  # from an earlier run: replaced
+    assert main(["demo-torch", "--steps", "30", "--interval", "10", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[-1] == f"wrote {out / 'critical_sharpness.png'}"
+    assert (out / "critical_sharpness.png").read_bytes()[:4] == b"\x89PNG"
+    lines = [line for line in printed.splitlines() if " iteration " in line]
     assert len(lines) == 3
     assert "iteration       10/      30 | lm loss: " in lines[0]
     assert "| critical sharpness: " in lines[0] and "| relative sharpness heldout: " in lines[0]
