@@ -26,31 +26,43 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--interval", type=positive_int, default=10, help="measure every N iterations (default 10)")
     demo.add_argument("--output-dir", default="sharpness-demo",
                       help="indexed datasets, JSONL and PNG go here (default sharpness-demo)")
-    demo.add_argument("--tensor-parallel", type=positive_int, default=2)
-    demo.add_argument("--pipeline-parallel", type=positive_int, default=2)
+    demo.add_argument("--tensor-parallel", type=positive_int, default=2,
+                      help="tensor-parallel ranks; must divide the model's 4 attention heads (default 2)")
+    demo.add_argument("--pipeline-parallel", type=positive_int, default=2,
+                      help="pipeline stages; must divide the model's 4 layers (default 2)")
 
     torch_demo = commands.add_parser("demo-torch", help="the same idea in plain PyTorch: a tiny GPT, one process")
     torch_demo.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default 200)")
     torch_demo.add_argument("--interval", type=positive_int, default=10, help="measure every N steps (default 10)")
-    torch_demo.add_argument("--log-file", default="critical_sharpness.jsonl",
-                            help="JSONL output (default critical_sharpness.jsonl)")
-    torch_demo.add_argument("--seed", type=int, default=0)
+    torch_demo.add_argument("--output-dir", default="sharpness-demo-torch",
+                            help="critical_sharpness.jsonl and critical_sharpness.png go here "
+                                 "(default sharpness-demo-torch)")
+    torch_demo.add_argument("--seed", type=int, default=0, help="seed of the model and the batches (default 0)")
 
+    log_help = ("training logs (Megatron-LM, Megatron-DeepSpeed, DeepSpeed, SLURM output) or JSONL files from "
+                "--critical-sharpness-log-file / log_file; where a step appears more than once (a resumed "
+                "run), the last record wins, so give the files in run order")
     parse = commands.add_parser("parse", help="per-step sharpness from training logs or JSONL files")
-    parse.add_argument("logs", nargs="+", metavar="LOG")
-    parse.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    parse.add_argument("logs", nargs="+", metavar="LOG", help=log_help)
+    parse.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                       help="a text table for reading, CSV or a JSON list for other tools (default table)")
 
     summary = commands.add_parser("summary", help="per-phase statistics of the measured sharpness")
-    summary.add_argument("logs", nargs="+", metavar="LOG")
-    summary.add_argument("--phases", type=positive_int, default=4, help="split the measured steps into N phases")
+    summary.add_argument("logs", nargs="+", metavar="LOG", help=log_help)
+    summary.add_argument("--phases", type=positive_int, default=4,
+                         help="split the measured steps into N phases of equal count (default 4)")
 
     plot = commands.add_parser("plot", help="PNG of λ_c per step with the 2/η edge of stability and the lr")
-    plot.add_argument("logs", nargs="+", metavar="LOG")
-    plot.add_argument("--output", "-o", default="critical_sharpness.png")
+    plot.add_argument("logs", nargs="+", metavar="LOG", help=log_help)
+    plot.add_argument("--output", "-o", default="critical_sharpness.png", metavar="FILE",
+                      help="image to write; the extension picks the format (png, pdf, svg, ...; .png is added "
+                           "to a name without one); a folder gets critical_sharpness.png inside "
+                           "(default critical_sharpness.png)")
     run = commands.add_parser(
         "exec", help="run COMMAND with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set from srun, "
                      "mpiexec or torchrun (e.g. srun megatron-sharpness exec -- python pretrain_gpt.py ...)")
-    run.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- COMMAND")
+    run.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                     help="the program and its arguments, after --")
     return parser
 
 
@@ -77,6 +89,83 @@ def _exec(command: list[str]) -> int:
         return 127
 
 
+def _print(text: str) -> bool:
+    """Print to stdout; False when the reader has gone (`parse ... | head`)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Point stdout at devnull so that the interpreter's last flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+    return True
+
+
+def _image_formats() -> set[str]:
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:  # report.plot says how to install it
+        return {"png"}
+    return set(FigureCanvasBase.get_supported_filetypes())
+
+
+def plot_path(output: str) -> tuple[str, str | None]:
+    """The file `plot -o output` writes, and why it differs from output (None if it does not)."""
+    if os.path.isdir(output):
+        return os.path.join(output, "critical_sharpness.png"), f"{output} is a folder"
+    extension = os.path.splitext(output)[1][1:].lower()
+    if extension not in _image_formats():
+        reason = "no extension" if not extension else f"the extension .{extension}, which is no image format"
+        return output + ".png", f"{output!r} has {reason}: added .png"
+    return output, None
+
+
+def _torch_demo(args: argparse.Namespace) -> int:
+    from megatron_sharpness.demo import run_demo
+    from megatron_sharpness.demo_megatron import missing_module, output_dir_problem
+
+    problems = []
+    if args.steps < args.interval:
+        problems.append(f"--steps {args.steps} is below --interval {args.interval}: no step would be measured; "
+                        "allowed: --steps >= --interval")
+    problem = output_dir_problem(args.output_dir)
+    if problem:
+        problems.append(problem)
+    if missing_module("matplotlib"):
+        problems.append("matplotlib (for the PNG) is not installed: pip install -e '.[plot]'")
+    for problem in problems:
+        print(f"megatron-sharpness demo-torch: error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    log_file = os.path.join(args.output_dir, "critical_sharpness.jsonl")
+    if os.path.exists(log_file):  # the JSONL logger appends; a new demo starts a new file
+        os.remove(log_file)
+    run_demo(steps=args.steps, interval=args.interval, log_file=log_file, seed=args.seed)
+    return main(["plot", log_file, "-o", os.path.join(args.output_dir, "critical_sharpness.png")])
+
+
+def _report(args: argparse.Namespace) -> int:
+    from megatron_sharpness import report
+    from megatron_sharpness.logs import LogError, read_logs
+
+    def warn(message: str) -> None:
+        print(f"megatron-sharpness {args.command}: warning: {message}", file=sys.stderr)
+
+    try:
+        records = read_logs(args.logs, warn)
+        if args.command == "parse":
+            _print(report.render(records, args.format))
+        elif args.command == "summary":
+            _print(report.summary(records, args.phases))
+        else:
+            output, changed = plot_path(args.output)
+            report.plot(records, output)
+            _print(f"wrote {output}" + (f" ({changed})" if changed else ""))
+    except (LogError, report.ReportError) as error:
+        print(f"megatron-sharpness {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -86,29 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(steps=args.steps, interval=args.interval, output_dir=args.output_dir,
                         tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel)
     if args.command == "demo-torch":
-        from megatron_sharpness.demo import run_demo
-
-        run_demo(steps=args.steps, interval=args.interval, log_file=args.log_file, seed=args.seed)
-        return 0
+        return _torch_demo(args)
     if args.command == "exec":
         return _exec(args.command_line)
     if args.command in ("parse", "summary", "plot"):
-        from megatron_sharpness import report
-        from megatron_sharpness.logs import LogError, read_logs
-
-        try:
-            records = read_logs(args.logs)
-            if args.command == "parse":
-                print(report.render(records, args.format))
-            elif args.command == "summary":
-                print(report.summary(records, args.phases))
-            else:
-                report.plot(records, args.output)
-                print(f"wrote {args.output}")
-        except (LogError, report.ReportError) as error:
-            print(f"megatron-sharpness {args.command}: error: {error}", file=sys.stderr)
-            return 2
-        return 0
+        return _report(args)
     parser.print_help()
     return 2
 

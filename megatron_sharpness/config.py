@@ -86,6 +86,17 @@ class SharpnessConfig:
         return dataclasses.asdict(self)
 
 
+def require_config(config: Any, argument: str = "config") -> SharpnessConfig:
+    """config itself when it is a SharpnessConfig; otherwise one error naming the argument, the type
+    it got and how to build the right one (a dict is the common slip)."""
+    if isinstance(config, SharpnessConfig):
+        return config
+    hint = (f"; build one from a mapping with SharpnessConfig.from_dict({argument})"
+            if isinstance(config, Mapping) else "; build one with SharpnessConfig(interval=..., ...)")
+    raise ConfigError(f"critical sharpness: {argument} must be a SharpnessConfig, got "
+                      f"{type(config).__name__}{hint}")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

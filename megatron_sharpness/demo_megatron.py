@@ -3,18 +3,72 @@ Megatron's indexed format, with tensor and pipeline parallelism through torchrun
 distributed optimizer and bf16, and our Megatron-LM flags and hooks on. The last rank prints
 Megatron's iteration line with λ_c; the run ends with `megatron-sharpness plot`.
 
-    megatron-sharpness demo [--steps 100] [--interval 10] [--output-dir sharpness-demo]
+    megatron-sharpness demo [--steps 300] [--interval 10] [--output-dir sharpness-demo]
+                            [--tensor-parallel 2] [--pipeline-parallel 2]
+
+The arguments are checked before anything is launched; each mistake gets one line and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from megatron_sharpness.testing.launch import free_port
+
+
+# The demo's GPT; tensor parallelism splits its attention heads, pipeline parallelism its layers.
+LAYERS, HIDDEN, HEADS, VOCAB = 4, 64, 4, 256
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def output_dir_problem(output_dir: str, flag: str = "--output-dir") -> str | None:
+    """Why nothing can be written into output_dir (created if missing), or None."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        return f"{flag} {output_dir}: cannot write there ({error.strerror or error}); allowed: a writable folder"
+    return None
+
+
+def missing_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is None
+    except ModuleNotFoundError:  # the parent package is missing
+        return True
+
+
+def demo_problems(steps: int, interval: int, output_dir: str, tensor_parallel: int,
+                  pipeline_parallel: int) -> list[str]:
+    """Every reason the demo would fail or show nothing, one line each, found before launching."""
+    problems = []
+    if HEADS % tensor_parallel:
+        problems.append(f"--tensor-parallel {tensor_parallel}: must divide the demo model's {HEADS} attention "
+                        f"heads; allowed: {_divisors(HEADS)}")
+    if LAYERS % pipeline_parallel:
+        problems.append(f"--pipeline-parallel {pipeline_parallel}: must divide the demo model's {LAYERS} layers; "
+                        f"allowed: {_divisors(LAYERS)}")
+    if steps < interval:
+        problems.append(f"--steps {steps} is below --interval {interval}: no iteration would be measured; "
+                        "allowed: --steps >= --interval")
+    problem = output_dir_problem(output_dir)
+    if problem:
+        problems.append(problem)
+    if missing_module("megatron.core"):
+        problems.append("megatron-core is not installed: pip install -e '.[megatron]'")
+    if missing_module("matplotlib"):
+        problems.append("matplotlib (for the PNG) is not installed: pip install -e '.[plot]'")
+    return problems
 
 
 def prepare_data(output_dir: str) -> tuple[str, str]:
@@ -57,7 +111,7 @@ def worker(argv: list[str]) -> None:
     init_gloo_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     setup = TinyGPTSetup(tensor_parallel=args.tensor_model_parallel_size,
                          pipeline_parallel=args.pipeline_model_parallel_size, distributed_optimizer=True, bf16=True,
-                         layers=4, hidden=64, heads=4, vocab=256, seq_length=args.seq_length,
+                         layers=LAYERS, hidden=HIDDEN, heads=HEADS, vocab=VOCAB, seq_length=args.seq_length,
                          micro_batch_size=args.micro_batch_size, lr=args.lr)
     model, optimizer = build_model_and_optimizer(setup)
     train_data = megatron_lm.IndexedDatasetBatches(args.data_path, args.seq_length, args.micro_batch_size)
@@ -80,8 +134,13 @@ def worker(argv: list[str]) -> None:
     shutdown_model_parallel()
 
 
-def run_demo(steps: int = 100, interval: int = 10, output_dir: str = "sharpness-demo", tensor_parallel: int = 2,
+def run_demo(steps: int = 300, interval: int = 10, output_dir: str = "sharpness-demo", tensor_parallel: int = 2,
              pipeline_parallel: int = 2, timeout: float = 900) -> int:
+    problems = demo_problems(steps, interval, output_dir, tensor_parallel, pipeline_parallel)
+    for problem in problems:
+        print(f"megatron-sharpness demo: error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     train_data, heldout_data = prepare_data(output_dir)
     log_file = os.path.join(output_dir, "critical_sharpness.jsonl")
     if os.path.exists(log_file):

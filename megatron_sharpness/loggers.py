@@ -7,6 +7,7 @@ import json
 import os
 from typing import Callable, Protocol
 
+from megatron_sharpness.config import ConfigError
 from megatron_sharpness.measurement import Measurement
 
 
@@ -21,9 +22,20 @@ class JsonlLogger:
 
     def __init__(self, path: str):
         self.path = path
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")
+        try:
+            self._file = self._open(path)
+        except OSError as error:
+            # Opened at construction so that a bad path fails before training, not at the first measurement.
+            raise ConfigError(f"critical sharpness config: log_file={path!r} cannot be opened for appending: "
+                              f"{error.strerror or error}; allowed: a writable file path or null") from None
+
+    @staticmethod
+    def _open(path: str):
+        try:
+            return open(path, "a", encoding="utf-8")
+        except FileNotFoundError:  # the folder does not exist yet (a folder that is a file fails above)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            return open(path, "a", encoding="utf-8")
 
     def log(self, measurement: Measurement) -> None:
         self._file.write(json.dumps(measurement.to_dict(), allow_nan=False) + "\n")

@@ -8,7 +8,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 # "iteration      10/     200 |" (Megatron) or "iteration       10 |" (our DeepSpeed line); the
 # rest of the line up to the next "iteration" holds that step's "key: value |" fields.
@@ -139,30 +139,50 @@ def _from_fields(step: int, text: str) -> StepRecord | None:
                       relative_status={name: _text_status(text)[0] for name, text in relative_texts.items()})
 
 
+def _json_record(line: str) -> StepRecord | None:
+    """The measurement in a JSONL line (after any rank prefix), or None."""
+    start = line.find("{")
+    if start < 0 or '"critical_sharpness"' not in line:
+        return None
+    try:
+        return _from_json(json.loads(line[start:]))
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def unreadable_jsonl_lines(lines: list[str]) -> int:
+    """In a file of JSON lines (at least half of its non-empty lines start with "{"), how many
+    non-empty lines hold no readable measurement record (cut short by a crash, or garbage). 0 for
+    text logs, where most lines are other output."""
+    content = [line for line in lines if line.strip()]
+    if sum(line.lstrip().startswith("{") for line in content) * 2 < len(content):
+        return 0
+    return sum(_json_record(line) is None for line in content)
+
+
 def parse_lines(lines: Iterable[str]) -> list[StepRecord]:
-    """Every step measured in the lines, in step order; the first record of a step wins (every
-    rank that prints a step prints the same values)."""
+    """Every step measured in the lines, in step order. A step that appears again replaces the
+    earlier record: a run resumed from a checkpoint measures and logs its steps after the last save
+    again, and the earlier record is the stale one (ranks that print the same step print the same
+    values, so for them the choice does not matter)."""
     records: dict[int, StepRecord] = {}
     for line in lines:
-        start = line.find("{")
-        if start >= 0 and '"critical_sharpness"' in line:
-            try:
-                record = _from_json(json.loads(line[start:]))
-            except (json.JSONDecodeError, AttributeError):
-                record = None
-            if record is not None:
-                records.setdefault(record.step, record)
-                continue
+        record = _json_record(line)
+        if record is not None:
+            records[record.step] = record
+            continue
         matches = list(_ITERATION.finditer(line))
         for index, match in enumerate(matches):
             end = matches[index + 1].start() if index + 1 < len(matches) else len(line)
             record = _from_fields(int(match.group(1)), line[match.end():end])
             if record is not None:
-                records.setdefault(record.step, record)
+                records[record.step] = record
     return [records[step] for step in sorted(records)]
 
 
-def read_logs(paths: Iterable[str]) -> list[StepRecord]:
+def read_logs(paths: Iterable[str], warn: Callable[[str], None] | None = None) -> list[StepRecord]:
+    """The records of all files; where files share a step the later file's record wins (give the
+    logs of a resumed job in run order). warn gets one line per JSONL file with unreadable lines."""
     merged: dict[int, StepRecord] = {}
     for path in paths:
         try:
@@ -170,12 +190,16 @@ def read_logs(paths: Iterable[str]) -> list[StepRecord]:
                 text = handle.read().decode("utf-8", errors="replace")
         except OSError as error:
             raise LogError(f"cannot read {path}: {error.strerror or error}") from None
-        found = parse_lines(text.splitlines())
+        lines = text.splitlines()
+        found = parse_lines(lines)
+        unreadable = unreadable_jsonl_lines(lines)
+        if unreadable and warn is not None:
+            warn(f"{path}: skipped {unreadable} of {sum(1 for line in lines if line.strip())} lines that hold no "
+                 "readable measurement record (cut short or garbage)")
         if not found:
             raise LogError(f"{path}: no critical sharpness measurement found (expected JSONL records from "
                            "--critical-sharpness-log-file or iteration lines with '| critical sharpness: ... |')")
-        for record in found:
-            merged.setdefault(record.step, record)
+        merged.update((record.step, record) for record in found)
     return [merged[step] for step in sorted(merged)]
 
 

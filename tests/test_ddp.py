@@ -29,5 +29,7 @@ def test_two_rank_ddp_probe_is_bitwise_neutral_and_identical_on_every_rank(tmp_p
 def test_fsdp_sharded_model_is_rejected_with_a_clear_error():
     results = run_ranks([os.path.join(WORKERS, "fsdp_rejected.py")], world_size=2, timeout=120)
     for result in results:
-        assert "REJECTED: FSDPSequential with sharded (FSDP/DTensor) parameters is not supported" in result.output
-        assert "torch DistributedDataParallel" in result.output
+        assert "REJECTED fsdp2: FSDPSequential with sharded (FSDP/DTensor) parameters is not supported" in result.output
+        assert ("REJECTED nested-fsdp1: FullyShardedDataParallel (inside Sequential) with sharded (FSDP/DTensor) "
+                "parameters is not supported") in result.output
+        assert "ACCEPTED" not in result.output and "torch DistributedDataParallel" in result.output

@@ -65,8 +65,8 @@ def test_jsonl_and_deepspeed_log_line_and_corrupt_records(tmp_path):
 
 
 def test_demo_log_round_trip_through_parse(tmp_path, capsys):
-    jsonl = tmp_path / "demo.jsonl"
-    main(["demo-torch", "--steps", "20", "--interval", "5", "--log-file", str(jsonl)])
+    jsonl = tmp_path / "critical_sharpness.jsonl"
+    main(["demo-torch", "--steps", "20", "--interval", "5", "--output-dir", str(tmp_path)])
     log = tmp_path / "demo.log"
     log.write_text(capsys.readouterr().out)
     assert main(["parse", str(log), "--format", "json"]) == 0
@@ -126,3 +126,83 @@ def test_missing_file_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "megatron_sharpness.cli", "plot", str(tmp_path / "nope.log")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_step_logged_again_after_a_resume_keeps_the_last_record(tmp_path, capsys):
+    # The job ran to step 30, was killed, resumed from the checkpoint at step 20 and re-ran 20 and 30.
+    log = tmp_path / "job.log"
+    log.write_text("\n".join([megatron_line(10, sharp=110.0), megatron_line(20, sharp=120.0),
+                              megatron_line(30, sharp=130.0), "resuming from checkpoint at iteration 20",
+                              megatron_line(30, sharp=135.0), megatron_line(40, sharp=140.0)]) + "\n")
+    assert [(r.step, r.critical_sharpness) for r in parse_lines(log.read_text().splitlines())] == [
+        (10, 110.0), (20, 120.0), (30, 135.0), (40, 140.0)]
+    first, resumed = tmp_path / "first.jsonl", tmp_path / "resumed.jsonl"
+    first.write_text("\n".join(json.dumps({"step": s, "lr": 1e-3, "critical_sharpness": v, "relative": {}})
+                               for s, v in ((10, 1.0), (20, 2.0), (20, 2.5))) + "\n")
+    resumed.write_text(json.dumps({"step": 20, "lr": 1e-3, "critical_sharpness": 3.0, "relative": {}}) + "\n")
+    assert main(["parse", str(first), "--format", "json"]) == 0
+    assert [r["critical_sharpness"] for r in json.loads(capsys.readouterr().out)] == [1.0, 2.5]
+    assert main(["parse", str(first), str(resumed), "--format", "json"]) == 0
+    assert [r["critical_sharpness"] for r in json.loads(capsys.readouterr().out)] == [1.0, 3.0]
+
+
+def records_jsonl(path, steps):
+    path.write_text("".join(json.dumps({"step": s, "lr": 1e-3, "critical_lr": 2 / (100 + s), "critical_sharpness": 100.0 + s,
+                                        "relative": {}, "skipped": None}) + "\n" for s in steps))
+
+
+def test_parse_into_a_closed_pipe_ends_quietly(tmp_path):
+    jsonl = tmp_path / "long.jsonl"
+    records_jsonl(jsonl, range(1, 4001))  # a table far beyond a pipe's buffer
+    result = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m megatron_sharpness.cli parse {jsonl} "
+                                           "| head -2"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and len(result.stdout.splitlines()) == 2
+
+
+def test_unreadable_jsonl_lines_are_counted_on_stderr(tmp_path):
+    jsonl = tmp_path / "crashed.jsonl"
+    records_jsonl(jsonl, [10, 20, 30])
+    with open(jsonl, "a") as handle:
+        handle.write("\x00\x07 garbage\n" + '{"step": 40, "lr": 1e-3, "critical_sh')  # the crash cut the last line
+    result = subprocess.run([sys.executable, "-m", "megatron_sharpness.cli", "parse", str(jsonl), "--format", "csv"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert result.stderr.splitlines() == [f"megatron-sharpness parse: warning: {jsonl}: skipped 2 of 5 lines that hold "
+                                          "no readable measurement record (cut short or garbage)"]
+    assert [line.split(",")[0] for line in result.stdout.splitlines()[1:]] == ["10", "20", "30"]
+    text_log = tmp_path / "train.log"  # a text log's other output (a config dump) is no warning
+    text_log.write_text("{\n  \"train_batch_size\": 8\n}\n" + megatron_line(10) + "\nother output\n" * 3)
+    assert subprocess.run([sys.executable, "-m", "megatron_sharpness.cli", "parse", str(text_log)],
+                          capture_output=True, text=True, timeout=60).stderr == ""
+
+
+@pytest.mark.parametrize("output, written, note", [
+    ("noext", "noext.png", " ('{out}noext' has no extension: added .png)"),
+    ("run.v2", "run.v2.png", " ('{out}run.v2' has the extension .v2, which is no image format: added .png)"),
+    ("figure.pdf", "figure.pdf", ""),
+    ("plots", "plots/critical_sharpness.png", " ({out}plots is a folder)"),
+])
+def test_plot_writes_exactly_the_file_it_names(tmp_path, output, written, note):
+    pytest.importorskip("matplotlib")
+    jsonl = tmp_path / "s.jsonl"
+    records_jsonl(jsonl, [10, 20, 30])
+    (tmp_path / "plots").mkdir()
+    out = f"{tmp_path}/"
+    result = subprocess.run([sys.executable, "-m", "megatron_sharpness.cli", "plot", str(jsonl), "-o", out + output],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"wrote {out}{written}" + note.format(out=out)]
+    magic = b"%PDF" if written.endswith(".pdf") else b"\x89PNG"
+    assert (tmp_path / written).read_bytes()[:4] == magic
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"s.jsonl", "plots", written.split("/")[0]})
+
+
+def test_every_argument_of_every_command_has_help():
+    from megatron_sharpness.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert {"parse", "summary", "plot", "demo", "demo-torch", "exec"} <= commands.keys()
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"

@@ -440,3 +440,48 @@ def test_log_fields_of_capped_searches_give_the_known_bound():
     # slope of L(θ_t − η·Δθ) in η: (L(1) − L(−1))/2 per step multiple, / 0.5 per lr
     assert "relative sharpness c: ascent (slope +2.000E+00) |" in fields
     assert "step raised loss: no |" in fields
+
+
+# ---------------------------------------------------------------- parameters are read at each step
+
+def twin_runs(change):
+    """Two identical models trained 2 steps with Adam; `change(model, optimizer)` runs after step 1.
+    The first probe is built before the change, the second after it: both must measure step 2 alike."""
+    results = []
+    for build_after_change in (False, True):
+        model = mlp(seed=5)
+        first, last = model[0], model[-1]
+        last.weight.requires_grad_(False)
+        optimizer = torch.optim.Adam(first.parameters(), lr=3e-3)
+        optimizer.add_param_group({"params": [last.weight], "lr": 3e-3})
+        probe = None if build_after_change else TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=2))
+        for step in (1, 2):
+            if step == 2:
+                change(model, optimizer)
+                if build_after_change:
+                    probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=1))
+            inputs, targets = regression_batch(step)
+            optimizer.zero_grad()
+            F.mse_loss(model(inputs), targets).backward()
+            if probe is None:
+                optimizer.step()
+            else:
+                measurement = probe.step(lambda: F.mse_loss(model(inputs), targets))
+        results.append(measurement)
+    return results
+
+
+def add_bias_group(model, optimizer):
+    optimizer.add_param_group({"params": [model[-1].bias], "lr": 1e-2})
+
+
+def unfreeze_last_weight(model, optimizer):
+    model[-1].weight.requires_grad_(True)
+
+
+@pytest.mark.parametrize("change", [add_bias_group, unfreeze_last_weight])
+def test_a_param_group_added_or_a_param_unfrozen_later_moves_along_the_step(change):
+    built_before, built_after = twin_runs(change)
+    assert built_after.task.search.converged
+    assert built_before.task.search.evaluations == built_after.task.search.evaluations
+    assert built_before.critical_sharpness == built_after.critical_sharpness

@@ -28,9 +28,8 @@ class TorchBackend:
                  process_group: dist.ProcessGroup | None = None, compute_dtype: torch.dtype | None = None):
         _reject_sharded_model(model)
         self.model = model
-        self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        if not self.params:
-            raise ValueError("the optimizer holds no parameter that requires grad: nothing to measure")
+        self.optimizer = optimizer
+        self.params = self._trainable_params()
         if process_group is None and isinstance(model, DistributedDataParallel):
             process_group = model.process_group
         self.process_group = process_group
@@ -42,8 +41,17 @@ class TorchBackend:
         self._buffers: list[torch.Tensor] | None = None
         self._rng: RngState | None = None
 
+    def _trainable_params(self) -> list[torch.Tensor]:
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
+        if not params:
+            raise ValueError("the optimizer holds no parameter that requires grad: nothing to measure")
+        return params
+
     @torch.no_grad()
     def snapshot(self) -> None:
+        # Read at every measured step: a param group added (add_param_group) or a param unfrozen
+        # since the last one moves with the step too.
+        self.params = self._trainable_params()
         self._theta_t = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
@@ -77,12 +85,16 @@ class TorchBackend:
         self._reset_forward_state()
         with torch.no_grad():
             value = self.loss_fns[task]()
+        label = "the step's loss_fn" if task is None else f"the loss_fn of relative task {task!r}"
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
-                label = "the step's loss_fn" if task is None else f"relative task {task!r}"
                 raise ValueError(f"{label} must return a scalar loss, got a tensor of shape "
                                  f"{tuple(value.shape)}")
             value = value.item()
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            # float("3") would pass a string through and the search would run on nonsense.
+            raise TypeError(f"{label} must return the loss as a scalar tensor or a float, got "
+                            f"{type(value).__name__} ({value!r:.60})")
         return self._mean_over_ranks(float(value))
 
     @torch.no_grad()
@@ -128,12 +140,18 @@ class TorchBackend:
 
 
 def _reject_sharded_model(model: torch.nn.Module) -> None:
-    """FSDP shards parameters and gathers them inside forward: the lerp would hit the wrong tensors."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    """FSDP shards parameters and gathers them inside forward: the lerp would hit the wrong tensors.
+    Checked on every submodule: FSDP1 wrapped inside a plain container holds flat params that are
+    neither DTensors nor the model's own."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
-    if isinstance(model, FullyShardedDataParallel) or any(
-            isinstance(p, DTensor) for p in model.parameters()):
-        raise TypeError(f"{type(model).__name__} with sharded (FSDP/DTensor) parameters is not supported "
-                        "by the plain-PyTorch probe; supported: a plain nn.Module or "
-                        "torch DistributedDataParallel (DeepSpeed and Megatron have their own backends)")
+    sharded = next((module for module in model.modules()
+                    if isinstance(module, (FullyShardedDataParallel, FSDPModule))), None)
+    if sharded is None and not any(isinstance(p, DTensor) for p in model.parameters()):
+        return
+    where = "" if sharded is None or sharded is model else f" (inside {type(model).__name__})"
+    name = type(model if sharded is None else sharded).__name__
+    raise TypeError(f"{name}{where} with sharded (FSDP/DTensor) parameters is not supported "
+                    "by the plain-PyTorch probe; supported: a plain nn.Module or "
+                    "torch DistributedDataParallel (DeepSpeed and Megatron have their own backends)")

@@ -20,7 +20,8 @@ from deepspeed import comm as ds_comm
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from megatron_sharpness.backends.deepspeed import DeepSpeedBackend, Evaluator
-from megatron_sharpness.config import ConfigError, SharpnessConfig
+from megatron_sharpness.checks import checked_loggers, require_callable
+from megatron_sharpness.config import SharpnessConfig, require_config
 from megatron_sharpness.loggers import JsonlLogger, LogLineLogger, MeasurementLogger
 from megatron_sharpness.measurement import Measurement
 from megatron_sharpness.integrations.recording import RecordingIterator
@@ -109,6 +110,16 @@ class DeepSpeedSharpness:
                  loss_from_output: Callable[[Any], torch.Tensor] = loss_of,
                  loggers: Iterable[MeasurementLogger] | None = None,
                  evaluate: Evaluator | None = None):
+        if not callable(getattr(engine, "step", None)) or getattr(engine, "optimizer", None) is None:
+            raise TypeError("critical sharpness: engine must be the DeepSpeed engine that deepspeed.initialize "
+                            f"returned (with an optimizer), got {type(engine).__name__}")
+        config = require_config(config)
+        require_callable(loss_from_output, "loss_from_output", "a callable that takes the model's output and "
+                         "returns the scalar loss")
+        if evaluate is not None:
+            require_callable(evaluate, "evaluate", "a callable evaluate(batches, count) -> loss tensor, or None")
+        _check_relative_batches(relative_batches)
+        loggers = checked_loggers(loggers)
         self.engine = engine
         self.config = config
         self.is_pipeline = isinstance(engine, PipelineEngine)
@@ -157,11 +168,6 @@ class DeepSpeedSharpness:
         return self._recorder
 
     def _set_relative_batches(self, relative_batches: Mapping[str, Sequence[Any]]) -> None:
-        for name, batches in relative_batches.items():
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"relative task name {name!r} must be a non-empty string")
-            if len(batches) == 0:
-                raise ValueError(f"relative task {name!r} has no batches")
         as_stored = _as_call if self.records_forwards else (lambda batch: batch)
         self.backend.relative_batches = {name: [as_stored(batch) for batch in batches]
                                          for name, batches in relative_batches.items()}
@@ -224,6 +230,22 @@ class DeepSpeedSharpness:
         return result
 
 
+def _check_relative_batches(relative_batches: Any) -> None:
+    if relative_batches is None:
+        return
+    if not isinstance(relative_batches, Mapping):
+        raise TypeError("critical sharpness: relative_batches must map task names to lists of batches, "
+                        f"got {type(relative_batches).__name__}")
+    for name, batches in relative_batches.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"relative task name {name!r} must be a non-empty string")
+        if not isinstance(batches, Sequence) or isinstance(batches, (str, bytes, torch.Tensor, Mapping)):
+            raise TypeError(f"relative task {name!r}: relative_batches[{name!r}] must be a list of batches, "
+                            f"got {type(batches).__name__}")
+        if len(batches) == 0:
+            raise ValueError(f"relative task {name!r} has no batches")
+
+
 def _as_call(batch: Any) -> tuple[tuple, dict]:
     """A relative batch as engine(*args, **kwargs): a tuple of args, a dict of kwargs, or one tensor."""
     if isinstance(batch, tuple):
@@ -267,6 +289,4 @@ def attach(engine, config: SharpnessConfig | None = None,
     the step's data iterator with record_batches()."""
     if config is None:
         config = config_from_engine(engine)
-    if not isinstance(config, SharpnessConfig):
-        raise ConfigError(f"config must be a SharpnessConfig, got {type(config).__name__}")
     return DeepSpeedSharpness(engine, config, relative_batches, loss_from_output, loggers, evaluate)

@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_sharpness.backends.megatron import MegatronBackend, reduce_lm_loss
-from megatron_sharpness.config import SharpnessConfig
+from megatron_sharpness.checks import (checked_loggers, require_callable, require_optimizer,
+                                       require_positive_int)
+from megatron_sharpness.config import SharpnessConfig, require_config
 from megatron_sharpness.loggers import JsonlLogger, MeasurementLogger
 from megatron_sharpness.measurement import Measurement
 from megatron_sharpness.integrations.recording import RecordingIterator
 from megatron_sharpness.probe import SharpnessProbe
-
 
 
 class MegatronSharpness:
@@ -42,6 +43,19 @@ class MegatronSharpness:
                  relative_micro_batches: int | None = None, loss_key: str = "lm loss",
                  loggers: Iterable[MeasurementLogger] | None = None,
                  forward_backward_func: Callable | None = None):
+        _check_model_chunks(model)
+        require_optimizer(optimizer)
+        require_callable(forward_step_func, "forward_step_func",
+                         "Megatron's forward_step_func(data_iterator, model) -> (output, loss_func)")
+        config = require_config(config)
+        require_positive_int(seq_length, "seq_length")
+        require_positive_int(micro_batch_size, "micro_batch_size")
+        if relative_micro_batches is not None:
+            require_positive_int(relative_micro_batches, "relative_micro_batches")
+        if relative_data_iterators is not None and not isinstance(relative_data_iterators, Mapping):
+            raise TypeError("critical sharpness: relative_data_iterators must map task names to data iterators, "
+                            f"got {type(relative_data_iterators).__name__}")
+        loggers = checked_loggers(loggers)
         if forward_backward_func is None:
             from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -75,6 +89,7 @@ class MegatronSharpness:
         """The step's data iterator(s), recording the micro-batches of a measured step as they are
         read; returned unchanged on other steps. A list (virtual pipeline) is recorded per chunk.
         iteration: the 1-based iteration this step will be (default: the one after the last step())."""
+        require_positive_int(num_microbatches, "num_microbatches")
         self._recorders = []
         if not self.probe.is_due(self.iteration + 1 if iteration is None else iteration):
             return data_iterator
@@ -97,6 +112,7 @@ class MegatronSharpness:
         if not self._recorders:
             raise RuntimeError(f"critical sharpness: iteration {self.iteration} is measured but its data "
                                "iterator was not passed through record() before forward_backward_func")
+        self._check_recorded_counts()
         self.backend.batches = [[] if recorder is None else recorder.items for recorder in self._recorders]
         self.backend.relative_batches = {name: self._draw(iterators, self.backend.micro_batch_counts[name])
                                          for name, iterators in self.relative_data_iterators.items()}
@@ -116,6 +132,20 @@ class MegatronSharpness:
     def close(self) -> None:
         self.probe.close()
 
+    def _check_recorded_counts(self) -> None:
+        """Before the real step: a schedule that read fewer micro-batches than record() was told
+        would make the probe's replay run out of data (a bare StopIteration inside Megatron)."""
+        expected = self.backend.micro_batch_counts[None]
+        for chunk, recorder in enumerate(self._recorders):
+            # A stage that reads no data at all (middle pipeline stages) records nothing, rightly.
+            if recorder is not None and 0 < len(recorder.items) < expected:
+                self._recorders = []
+                raise ValueError(
+                    f"critical sharpness: record(data_iterator, num_microbatches) at iteration {self.iteration} "
+                    f"expects {expected} micro-batch(es) to replay, but forward_backward_func read only "
+                    f"{len(recorder.items)} from the iterator of model chunk {chunk}; pass record() the "
+                    "num_microbatches that forward_backward_func runs")
+
     def _count(self, num_microbatches: int) -> int:
         k = self.config.micro_batches
         return num_microbatches if k is None else min(k, num_microbatches)
@@ -126,6 +156,17 @@ class MegatronSharpness:
             raise ValueError(f"critical sharpness: {len(iterators)} relative data iterators for "
                              f"{len(self.model)} model chunks")
         return [[] if it is None else list(itertools.islice(it, count)) for it in iterators]
+
+
+def _check_model_chunks(model: Any) -> None:
+    if not isinstance(model, (list, tuple)) or not model:
+        got = type(model).__name__ + (" (empty)" if isinstance(model, (list, tuple)) else "")
+        raise TypeError(f"critical sharpness: model must be the list of model chunks (one per virtual pipeline "
+                        f"stage, as Megatron's get_model returns it), got {got}; for one chunk pass [model]")
+    for index, chunk in enumerate(model):
+        if not isinstance(chunk, torch.nn.Module):
+            raise TypeError(f"critical sharpness: model[{index}] must be a model chunk (torch.nn.Module), "
+                            f"got {type(chunk).__name__}")
 
 
 def _default_loggers(config: SharpnessConfig) -> list[MeasurementLogger]:

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_sharpness.backends.pytorch import LossFn, TorchBackend
-from megatron_sharpness.config import SharpnessConfig
+from megatron_sharpness.checks import checked_loggers, require_callable, require_optimizer
+from megatron_sharpness.config import SharpnessConfig, require_config
 from megatron_sharpness.loggers import JsonlLogger, MeasurementLogger
 from megatron_sharpness.measurement import Measurement
 from megatron_sharpness.probe import SharpnessProbe
@@ -31,7 +32,12 @@ class TorchSharpnessProbe:
                  loggers: Iterable[MeasurementLogger] | None = None,
                  process_group: dist.ProcessGroup | None = None,
                  compute_dtype: torch.dtype | None = None):
-        self.config = config if config is not None else SharpnessConfig()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"critical sharpness: model must be a torch.nn.Module (or its DDP wrapper), "
+                            f"got {type(model).__name__}")
+        require_optimizer(optimizer)
+        self.config = require_config(config) if config is not None else SharpnessConfig()
+        loggers = checked_loggers(loggers)
         self.optimizer = optimizer
         self.backend = TorchBackend(model, optimizer, process_group, compute_dtype)
         if loggers is None:
@@ -45,11 +51,17 @@ class TorchSharpnessProbe:
         if not isinstance(name, str) or not name or name in self.relative_tasks:
             raise ValueError(f"relative task name {name!r} must be a new non-empty string; "
                              f"registered: {sorted(self.relative_tasks)}")
+        require_callable(loss_fn, f"the loss_fn of relative task {name!r}", _LOSS_FN_ALLOWED)
         self.relative_tasks[name] = loss_fn
 
     def step(self, loss_fn: LossFn, optimizer_step: Callable[[], Any] | None = None) -> Measurement | None:
         """Run the optimizer step (optimizer.step() unless optimizer_step is given, e.g.
         `lambda: scaler.step(optimizer)`), and on measured iterations the probe around it."""
+        # Checked before the real step runs, so that a slip does not leave a half-done iteration.
+        require_callable(loss_fn, "loss_fn", _LOSS_FN_ALLOWED)
+        if optimizer_step is not None:
+            require_callable(optimizer_step, "optimizer_step",
+                             "a callable that runs the optimizer step, e.g. lambda: scaler.step(optimizer)")
         run_step = optimizer_step if optimizer_step is not None else self.optimizer.step
         self.iteration += 1
         if not self.probe.is_due(self.iteration):
@@ -67,6 +79,10 @@ class TorchSharpnessProbe:
 
     def close(self) -> None:
         self.probe.close()
+
+
+_LOSS_FN_ALLOWED = ("a callable without arguments that recomputes the step's mean loss, e.g. "
+                    "lambda: loss_fn(model, x, y) (not the loss tensor itself)")
 
 
 def _default_loggers(config: SharpnessConfig) -> list[MeasurementLogger]:

@@ -1,18 +1,30 @@
-"""One rank: wrap a model with FSDP2 and check that attaching the plain-PyTorch probe is refused."""
+"""One rank: wrap a model with FSDP2, and FSDP1 inside a plain nn.Sequential, and check that
+attaching the plain-PyTorch probe is refused for both."""
 
 import datetime
+import warnings
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
 from megatron_sharpness import TorchSharpnessProbe
+
+
+def try_attach(label, model):
+    try:
+        TorchSharpnessProbe(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        print(f"ACCEPTED {label}")
+    except TypeError as error:
+        print(f"REJECTED {label}: {error}")
+
 
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
 model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
 fully_shard(model)
-try:
-    TorchSharpnessProbe(model, torch.optim.SGD(model.parameters(), lr=0.1))
-except TypeError as error:
-    print(f"REJECTED: {error}")
+try_attach("fsdp2", model)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # FSDP1 is deprecated in favour of fully_shard
+    inner = FullyShardedDataParallel(torch.nn.Linear(4, 4), device_id=torch.device("cpu"))
+try_attach("nested-fsdp1", torch.nn.Sequential(inner, torch.nn.Linear(4, 2)))
 dist.destroy_process_group()
