@@ -33,7 +33,10 @@ class StepRecord:
     critical_lr: float | None = None
     lr: float | None = None
     lr_over_critical_lr: float | None = None
-    loss: float | None = None
+    # Megatron's `lm loss` of the iteration (log lines), and L(θ_t) on the micro-batches the probe
+    # evaluated (the JSONL `loss`): with micro_batches < all of the step's they differ.
+    lm_loss: float | None = None
+    probe_loss: float | None = None
     relative: dict[str, float | None] = field(default_factory=dict)
     skipped: str | None = None
     status: str = "converged"
@@ -46,7 +49,8 @@ class StepRecord:
         row: dict[str, object] = {"step": self.step, "status": self.status, "lr": self.lr,
                                   "critical_sharpness": self.critical_sharpness, "critical_lr": self.critical_lr,
                                   "lr_over_critical_lr": self.lr_over_critical_lr,
-                                  "step_raised_loss": self.step_raised_loss, "loss": self.loss}
+                                  "step_raised_loss": self.step_raised_loss, "lm_loss": self.lm_loss,
+                                  "probe_loss": self.probe_loss}
         for name in relative_names:
             row[f"relative_sharpness/{name}"] = self.relative.get(name)
             row[f"relative_status/{name}"] = self.relative_status.get(name)
@@ -73,7 +77,7 @@ def _from_json(record: dict) -> StepRecord | None:
     raised = record.get("step_raised_loss")
     return StepRecord(step=record["step"], critical_sharpness=sharpness,
                       critical_lr=real(record.get("critical_lr")), lr=real(record.get("lr")),
-                      lr_over_critical_lr=real(record.get("lr_over_critical_lr")), loss=real(record.get("loss")),
+                      lr_over_critical_lr=real(record.get("lr_over_critical_lr")), probe_loss=real(record.get("loss")),
                       relative={name: real(task.get("critical_sharpness")) for name, task in tasks.items()},
                       skipped=skipped, status=status, step_raised_loss=raised if isinstance(raised, bool) else None,
                       bound=_bound(status, bracket),
@@ -133,7 +137,7 @@ def _from_fields(step: int, text: str) -> StepRecord | None:
     return StepRecord(step=step, critical_sharpness=_number(sharpness_text), critical_lr=_number(fields.get("critical lr", "")),
                       lr=_number(fields.get("learning rate", "")),
                       lr_over_critical_lr=_number(fields.get("lr/critical lr", "")),
-                      loss=_number(loss) if loss is not None else None,
+                      lm_loss=_number(loss) if loss is not None else None,
                       relative={name: _number(text) for name, text in relative_texts.items()}, skipped=skipped,
                       status=status, step_raised_loss=None if raised is None else raised == "yes", bound=bound,
                       relative_status={name: _text_status(text)[0] for name, text in relative_texts.items()})

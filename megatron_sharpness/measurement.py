@@ -133,6 +133,7 @@ class Measurement:
             "slope": None if search is None or search.slope is None else _json_float(search.slope),
             "resolution_floor_lr": None if search is None else search.resolution_floor_lr,
             "forwards": None if task is None else task.forwards,
+            "forwards_total": self.forwards,
             "bracket": None if search is None else list(search.bracket),
             "converged": None if search is None else search.converged,
             "loss": None if search is None else search.baseline_loss,
@@ -169,7 +170,7 @@ class Measurement:
         if ratio is not None:
             parts.append(f"lr/critical lr: {ratio:.3f}")
         parts.append(f"step raised loss: {'yes' if self.task.search.step_raised_loss else 'no'}")
-        parts.append(f"sharpness forwards: {self.task.forwards}")
+        parts.append(f"sharpness forwards: {self.forwards}")
         for name, task in self.relative.items():
             parts.append(f"relative sharpness {name}: {task.value_text(sharpness=True)}")
         return " | ".join(parts) + " |"

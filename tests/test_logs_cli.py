@@ -40,7 +40,7 @@ def test_multi_rank_slurm_log_with_prefixes_interleaving_and_truncation(tmp_path
     records = parse_lines(log.read_text().splitlines())
     assert [r.step for r in records] == [10, 20, 30, 40, 50, 60, 80]
     by_step = {r.step: r for r in records}
-    assert by_step[10].critical_sharpness == 120.0 and by_step[10].lr == 3e-4 and by_step[10].loss == 2.5
+    assert by_step[10].critical_sharpness == 120.0 and by_step[10].lr == 3e-4 and by_step[10].lm_loss == 2.5
     assert by_step[20].lr == 5e-4 and by_step[20].lr_over_critical_lr == pytest.approx(5e-4 / (2 / 130), abs=1e-3)
     assert by_step[40].critical_sharpness == 150.0 and by_step[40].relative == {"heldout": 200.0}
     assert by_step[50].critical_sharpness is None and by_step[50].skipped is None
@@ -82,7 +82,7 @@ def test_demo_log_round_trip_through_parse(tmp_path, capsys):
     assert main(["parse", str(jsonl), "--format", "csv"]) == 0
     csv_lines = capsys.readouterr().out.splitlines()
     assert csv_lines[0] == ("step,status,lr,critical_sharpness,critical_lr,lr_over_critical_lr,step_raised_loss,"
-                            "loss,relative_sharpness/heldout,relative_status/heldout,skipped")
+                            "lm_loss,probe_loss,relative_sharpness/heldout,relative_status/heldout,skipped")
     assert len(csv_lines) == 5
     assert main(["summary", str(jsonl), "--phases", "2"]) == 0
     summary = capsys.readouterr().out
