@@ -14,13 +14,15 @@ from megatron_sharpness.search import Outcome, SearchResult
 
 @dataclass(frozen=True)
 class TaskMeasurement:
-    """The search along the step's direction for one loss."""
+    """The search along the step's direction for one loss. baseline_reused: L(θ_t) is the training
+    forward's own loss, not a forward of the probe."""
 
     search: SearchResult
+    baseline_reused: bool = False
 
     @property
     def forwards(self) -> int:
-        return 1 + self.search.forwards  # the baseline L(θ_t) is one forward of its own
+        return self.search.forwards + (0 if self.baseline_reused else 1)
 
     @property
     def status(self) -> str:
@@ -41,6 +43,7 @@ class TaskMeasurement:
             "slope": _json_float(search.slope) if search.slope is not None else None,
             "resolution_floor_lr": search.resolution_floor_lr,
             "forwards": self.forwards,
+            "baseline_reused": self.baseline_reused,
             "bracket": list(search.bracket),
             "converged": search.converged,
             "loss": search.baseline_loss,
@@ -134,6 +137,7 @@ class Measurement:
             "resolution_floor_lr": None if search is None else search.resolution_floor_lr,
             "forwards": None if task is None else task.forwards,
             "forwards_total": self.forwards,
+            "baseline_reused": None if task is None else task.baseline_reused,
             "bracket": None if search is None else list(search.bracket),
             "converged": None if search is None else search.converged,
             "loss": None if search is None else search.baseline_loss,

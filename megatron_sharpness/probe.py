@@ -27,19 +27,26 @@ class SharpnessProbe:
         return self.config.enabled and step % self.config.interval == 0
 
     def measure(self, backend: ProbeBackend, step: int, lr: float,
-                relative_tasks: Sequence[str] = ()) -> Measurement:
-        """Call after backend.snapshot() and the real optimizer.step(). Always restores θ_{t+1}."""
+                relative_tasks: Sequence[str] = (), training_loss: float | None = None) -> Measurement:
+        """Call after backend.snapshot() and the real optimizer.step(). Always restores θ_{t+1}.
+        training_loss: L(θ_t) of the step's batch where the training forward gave bitwise the number
+        a probe forward would (reduced like backend.loss); saves that forward."""
         started = time.perf_counter()
         searches: dict[str | None, TaskMeasurement] = {}
         try:
             skipped = self._skip_reason(backend, lr)
             if skipped is None:
-                backend.write(0.0)
-                baselines = {name: backend.loss(name) for name in (None, *relative_tasks)}
+                evaluated = [name for name in (None, *relative_tasks) if name is not None or training_loss is None]
+                if evaluated:
+                    backend.write(0.0)
+                baselines = {name: backend.loss(name) for name in evaluated}
+                if training_loss is not None:
+                    baselines = {None: training_loss, **baselines}
                 skipped = _non_finite_baseline(baselines)
             if skipped is None:
                 floor = backend.resolution_floor()
-                searches = {name: self._search(backend, name, lr, baseline, floor)
+                searches = {name: self._search(backend, name, lr, baseline, floor,
+                                               baseline_reused=name is None and training_loss is not None)
                             for name, baseline in baselines.items()}
         finally:
             backend.restore()
@@ -56,7 +63,7 @@ class SharpnessProbe:
         return backend.after_step()
 
     def _search(self, backend: ProbeBackend, name: str | None, lr: float, baseline: float,
-                floor: float) -> TaskMeasurement:
+                floor: float, baseline_reused: bool = False) -> TaskMeasurement:
         guess = self.config.initial_guess
         if self.config.warm_start and name in self._last_critical_lr:
             guess = self._last_critical_lr[name] / lr
@@ -70,7 +77,7 @@ class SharpnessProbe:
                                     resolution_floor=floor, method=self.config.search)
         if search.critical_lr is not None:
             self._last_critical_lr[name] = search.critical_lr
-        return TaskMeasurement(search)
+        return TaskMeasurement(search, baseline_reused)
 
     def close(self) -> None:
         for logger in self.loggers:

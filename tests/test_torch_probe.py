@@ -485,3 +485,27 @@ def test_a_param_group_added_or_a_param_unfrozen_later_moves_along_the_step(chan
     assert built_after.task.search.converged
     assert built_before.task.search.evaluations == built_after.task.search.evaluations
     assert built_before.critical_sharpness == built_after.critical_sharpness
+
+
+def test_reusing_the_training_loss_saves_the_baseline_forward_and_changes_nothing_else():
+    measured = {}
+    for reuse in (False, True):
+        model = mlp(seed=7, dropout=0.0, batch_norm=False)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=2))
+        measurements = []
+        for step in range(1, 9):
+            inputs, targets = regression_batch(step)
+            optimizer.zero_grad()
+            loss = F.mse_loss(model(inputs), targets)
+            loss.backward()
+            measurement = probe.step(lambda: F.mse_loss(model(inputs), targets),
+                                     training_loss=loss.detach() if reuse else None)
+            if measurement is not None:
+                measurements.append(measurement)
+        measured[reuse] = measurements
+    for plain, reused in zip(measured[False], measured[True]):
+        assert reused.task.search.baseline_loss == plain.task.search.baseline_loss  # bitwise the same L(θ_t)
+        assert reused.task.search.evaluations == plain.task.search.evaluations
+        assert reused.task.forwards == plain.task.forwards - 1
+        assert reused.to_dict()["baseline_reused"] is True and plain.to_dict()["baseline_reused"] is False

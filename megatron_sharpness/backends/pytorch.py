@@ -86,6 +86,10 @@ class TorchBackend:
         with torch.no_grad():
             value = self.loss_fns[task]()
         label = "the step's loss_fn" if task is None else f"the loss_fn of relative task {task!r}"
+        return self.reduce_loss(value, label)
+
+    def reduce_loss(self, value: object, label: str) -> float:
+        """A scalar loss of this rank as the float every rank agrees on (the mean over ranks)."""
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(f"{label} must return a scalar loss, got a tensor of shape "

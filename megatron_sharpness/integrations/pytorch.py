@@ -54,9 +54,14 @@ class TorchSharpnessProbe:
         require_callable(loss_fn, f"the loss_fn of relative task {name!r}", _LOSS_FN_ALLOWED)
         self.relative_tasks[name] = loss_fn
 
-    def step(self, loss_fn: LossFn, optimizer_step: Callable[[], Any] | None = None) -> Measurement | None:
+    def step(self, loss_fn: LossFn, optimizer_step: Callable[[], Any] | None = None,
+             training_loss: torch.Tensor | float | None = None) -> Measurement | None:
         """Run the optimizer step (optimizer.step() unless optimizer_step is given, e.g.
-        `lambda: scaler.step(optimizer)`), and on measured iterations the probe around it."""
+        `lambda: scaler.step(optimizer)`), and on measured iterations the probe around it.
+
+        training_loss: the loss the training forward of this step computed, to be used as L(θ_t)
+        instead of one more forward. Pass it only where loss_fn() at θ_t returns bitwise the same
+        number: the same batch, no dropout (or eval mode), the same autocast."""
         # Checked before the real step runs, so that a slip does not leave a half-done iteration.
         require_callable(loss_fn, "loss_fn", _LOSS_FN_ALLOWED)
         if optimizer_step is not None:
@@ -75,7 +80,8 @@ class TorchSharpnessProbe:
             self.backend.restore()
             raise
         self.backend.loss_fns = {None: loss_fn, **self.relative_tasks}
-        return self.probe.measure(self.backend, self.iteration, lr, list(self.relative_tasks))
+        baseline = None if training_loss is None else self.backend.reduce_loss(training_loss, "training_loss")
+        return self.probe.measure(self.backend, self.iteration, lr, list(self.relative_tasks), baseline)
 
     def close(self) -> None:
         self.probe.close()
