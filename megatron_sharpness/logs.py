@@ -23,7 +23,7 @@ class LogError(ValueError):
 
 
 # The outcomes of a search (search.Outcome) and of a due step that was not measured.
-STATUSES = ("converged", "ascent", "unresolved", "capped", "skipped")
+STATUSES = ("converged", "ascent", "unresolved", "capped", "non_finite", "skipped")
 
 
 @dataclass
@@ -113,6 +113,8 @@ def _text_status(text: str) -> tuple[str, tuple[str, float] | None]:
         return "ascent", None
     if text.startswith("skipped"):
         return "skipped", None
+    if text.startswith("non-finite"):
+        return "non_finite", None
     match = re.match(rf"^([<>])\s*({_NUMBER})\s*\((unresolved|never rose|capped)\)", text)
     if match:
         return ("unresolved" if match.group(3) == "unresolved" else "capped"), (match.group(1), float(match.group(2)))

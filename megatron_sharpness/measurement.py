@@ -58,6 +58,8 @@ class TaskMeasurement:
             return f"{value:.4E}"
         if search.outcome is Outcome.ASCENT:
             return "ascent" if search.slope is None else f"ascent (slope {search.slope:+.3E})"
+        if search.outcome is Outcome.NON_FINITE:
+            return f"non-finite (once, at lr {search.non_finite_at:.4E})"
         lo, hi = search.bracket
         # where η_c lies; λ_c = 2/η_c turns the inequality around
         above, bound = (True, lo) if search.outcome is Outcome.CAPPED else (False, hi)

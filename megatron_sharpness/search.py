@@ -48,6 +48,7 @@ class Outcome(str, Enum):
     ASCENT = "ascent"          # slope > 0: the update raises this loss at any small step
     UNRESOLVED = "unresolved"  # rose already at the resolution floor, slope not positive: η_c < hi
     CAPPED = "capped"          # never rose within max_search evaluations: η_c > lo
+    NON_FINITE = "non_finite"  # a non-finite loss that did not repeat: a fault, not divergence
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,13 @@ class SearchResult:
     def forwards(self) -> int:
         return len(self.evaluations)
 
+    @property
+    def non_finite_at(self) -> float | None:
+        """For a NON_FINITE outcome, the lr whose loss was non-finite once and finite again."""
+        if self.outcome is not Outcome.NON_FINITE:
+            return None
+        return next(s for s, loss in self.evaluations if not math.isfinite(loss)) * self.lr
+
     def sharpness_bound(self) -> tuple[str, float] | None:
         """For a search without a finite λ_c, what is known of λ_c = 2/η_c: ('>', b) or ('<', b)."""
         lo, hi = self.bracket
@@ -126,13 +134,24 @@ class _Trials:
     def __init__(self, loss_at: Callable[[float], float], baseline: float, floor: float):
         self.loss_at, self.baseline, self.floor = loss_at, baseline, floor
         self.losses: dict[float, float] = {}
-        self.order: list[float] = []
+        self.order: list[tuple[float, float]] = []
 
     def loss(self, step_multiple: float) -> float:
         if step_multiple not in self.losses:
-            self.losses[step_multiple] = float(self.loss_at(step_multiple))
-            self.order.append(step_multiple)
+            loss = self._evaluate(step_multiple)
+            if not math.isfinite(loss):
+                # Divergence repeats; a fault of the forward (a transient NaN on one rank) does
+                # not, and reading it as a rise would report a λ_c made of it.
+                again = self._evaluate(step_multiple)
+                if math.isfinite(again):
+                    raise _TransientNonFinite(step_multiple)
+            self.losses[step_multiple] = loss
         return self.losses[step_multiple]
+
+    def _evaluate(self, step_multiple: float) -> float:
+        loss = float(self.loss_at(step_multiple))
+        self.order.append((step_multiple, loss))
+        return loss
 
     def rises(self, step_multiple: float) -> bool:
         return loss_rose(self.loss(step_multiple), self.baseline)
@@ -154,7 +173,11 @@ class _Trials:
         return (below[-1] if below else None), hi
 
     def evaluations(self) -> tuple[tuple[float, float], ...]:
-        return tuple((s, self.losses[s]) for s in self.order)
+        return tuple(self.order)
+
+
+class _TransientNonFinite(Exception):
+    """A non-finite trial loss that a second evaluation of the same point did not repeat."""
 
 
 def critical_lr_search(
@@ -187,13 +210,17 @@ def critical_lr_search(
         raise ValueError(f"method must be one of {', '.join(SEARCH_METHODS)}, got {method!r}")
 
     trials = _Trials(loss_at, baseline_loss, resolution_floor)
-    step_raised_loss = trials.rises(1.0)
     search = (_FastSearch if method == "fast" else _PaperSearch)(
         trials, max(initial_step_multiple, resolution_floor), tol, max_search)
-    outcome = search.run()
+    step_raised_loss = None
+    try:
+        step_raised_loss = trials.rises(1.0)
+        outcome = search.run()
+    except _TransientNonFinite:
+        outcome = Outcome.NON_FINITE
     lo, hi = search.bracket() if outcome is Outcome.CONVERGED else trials.bracket()
     critical = 0.5 * (lo + hi) if outcome is Outcome.CONVERGED else None
-    if outcome in (Outcome.ASCENT, Outcome.UNRESOLVED):
+    if outcome in (Outcome.ASCENT, Outcome.UNRESOLVED, Outcome.NON_FINITE):
         lo = None  # the loss rose at every resolvable point
     return SearchResult(lr, baseline_loss, outcome, critical, (lo or 0.0, hi), trials.evaluations(),
                         resolution_floor, step_raised_loss, search.slope)

@@ -251,3 +251,26 @@ def test_equal_loss_while_doubling_is_still_not_a_rise():
     assert result.converged
     lo, hi = result.bracket_step_multiple
     assert lo < 5 <= hi
+
+
+@pytest.mark.parametrize("method", ["fast", "paper"])
+def test_a_transient_nan_below_a_finite_point_is_its_own_outcome_not_a_rise(method):
+    # One faulty forward at the second trial point; the loss is a parabola with s* = 5.8.
+    calls = []
+
+    def loss_at(s):
+        calls.append(s)
+        return math.nan if len(calls) == 2 else s * (s - 5.8)
+
+    result = critical_lr_search(loss_at, 0.0, lr=0.1, method=method)
+    assert result.outcome is Outcome.NON_FINITE
+    assert result.critical_lr is None and result.critical_sharpness is None
+    assert result.non_finite_at == pytest.approx(0.1 * calls[1])
+    assert math.isnan(result.evaluations[1][1]) and result.evaluations[2][0] == calls[1]  # the retry
+
+
+def test_divergence_at_large_steps_is_still_a_rise():
+    result = critical_lr_search(lambda s: -s if s < 3.0 else math.inf, 0.0)
+    assert result.converged and result.bracket_step_multiple[0] < 3.0 <= result.bracket_step_multiple[1]
+    non_finite = [s for s, loss in result.evaluations if not math.isfinite(loss)]
+    assert len(non_finite) == 2 * len(set(non_finite))  # each diverged point checked once more
