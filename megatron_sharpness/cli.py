@@ -89,15 +89,13 @@ def _exec(command: list[str]) -> int:
         return 127
 
 
-def _print(text: str) -> bool:
-    """Print to stdout; False when the reader has gone (`parse ... | head`)."""
+def _print(text: str) -> None:
+    """Print to stdout; a reader that has gone (`parse ... | head`) is no error."""
     try:
         print(text, flush=True)
     except BrokenPipeError:
         # Point stdout at devnull so that the interpreter's last flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return False
-    return True
 
 
 def _image_formats() -> set[str]:
