@@ -108,6 +108,13 @@ def _image_formats() -> set[str]:
 
 def plot_path(output: str) -> tuple[str, str | None]:
     """The file `plot -o output` writes, and why it differs from output (None if it does not)."""
+    if output.endswith(("/", os.sep)):  # a folder by its name: make it
+        from megatron_sharpness.report import ReportError
+
+        try:
+            os.makedirs(output, exist_ok=True)
+        except OSError as error:
+            raise ReportError(f"cannot create the folder {output}: {error.strerror or error}") from None
     if os.path.isdir(output):
         return os.path.join(output, "critical_sharpness.png"), f"{output} is a folder"
     extension = os.path.splitext(output)[1][1:].lower()

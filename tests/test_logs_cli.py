@@ -179,6 +179,7 @@ def test_unreadable_jsonl_lines_are_counted_on_stderr(tmp_path):
     ("run.v2", "run.v2.png", " ('{out}run.v2' has the extension .v2, which is no image format: added .png)"),
     ("figure.pdf", "figure.pdf", ""),
     ("plots", "plots/critical_sharpness.png", " ({out}plots is a folder)"),
+    ("new/", "new/critical_sharpness.png", " ({out}new/ is a folder)"),
 ])
 def test_plot_writes_exactly_the_file_it_names(tmp_path, output, written, note):
     pytest.importorskip("matplotlib")
