@@ -15,7 +15,8 @@ def require_callable(value: Any, argument: str, allowed: str) -> None:
 
 def require_optimizer(optimizer: Any, argument: str = "optimizer") -> None:
     """Anything shaped like a torch optimizer: param_groups and a step() method."""
-    if not isinstance(getattr(optimizer, "param_groups", None), list) or not callable(getattr(optimizer, "step", None)):
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, (list, tuple)) or not callable(getattr(optimizer, "step", None)):
         raise TypeError(f"critical sharpness: {argument} must be the training optimizer (with param_groups "
                         f"and step()), got {_describe(optimizer)}")
 

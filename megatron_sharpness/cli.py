@@ -89,15 +89,13 @@ def _exec(command: list[str]) -> int:
         return 127
 
 
-def _print(text: str) -> bool:
-    """Print to stdout; False when the reader has gone (`parse ... | head`)."""
+def _print(text: str) -> None:
+    """Print to stdout; a reader that has gone (`parse ... | head`) is no error."""
     try:
         print(text, flush=True)
     except BrokenPipeError:
         # Point stdout at devnull so that the interpreter's last flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return False
-    return True
 
 
 def _image_formats() -> set[str]:
@@ -110,6 +108,13 @@ def _image_formats() -> set[str]:
 
 def plot_path(output: str) -> tuple[str, str | None]:
     """The file `plot -o output` writes, and why it differs from output (None if it does not)."""
+    if output.endswith(("/", os.sep)):  # a folder by its name: make it
+        from megatron_sharpness.report import ReportError
+
+        try:
+            os.makedirs(output, exist_ok=True)
+        except OSError as error:
+            raise ReportError(f"cannot create the folder {output}: {error.strerror or error}") from None
     if os.path.isdir(output):
         return os.path.join(output, "critical_sharpness.png"), f"{output} is a folder"
     extension = os.path.splitext(output)[1][1:].lower()

@@ -32,6 +32,8 @@ def _divisors(n: int) -> str:
 
 def output_dir_problem(output_dir: str, flag: str = "--output-dir") -> str | None:
     """Why nothing can be written into output_dir (created if missing), or None."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        return f"{flag} {output_dir}: is a file, not a folder; allowed: a writable folder"
     try:
         os.makedirs(output_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=output_dir):

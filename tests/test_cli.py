@@ -76,3 +76,17 @@ def test_demo_accepts_the_layouts_it_can_run(tmp_path):
         problems = demo_problems(10, 10, str(tmp_path), tensor_parallel, pipeline_parallel)
         # megatron-core and matplotlib may be missing where the extras are not installed
         assert [p for p in problems if "not installed" not in p] == []
+
+
+def test_demo_torch_checks_its_arguments_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["demo-torch", "--steps", "5", "--interval", "10", "--output-dir", str(blocker)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing trained
+    assert captured.err.splitlines() == [
+        "megatron-sharpness demo-torch: error: --steps 5 is below --interval 10: no step would be measured; "
+        "allowed: --steps >= --interval",
+        f"megatron-sharpness demo-torch: error: --output-dir {blocker}: is a file, not a folder; "
+        "allowed: a writable folder",
+    ]

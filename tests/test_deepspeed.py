@@ -18,6 +18,21 @@ pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (p
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "deepspeed_train.py")
 ENV = {"DS_ACCELERATOR": "cpu"}
+# DeepSpeed JIT-compiles these CPU ops on first use (tests/conftest.py gives them a folder per
+# environment): the comm op at every init, FusedAdam and CPUAdam for the fused and offload configs.
+OPS = {"ShareMemCommBuilder": "deepspeed_shm_comm", "FusedAdamBuilder": "fused_adam", "CPUAdamBuilder": "cpu_adam"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def deepspeed_ops_built_once():
+    """Build (or load) the ops here, once, before any launch: a compile inside a launch (minutes on a
+    loaded machine) would run against that launch's timeout, with the other rank waiting on it."""
+    from deepspeed.accelerator import get_accelerator
+
+    for builder in OPS:
+        get_accelerator().create_op_builder(builder).load(verbose=False)
+    built = os.listdir(os.environ["TORCH_EXTENSIONS_DIR"])
+    assert set(OPS.values()) <= set(built), f"ops missing from {os.environ['TORCH_EXTENSIONS_DIR']}: {built}"
 
 CONFIGS = {
     "zero0-fp32": (["--stage", "0", "--dtype", "fp32"], "AdamW"),

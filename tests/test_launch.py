@@ -23,3 +23,18 @@ def test_ranks_get_torchrun_environment():
     results = run_ranks(["-c", "import os; print(os.environ['RANK'], os.environ['WORLD_SIZE'], "
                                "os.environ['OMP_NUM_THREADS'])"], world_size=3, timeout=60)
     assert [r.output.split() for r in results] == [["0", "3", "1"], ["1", "3", "1"], ["2", "3", "1"]]
+
+
+def test_ranks_build_torch_extensions_in_a_folder_of_this_environment():
+    import hashlib
+    import os
+    import sys
+
+    prefix = os.path.realpath(sys.prefix)
+    expected = os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions",
+                            f"{os.path.basename(prefix)}-{hashlib.sha256(prefix.encode()).hexdigest()[:12]}")
+    if os.environ.get("XDG_CACHE_HOME") or os.environ["TORCH_EXTENSIONS_DIR"] != expected:
+        pytest.skip("TORCH_EXTENSIONS_DIR or XDG_CACHE_HOME was set outside the tests")
+    code = "import os; print(os.environ['TORCH_EXTENSIONS_DIR'])"
+    results = run_ranks(["-c", code], world_size=2, timeout=60)
+    assert [r.output.strip() for r in results] == [expected, expected]

@@ -160,21 +160,20 @@ def test_parse_into_a_closed_pipe_ends_quietly(tmp_path):
     assert result.stderr == "" and len(result.stdout.splitlines()) == 2
 
 
-def test_unreadable_jsonl_lines_are_counted_on_stderr(tmp_path):
+def test_unreadable_jsonl_lines_are_counted_on_stderr(tmp_path, capsys):
     jsonl = tmp_path / "crashed.jsonl"
     records_jsonl(jsonl, [10, 20, 30])
     with open(jsonl, "a") as handle:
         handle.write("\x00\x07 garbage\n" + '{"step": 40, "lr": 1e-3, "critical_sh')  # the crash cut the last line
-    result = subprocess.run([sys.executable, "-m", "megatron_sharpness.cli", "parse", str(jsonl), "--format", "csv"],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0
-    assert result.stderr.splitlines() == [f"megatron-sharpness parse: warning: {jsonl}: skipped 2 of 5 lines that hold "
-                                          "no readable measurement record (cut short or garbage)"]
-    assert [line.split(",")[0] for line in result.stdout.splitlines()[1:]] == ["10", "20", "30"]
+    assert main(["parse", str(jsonl), "--format", "csv"]) == 0
+    result = capsys.readouterr()
+    assert result.err.splitlines() == [f"megatron-sharpness parse: warning: {jsonl}: skipped 2 of 5 lines that hold "
+                                       "no readable measurement record (cut short or garbage)"]
+    assert [line.split(",")[0] for line in result.out.splitlines()[1:]] == ["10", "20", "30"]
     text_log = tmp_path / "train.log"  # a text log's other output (a config dump) is no warning
     text_log.write_text("{\n  \"train_batch_size\": 8\n}\n" + megatron_line(10) + "\nother output\n" * 3)
-    assert subprocess.run([sys.executable, "-m", "megatron_sharpness.cli", "parse", str(text_log)],
-                          capture_output=True, text=True, timeout=60).stderr == ""
+    assert main(["parse", str(text_log)]) == 0
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("output, written, note", [
@@ -182,17 +181,16 @@ def test_unreadable_jsonl_lines_are_counted_on_stderr(tmp_path):
     ("run.v2", "run.v2.png", " ('{out}run.v2' has the extension .v2, which is no image format: added .png)"),
     ("figure.pdf", "figure.pdf", ""),
     ("plots", "plots/critical_sharpness.png", " ({out}plots is a folder)"),
+    ("new/", "new/critical_sharpness.png", " ({out}new/ is a folder)"),
 ])
-def test_plot_writes_exactly_the_file_it_names(tmp_path, output, written, note):
+def test_plot_writes_exactly_the_file_it_names(tmp_path, capsys, output, written, note):
     pytest.importorskip("matplotlib")
     jsonl = tmp_path / "s.jsonl"
     records_jsonl(jsonl, [10, 20, 30])
     (tmp_path / "plots").mkdir()
     out = f"{tmp_path}/"
-    result = subprocess.run([sys.executable, "-m", "megatron_sharpness.cli", "plot", str(jsonl), "-o", out + output],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [f"wrote {out}{written}" + note.format(out=out)]
+    assert main(["plot", str(jsonl), "-o", out + output]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"wrote {out}{written}" + note.format(out=out)]
     magic = b"%PDF" if written.endswith(".pdf") else b"\x89PNG"
     assert (tmp_path / written).read_bytes()[:4] == magic
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"s.jsonl", "plots", written.split("/")[0]})
