@@ -100,10 +100,11 @@ def _compiler_tools_for_this_python() -> str:
     pybind11 --includes` and `python3-config --extension-suffix` from PATH; in a venv (and under
     pyenv) those can be another Python, whose extension module this one cannot import."""
     folder = Path(tempfile.mkdtemp(prefix="megatron-lm-cpu-bin-"))
-    (folder / "python3").symlink_to(sys.executable)
-    config = folder / "python3-config"
-    config.write_text(f"#!/bin/sh\necho {sysconfig.get_config_var('EXT_SUFFIX')}\n")
-    config.chmod(0o755)
+    # Scripts, not symlinks: a venv's python must be started by its own path to find its venv.
+    for name, body in (("python3", f'exec "{sys.executable}" "$@"'),
+                       ("python3-config", f"echo {sysconfig.get_config_var('EXT_SUFFIX')}")):
+        (folder / name).write_text(f"#!/bin/sh\n{body}\n")
+        (folder / name).chmod(0o755)
     return str(folder)
 
 
