@@ -42,3 +42,16 @@ def test_bad_arguments_exit_2_with_the_flag_named(argv, message):
     assert output.returncode == 2
     assert message in output.stderr
     assert "Traceback" not in output.stderr
+
+
+def test_check_names_what_is_wrong_with_a_checkout(tmp_path):
+    def check(path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "megatron_sharpness.cli", "check", str(path)],
+                              capture_output=True, text=True, timeout=60)
+
+    output = check(tmp_path)
+    assert output.returncode == 2 and "has no pretrain_gpt.py" in output.stderr
+    (tmp_path / "pretrain_gpt.py").write_text("print('not Megatron-LM')\n")
+    output = check(tmp_path)
+    assert output.returncode == 2 and "none of our patches applies (core_v0.16, core_v0.17" in output.stderr
+    assert "Traceback" not in output.stderr

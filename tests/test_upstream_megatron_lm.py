@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from megatron_sharpness.data import embedded_corpus, write_indexed_dataset
+from megatron_sharpness.testing import megatron_lm_check
 from megatron_sharpness.testing.launch import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,14 +33,9 @@ PY312_VENV = Path(os.environ.get("MEGATRON_SHARPNESS_PY312_VENV",
                                  Path.home() / ".cache" / "megatron-sharpness" / "py312-venv"))
 USER_CHECKOUT = os.environ.get("MEGATRON_SHARPNESS_MEGATRON_LM")
 
-# snapshot -> (our patch, the Python minor version its pyproject requires at least)
-SNAPSHOTS = {
-    "core_v0.16.1": ("core_v0.16", 11),
-    "core_v0.17.1": ("core_v0.17", 12),
-    "core_v0.18.2": ("core_v0.18", 12),
-    "core_v0.19.0": ("core_v0.19", 12),
-    "main-d98e8a64dd": ("main", 12),
-}
+# snapshot in ../shared/upstream/ -> our patch for its release line
+SNAPSHOTS = {"core_v0.16.1": "core_v0.16", "core_v0.17.1": "core_v0.17", "core_v0.18.2": "core_v0.18",
+             "core_v0.19.0": "core_v0.19", "main-d98e8a64dd": "main"}
 RUN_TIMEOUT = 300.0
 
 
@@ -50,24 +45,15 @@ def _unavailable(reason: str):
     pytest.skip(reason)
 
 
-def _python_for(minor: int) -> str:
-    if sys.version_info[:2] >= (3, minor):
+def _python_for(patch: Path) -> str:
+    needed = megatron_lm_check.required_python(patch)
+    if sys.version_info[:2] >= needed:
         return sys.executable
     venv_python = PY312_VENV / "bin" / "python"
-    if not venv_python.is_file():
-        _unavailable(f"needs Python >= 3.{minor}: build its venv with `bash .ci/py312-venv.sh` "
-                     f"(expected at {venv_python}; MEGATRON_SHARPNESS_PY312_VENV moves it)")
+    if needed > (3, 12) or not venv_python.is_file():
+        _unavailable(f"{patch.parent.name} needs Python >= {needed[0]}.{needed[1]}: build its venv with "
+                     f"`bash .ci/py312-venv.sh` (expected at {venv_python}; MEGATRON_SHARPNESS_PY312_VENV moves it)")
     return str(venv_python)
-
-
-def _patch_applying_to(checkout: Path) -> Path:
-    applying = [patch for patch in sorted(PATCHES.glob("*/0001-critical-sharpness.patch"))
-                if subprocess.run(["git", "apply", "--check", str(patch)], cwd=checkout,
-                                  capture_output=True).returncode == 0]
-    if len(applying) != 1:
-        pytest.fail(f"{checkout}: expected exactly one of our Megatron-LM patches to apply, got "
-                    f"{[p.parent.name for p in applying]}")
-    return applying[0]
 
 
 @dataclass(frozen=True)
@@ -82,27 +68,36 @@ def checkout(request, tmp_path_factory) -> Checkout:
     """A patched copy of Megatron-LM, unpacked (or copied) into a temporary folder."""
     target = tmp_path_factory.mktemp(f"megatron-lm-{request.param}")
     if request.param == "user":
-        source = Path(USER_CHECKOUT)
-        if not (source / "pretrain_gpt.py").is_file():
-            pytest.fail(f"MEGATRON_SHARPNESS_MEGATRON_LM={USER_CHECKOUT} holds no pretrain_gpt.py")
-        path = target / "Megatron-LM"
-        shutil.copytree(source, path, ignore=shutil.ignore_patterns(".git"))
-        patch = _patch_applying_to(path)
-        python = _python_for(SNAPSHOTS["core_v0.16.1"][1] if patch.parent.name == "core_v0.16" else 12)
-    else:
-        patch_name, minor = SNAPSHOTS[request.param]
-        tarball = UPSTREAM / f"megatron-lm-{request.param}.tar.gz"
-        if not tarball.is_file():
-            _unavailable(f"no snapshot {tarball} (../shared/upstream/, or MEGATRON_SHARPNESS_UPSTREAM); "
-                         "or point MEGATRON_SHARPNESS_MEGATRON_LM at a checkout")
-        python = _python_for(minor)
-        with tarfile.open(tarball) as archive:
-            archive.extractall(target, filter="data")
-        path = target / "Megatron-LM"
-        patch = PATCHES / patch_name / "0001-critical-sharpness.patch"
-        assert _patch_applying_to(path) == patch
+        path, patch = megatron_lm_check.patched_copy(Path(USER_CHECKOUT), target)
+        return Checkout(request.param, path, _python_for(patch))
+    patch = PATCHES / SNAPSHOTS[request.param] / megatron_lm_check.PATCH_NAME
+    python = _python_for(patch)
+    path = _unpacked(request.param, target)
     subprocess.run(["git", "apply", str(patch)], cwd=path, check=True)
     return Checkout(request.param, path, python)
+
+
+def _unpacked(snapshot: str, target: Path) -> Path:
+    tarball = UPSTREAM / f"megatron-lm-{snapshot}.tar.gz"
+    if not tarball.is_file():
+        _unavailable(f"no snapshot {tarball} (../shared/upstream/, or MEGATRON_SHARPNESS_UPSTREAM); "
+                     "or point MEGATRON_SHARPNESS_MEGATRON_LM at a checkout")
+    with tarfile.open(tarball) as archive:
+        archive.extractall(target, filter="data")
+    return target / "Megatron-LM"
+
+
+@pytest.mark.parametrize("snapshot", list(SNAPSHOTS))
+def test_each_release_line_takes_its_own_patch_and_no_other(snapshot, tmp_path):
+    path = _unpacked(snapshot, tmp_path)
+    patch = PATCHES / SNAPSHOTS[snapshot] / megatron_lm_check.PATCH_NAME
+    assert megatron_lm_check.patch_for(path) == (patch, False)
+    subprocess.run(["git", "apply", str(patch)], cwd=path, check=True)
+    assert megatron_lm_check.patch_for(path) == (patch, True)  # recognised once applied
+    training = (path / "megatron" / "training" / "training.py").read_text()
+    # The rerun loop must keep its RerunDataIterator: record() feeds forward_backward_func only.
+    assert "data_iterator = critical_sharpness.record(" not in training
+    assert "data_iterator=critical_sharpness.record(" in training
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +107,7 @@ def heldout(tmp_path_factory) -> str:
     return write_indexed_dataset(str(tmp_path_factory.mktemp("heldout") / "heldout"), corpus, document_bytes=2000)
 
 
-TINY_GPT = ["--distributed-backend", "gloo", "--transformer-impl", "local",
-            "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
-            "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-            "--seq-length", "32", "--max-position-embeddings", "32",
-            "--lr", "1e-3", "--train-iters", "3", "--log-interval", "1", "--log-params-norm",
-            "--eval-iters", "0", "--eval-interval", "1000",
-            # The fused kernels are CUDA-only.
-            "--no-gradient-accumulation-fusion", "--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
-            "--no-masked-softmax-fusion", "--no-persist-layer-norm", "--no-rope-fusion"]
+TINY_GPT = [*megatron_lm_check.TINY_GPT, "--train-iters", "3", "--log-params-norm"]
 MEASURED = 2  # --critical-sharpness-interval: iteration 2 is measured, 1 and 3 are not
 
 
