@@ -11,16 +11,20 @@ This is test machinery, never part of a real run: Megatron-LM's training loop as
 places that have nothing to do with the math we test. Each shim below says which places and why.
 The megatron-core shims of megatron_cpu.py come first; the ones here cover Megatron-LM's training
 code (megatron/training/) and the parts of megatron-core it reaches that our own loops do not.
-The math runs unchanged, in the dtype the flags ask for, on CPU tensors.
+The math runs unchanged, in the dtype the flags ask for, on CPU tensors. With one fake device
+Megatron seeds its model-parallel RNG tracker, whose states megatron_cpu maps onto torch's CPU
+generator: dropout, inside tensor-parallel regions too, draws from that one generator.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.abc
 import importlib.util
 import os
 import runpy
+import shutil
 import sys
 import sysconfig
 import tempfile
@@ -100,6 +104,7 @@ def _compiler_tools_for_this_python() -> str:
     pybind11 --includes` and `python3-config --extension-suffix` from PATH; in a venv (and under
     pyenv) those can be another Python, whose extension module this one cannot import."""
     folder = Path(tempfile.mkdtemp(prefix="megatron-lm-cpu-bin-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     # Scripts, not symlinks: a venv's python must be started by its own path to find its venv.
     for name, body in (("python3", f'exec "{sys.executable}" "$@"'),
                        ("python3-config", f"echo {sysconfig.get_config_var('EXT_SUFFIX')}")):
