@@ -24,8 +24,10 @@ setup(
         "megatron": ["megatron-core==0.16.1"],
         "mpi": ["mpi4py"],
         "plot": ["matplotlib"],
-        # mpich: an MPI with mpiexec from PyPI, for the MPI launch tests
-        "dev": ["pytest", "pytest-timeout", "mpich"],
+        # mpich: an MPI with mpiexec from PyPI, for the MPI launch tests. pybind11, tensorboard and
+        # triton: what Megatron-LM's real pretrain_gpt.py needs on CPU in the end-to-end tests
+        # (its dataset helpers build with pybind11; it imports triton; --tensorboard-dir).
+        "dev": ["pytest", "pytest-timeout", "mpich", "pybind11", "tensorboard", "triton"],
     },
     entry_points={"console_scripts": ["megatron-sharpness=megatron_sharpness.cli:main"]},
 )

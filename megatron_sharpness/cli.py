@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="image to write; the extension picks the format (png, pdf, svg, ...; .png is added "
                            "to a name without one); a folder gets critical_sharpness.png inside "
                            "(default critical_sharpness.png)")
+    check = commands.add_parser(
+        "check", help="apply our patch to a copy of a Megatron-LM checkout and train a tiny GPT for 3 iterations "
+                      "on CPU with the probe on: does this checkout work, before a cluster job?")
+    check.add_argument("checkout", metavar="PATH", help="the Megatron-LM checkout (left unchanged)")
+    check.add_argument("--python", default=sys.executable,
+                       help="the Python to train with (core_v0.17 and later need 3.12; default: this one)")
+    check.add_argument("--nproc", type=positive_int, default=1, help="ranks (default 1)")
+    check.add_argument("--timeout", type=positive_int, default=600, help="seconds (default 600)")
+    check.add_argument("megatron_flags", nargs=argparse.REMAINDER, metavar="-- FLAGS",
+                       help="more pretrain_gpt.py flags, e.g. -- --tensor-model-parallel-size 2")
     run = commands.add_parser(
         "exec", help="run COMMAND with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set from srun, "
                      "mpiexec or torchrun (e.g. srun megatron-sharpness exec -- python pretrain_gpt.py ...)")
@@ -181,6 +191,16 @@ def main(argv: list[str] | None = None) -> int:
                         tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel)
     if args.command == "demo-torch":
         return _torch_demo(args)
+    if args.command == "check":
+        from megatron_sharpness.testing.megatron_lm_check import CheckError, check
+        from pathlib import Path
+
+        flags = args.megatron_flags[1:] if args.megatron_flags[:1] == ["--"] else args.megatron_flags
+        try:
+            return check(Path(args.checkout), args.python, args.nproc, flags, args.timeout)
+        except CheckError as error:
+            print(f"megatron-sharpness check: error: {error}", file=sys.stderr)
+            return 2
     if args.command == "exec":
         return _exec(args.command_line)
     if args.command in ("parse", "summary", "plot"):

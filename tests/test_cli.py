@@ -90,3 +90,16 @@ def test_demo_torch_checks_its_arguments_before_training(tmp_path, capsys):
         f"megatron-sharpness demo-torch: error: --output-dir {blocker}: is a file, not a folder; "
         "allowed: a writable folder",
     ]
+
+
+def test_check_names_what_is_wrong_with_a_checkout(tmp_path):
+    def check(path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "megatron_sharpness.cli", "check", str(path)],
+                              capture_output=True, text=True, timeout=60)
+
+    output = check(tmp_path)
+    assert output.returncode == 2 and "has no pretrain_gpt.py" in output.stderr
+    (tmp_path / "pretrain_gpt.py").write_text("print('not Megatron-LM')\n")
+    output = check(tmp_path)
+    assert output.returncode == 2 and "none of our patches applies (core_v0.16, core_v0.17" in output.stderr
+    assert "Traceback" not in output.stderr

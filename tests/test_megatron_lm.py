@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("megatron.core", reason="the megatron extra is not installed (pip install -e '.[megatron]')")
 
@@ -77,7 +78,11 @@ def test_relative_dataset_is_read_in_windows_and_a_bad_path_is_a_clear_error(tmp
     first, second = next(batches), next(batches)
     assert first["tokens"].tolist()[0] == list(range(9)) and first["labels"].tolist()[0] == list(range(1, 10))
     assert first["tokens"].tolist()[1][0] == 10 and second["tokens"].tolist()[0][0] == 30
-    assert first["attention_mask"].shape == (1, 1, 9, 9) and first["loss_mask"].shape == (3, 9)
+    # Megatron broadcasts the mask from TP rank 0 into a [micro_batch_size, 1, s, s] buffer.
+    assert first["attention_mask"].shape == (3, 1, 9, 9) and first["loss_mask"].shape == (3, 9)
+    assert first["attention_mask"][2, 0].tolist() == (torch.ones(9, 9).triu(1) > 0).tolist()
+    unmasked = megatron_lm.IndexedDatasetBatches(prefix, seq_length=9, micro_batch_size=3, attention_mask=False)
+    assert "attention_mask" not in next(unmasked)
     with pytest.raises(ValueError, match="cannot read the indexed dataset"):
         megatron_lm.IndexedDatasetBatches(str(tmp_path / "missing"), seq_length=9, micro_batch_size=3)
     args = megatron_lm.add_critical_sharpness_args(argparse.ArgumentParser()).parse_args(

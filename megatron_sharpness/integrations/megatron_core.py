@@ -15,8 +15,9 @@ the micro-batches the step read, and restores θ_{t+1}.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -125,8 +126,9 @@ class MegatronSharpness:
             self.backend.restore()
             raise
         self.backend.step_applied = bool(result[0])
-        self.last_measurement = self.probe.measure(self.backend, self.iteration, lr,
-                                                   list(self.relative_data_iterators))
+        with _rerun_state_machine_disabled():
+            self.last_measurement = self.probe.measure(self.backend, self.iteration, lr,
+                                                       list(self.relative_data_iterators))
         return result
 
     def close(self) -> None:
@@ -167,6 +169,25 @@ def _check_model_chunks(model: Any) -> None:
         if not isinstance(chunk, torch.nn.Module):
             raise TypeError(f"critical sharpness: model[{index}] must be a model chunk (torch.nn.Module), "
                             f"got {type(chunk).__name__}")
+
+
+@contextlib.contextmanager
+def _rerun_state_machine_disabled() -> Iterator[None]:
+    """Megatron's rerun state machine off for the probe's forward-only passes, as Megatron-LM's
+    evaluate() does: the script's loss_func validates each loss through it, which asserts outside
+    the training step's forward-backward pass (Megatron-LM's default --rerun-mode validate_results)."""
+    from megatron.core.rerun_state_machine import RerunMode, get_rerun_state_machine
+
+    machine = get_rerun_state_machine()
+    mode = machine.get_mode()
+    if mode == RerunMode.DISABLED:
+        yield
+        return
+    machine.set_mode(RerunMode.DISABLED)
+    try:
+        yield
+    finally:
+        machine.set_mode(mode)
 
 
 def _default_loggers(config: SharpnessConfig) -> list[MeasurementLogger]:

@@ -55,9 +55,11 @@ def add_critical_sharpness_args(parser: argparse.ArgumentParser) -> argparse.Arg
 
 class IndexedDatasetBatches:
     """Micro-batches of consecutive (seq_length + 1)-token windows over the documents of a Megatron
-    indexed dataset, in the dict form Megatron's GPT get_batch reads; cycles forever."""
+    indexed dataset, in the dict form Megatron's GPT get_batch reads; cycles forever.
+    attention_mask: whether batches carry one (Megatron's --no-create-attention-mask-in-dataloader
+    turns it off)."""
 
-    def __init__(self, path_prefix: str, seq_length: int, micro_batch_size: int):
+    def __init__(self, path_prefix: str, seq_length: int, micro_batch_size: int, attention_mask: bool = True):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         try:
@@ -68,6 +70,7 @@ class IndexedDatasetBatches:
         if len(self.dataset) == 0:
             raise ValueError(f"--relative-sharpness-data-path: {path_prefix!r} holds no document")
         self.window, self.micro_batch_size = seq_length + 1, micro_batch_size
+        self.attention_mask = attention_mask
         self._document, self._buffer = 0, torch.empty(0, dtype=torch.long)
 
     def __iter__(self) -> IndexedDatasetBatches:
@@ -83,17 +86,24 @@ class IndexedDatasetBatches:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         windows = self._tokens(self.window * self.micro_batch_size).view(self.micro_batch_size, self.window)
-        return gpt_micro_batch(windows)
+        return gpt_micro_batch(windows, self.attention_mask)
 
 
-def gpt_micro_batch(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A micro-batch as Megatron's GPT get_batch reads it, from [batch, seq + 1] token ids."""
+def gpt_micro_batch(tokens: torch.Tensor, attention_mask: bool = True) -> dict[str, torch.Tensor]:
+    """A micro-batch as Megatron's GPT get_batch reads it, from [batch, seq + 1] token ids.
+
+    Shapes and dtypes are those of Megatron's GPT dataset after collation, which
+    get_batch_on_this_tp_rank broadcasts from TP rank 0 into buffers it allocates on the other
+    ranks: the causal mask (True = masked) is [batch, 1, seq, seq], not a broadcastable [1, 1, ...]."""
     batch, seq_plus_one = tokens.shape
     seq = seq_plus_one - 1
-    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-            "loss_mask": torch.ones(batch, seq),
-            "position_ids": torch.arange(seq).unsqueeze(0).expand(batch, -1).contiguous(),
-            "attention_mask": torch.tril(torch.ones(1, 1, seq, seq)) < 0.5}
+    micro_batch = {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+                   "loss_mask": torch.ones(batch, seq),
+                   "position_ids": torch.arange(seq).unsqueeze(0).expand(batch, -1).contiguous()}
+    if attention_mask:
+        causal = torch.tril(torch.ones(seq, seq, dtype=torch.bool)).logical_not()
+        micro_batch["attention_mask"] = causal.expand(batch, 1, seq, seq).contiguous()
+    return micro_batch
 
 
 def _relative_iterators(args: argparse.Namespace, chunks: int) -> dict[str, Any]:
@@ -101,7 +111,9 @@ def _relative_iterators(args: argparse.Namespace, chunks: int) -> dict[str, Any]
     for name, path in args.relative_sharpness_data_path:
         if name in iterators:
             raise ValueError(f"--relative-sharpness-data-path: task name {name!r} is given twice")
-        per_chunk = [IndexedDatasetBatches(path, args.seq_length, args.micro_batch_size) for _ in range(chunks)]
+        per_chunk = [IndexedDatasetBatches(path, args.seq_length, args.micro_batch_size,
+                                           getattr(args, "create_attention_mask_in_dataloader", True))
+                     for _ in range(chunks)]
         iterators[name] = per_chunk if chunks > 1 else per_chunk[0]
     return iterators
 

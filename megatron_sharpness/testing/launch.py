@@ -36,8 +36,9 @@ def free_port() -> int:
 
 
 def run_ranks(args: Sequence[str], world_size: int, timeout: float,
-              env: dict[str, str] | None = None) -> list[RankResult]:
-    """Runs `python args...` world_size times with torchrun's environment variables set."""
+              env: dict[str, str] | None = None, python: str | None = None) -> list[RankResult]:
+    """Runs `python args...` world_size times with torchrun's environment variables set.
+    python: the interpreter (default: this one), e.g. a venv of another Python version."""
     port = free_port()
     base_env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size),
@@ -48,7 +49,7 @@ def run_ranks(args: Sequence[str], world_size: int, timeout: float,
             log_paths.append(os.path.join(logs, f"rank{rank}.log"))
             with open(log_paths[-1], "w") as log:
                 processes.append(subprocess.Popen(
-                    [sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
+                    [python or sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
                     env={**base_env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                     start_new_session=True))
         failure = _wait(processes, timeout)

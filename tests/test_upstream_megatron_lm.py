@@ -1,0 +1,232 @@
+"""End to end: NVIDIA/Megatron-LM's REAL pretrain_gpt.py, patched with our patch for its release
+line, trained on CPU with gloo (megatron_sharpness.testing.megatron_lm_cpu) in Megatron-LM's
+default rerun mode (validate_results), with the probe on and off.
+
+Sources: the pinned snapshots in ../shared/upstream/ (each unpacked into a temporary folder), or
+your own checkout: MEGATRON_SHARPNESS_MEGATRON_LM=/path/to/Megatron-LM (copied, then patched with
+whichever of our patches applies). core_v0.17 and later need Python 3.12: the venv that
+.ci/py312-venv.sh builds (MEGATRON_SHARPNESS_PY312_VENV to move it). Without a snapshot or that
+Python the tests skip and say why; under CI (CI=true) a skip fails instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from megatron_sharpness.data import embedded_corpus, write_indexed_dataset
+from megatron_sharpness.testing import megatron_lm_check
+from megatron_sharpness.testing.launch import run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+PATCHES = ROOT / "patches" / "megatron-lm"
+UPSTREAM = Path(os.environ.get("MEGATRON_SHARPNESS_UPSTREAM", ROOT.parent / "shared" / "upstream"))
+PY312_VENV = Path(os.environ.get("MEGATRON_SHARPNESS_PY312_VENV",
+                                 Path.home() / ".cache" / "megatron-sharpness" / "py312-venv"))
+USER_CHECKOUT = os.environ.get("MEGATRON_SHARPNESS_MEGATRON_LM")
+
+# snapshot in ../shared/upstream/ -> our patch for its release line
+SNAPSHOTS = {"core_v0.16.1": "core_v0.16", "core_v0.17.1": "core_v0.17", "core_v0.18.2": "core_v0.18",
+             "core_v0.19.0": "core_v0.19", "main-d98e8a64dd": "main"}
+RUN_TIMEOUT = 300.0
+
+
+def _unavailable(reason: str):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"under CI every upstream end-to-end test must run: {reason}")
+    pytest.skip(reason)
+
+
+def _python_for(patch: Path) -> str:
+    needed = megatron_lm_check.required_python(patch)
+    if sys.version_info[:2] >= needed:
+        return sys.executable
+    venv_python = PY312_VENV / "bin" / "python"
+    if needed > (3, 12) or not venv_python.is_file():
+        _unavailable(f"{patch.parent.name} needs Python >= {needed[0]}.{needed[1]}: build its venv with "
+                     f"`bash .ci/py312-venv.sh` (expected at {venv_python}; MEGATRON_SHARPNESS_PY312_VENV moves it)")
+    return str(venv_python)
+
+
+@dataclass(frozen=True)
+class Checkout:
+    name: str
+    path: Path
+    python: str
+
+
+@pytest.fixture(scope="module")
+def checkout(request, tmp_path_factory) -> Checkout:
+    """A patched copy of Megatron-LM, unpacked (or copied) into a temporary folder."""
+    target = tmp_path_factory.mktemp(f"megatron-lm-{request.param}")
+    if request.param == "user":
+        path, patch = megatron_lm_check.patched_copy(Path(USER_CHECKOUT), target)
+        return Checkout(request.param, path, _python_for(patch))
+    patch = PATCHES / SNAPSHOTS[request.param] / megatron_lm_check.PATCH_NAME
+    python = _python_for(patch)
+    path = _unpacked(request.param, target)
+    subprocess.run(["git", "apply", str(patch)], cwd=path, check=True)
+    return Checkout(request.param, path, python)
+
+
+def _unpacked(snapshot: str, target: Path) -> Path:
+    tarball = UPSTREAM / f"megatron-lm-{snapshot}.tar.gz"
+    if not tarball.is_file():
+        _unavailable(f"no snapshot {tarball} (../shared/upstream/, or MEGATRON_SHARPNESS_UPSTREAM); "
+                     "or point MEGATRON_SHARPNESS_MEGATRON_LM at a checkout")
+    with tarfile.open(tarball) as archive:
+        archive.extractall(target, filter="data")
+    return target / "Megatron-LM"
+
+
+@pytest.mark.parametrize("snapshot", list(SNAPSHOTS))
+def test_each_release_line_takes_its_own_patch_and_no_other(snapshot, tmp_path):
+    path = _unpacked(snapshot, tmp_path)
+    patch = PATCHES / SNAPSHOTS[snapshot] / megatron_lm_check.PATCH_NAME
+    assert megatron_lm_check.patch_for(path) == (patch, False)
+    subprocess.run(["git", "apply", str(patch)], cwd=path, check=True)
+    assert megatron_lm_check.patch_for(path) == (patch, True)  # recognised once applied
+    training = (path / "megatron" / "training" / "training.py").read_text()
+    # The rerun loop must keep its RerunDataIterator: record() feeds forward_backward_func only.
+    assert "data_iterator = critical_sharpness.record(" not in training
+    assert "data_iterator=critical_sharpness.record(" in training
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory) -> str:
+    # Byte tokens folded below the tests' --vocab-size 128.
+    corpus = bytes(byte & 0x7F for byte in embedded_corpus()[:40000])
+    return write_indexed_dataset(str(tmp_path_factory.mktemp("heldout") / "heldout"), corpus, document_bytes=2000)
+
+
+TINY_GPT = [*megatron_lm_check.TINY_GPT, "--train-iters", "3", "--log-params-norm"]
+MEASURED = 2  # --critical-sharpness-interval: iteration 2 is measured, 1 and 3 are not
+
+
+def _iteration_fields(output: str) -> dict[int, dict[str, str]]:
+    """Megatron's iteration lines: iteration -> {field: text}."""
+    lines = {}
+    for match in re.finditer(r"iteration\s+(\d+)/\s*\d+ \|(.*)", output):
+        lines[int(match.group(1))] = {key.strip(): value.strip()
+                                      for key, value in re.findall(r"([^|:]+):([^|]*)\|", match.group(2))}
+    return lines
+
+
+def _scalars(tensorboard_dir: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(tensorboard_dir))
+    accumulator.Reload()
+    return {tag: {event.step: event.value for event in accumulator.Scalars(tag)}
+            for tag in accumulator.Tags()["scalars"]}
+
+
+@dataclass
+class Run:
+    lines: dict[int, dict[str, str]]
+    scalars: dict[str, dict[int, float]]
+    jsonl: list[dict]
+
+
+def _train(checkout: Checkout, out: Path, world_size: int, flags: list[str], probe: bool) -> Run:
+    out.mkdir(parents=True)
+    tensorboard_dir, jsonl = out / "tb", out / "sharpness.jsonl"
+    probe_flags = ["--critical-sharpness-interval", str(MEASURED), "--critical-sharpness-log-file", str(jsonl)]
+    started = time.monotonic()
+    results = run_ranks(
+        ["-m", "megatron_sharpness.testing.megatron_lm_cpu", str(checkout.path / "pretrain_gpt.py"), *TINY_GPT,
+         *flags, "--tensorboard-dir", str(tensorboard_dir), *(probe_flags if probe else [])],
+        world_size, timeout=RUN_TIMEOUT, python=checkout.python,
+        env={"PYTHONPATH": os.pathsep.join([str(checkout.path), str(ROOT)]), "CUDA_DEVICE_MAX_CONNECTIONS": "1"})
+    print(f"{checkout.name} {out.name}: {time.monotonic() - started:.1f} s")  # shown by pytest -rP
+    last = results[-1].output  # Megatron prints the iteration line on the last rank
+    lines = _iteration_fields(last)
+    assert sorted(lines) == [1, 2, 3], last[-3000:]
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    return Run(lines, _scalars(tensorboard_dir), records)
+
+
+LAYOUTS = {
+    # TP2, with a relative task read from an indexed dataset
+    "tp2-relative": (2, ["--tensor-model-parallel-size", "2", "--micro-batch-size", "2", "--global-batch-size", "4"]),
+    "pp2": (2, ["--pipeline-model-parallel-size", "2", "--micro-batch-size", "2", "--global-batch-size", "4"]),
+    "dp2-bf16-distopt-overlap": (2, ["--bf16", "--use-distributed-optimizer", "--overlap-grad-reduce",
+                                     "--overlap-param-gather", "--micro-batch-size", "1", "--global-batch-size", "4"]),
+}
+TRAINING_TAGS = ["lm loss", "grad-norm", "params-norm"]
+TRAINING_FIELDS = ["lm loss", "grad norm", "params norm"]
+
+
+def _matrix() -> list[tuple[str, str]]:
+    """(source, layout) pairs. Every layout runs on the oldest and the newest line and on a user's
+    checkout; each line between runs one, a different one each, to keep the suite's time in
+    budget (two or three training runs per pair). MEGATRON_SHARPNESS_E2E_ALL=1: every pair."""
+    if USER_CHECKOUT:
+        return [("user", layout) for layout in LAYOUTS]
+    everything = os.environ.get("MEGATRON_SHARPNESS_E2E_ALL") == "1"
+    between = dict(zip(list(SNAPSHOTS)[1:-1], ["pp2", "dp2-bf16-distopt-overlap", "tp2-relative"]))
+    return [(snapshot, layout) for snapshot in SNAPSHOTS for layout in LAYOUTS
+            if everything or snapshot not in between or between[snapshot] == layout]
+
+
+@pytest.mark.parametrize("checkout, layout", _matrix(), indirect=["checkout"])
+def test_real_pretrain_gpt_measures_and_trains_bitwise_as_without_probe(checkout, heldout, layout, tmp_path):
+    world_size, flags = LAYOUTS[layout]
+    relative = layout == "tp2-relative"
+    if relative:
+        flags = [*flags, "--relative-sharpness-data-path", f"heldout={heldout}"]
+    on = _train(checkout, tmp_path / "on", world_size, flags, probe=True)
+    off = _train(checkout, tmp_path / "off", world_size, flags, probe=False)
+
+    # Training is bitwise the same: the iteration lines' values, and TensorBoard's float32 scalars.
+    for iteration in (1, 2, 3):
+        for name in TRAINING_FIELDS:
+            assert on.lines[iteration][name] == off.lines[iteration][name], (iteration, name)
+    for tag in TRAINING_TAGS:
+        assert sorted(on.scalars[tag]) == [1, 2, 3] and on.scalars[tag] == off.scalars[tag], tag
+
+    # Our fields on the measured iteration only, and nowhere without the probe.
+    measured = on.lines[MEASURED]
+    assert "critical sharpness" not in on.lines[1] and "critical sharpness" not in on.lines[3]
+    assert not any("critical sharpness" in fields for fields in off.lines.values()) and off.jsonl == []
+    sharpness = float(measured["critical sharpness"])
+    assert 0 < sharpness < 1e6 and float(measured["critical lr"]) == pytest.approx(2 / sharpness, rel=1e-3)
+
+    # The JSONL holds the same measurement, and TensorBoard its scalars at that iteration.
+    [record] = on.jsonl
+    assert record["step"] == MEASURED and record["skipped"] is None
+    assert f"{record['critical_sharpness']:.4E}" == measured["critical sharpness"]
+    assert f"{record['critical_lr']:.4E}" == measured["critical lr"]
+    assert record["forwards"] == int(measured["sharpness forwards"])
+    assert on.scalars["critical sharpness"] == {MEASURED: pytest.approx(record["critical_sharpness"], rel=1e-6)}
+    assert on.scalars["critical lr"] == {MEASURED: pytest.approx(record["critical_lr"], rel=1e-6)}
+    if not relative:
+        assert record["relative"] == {} and "relative sharpness heldout" not in measured
+        return
+    # A held-out batch may see an ascent direction (no finite critical lr): the line then gives a bound.
+    task = record["relative"]["heldout"]
+    if task["critical_sharpness"] is None:
+        assert measured["relative sharpness heldout"].endswith("(capped)")
+        assert "relative critical sharpness heldout" not in on.scalars
+    else:
+        assert f"{task['critical_sharpness']:.4E}" == measured["relative sharpness heldout"]
+        assert on.scalars["relative critical sharpness heldout"] == {
+            MEASURED: pytest.approx(task["critical_sharpness"], rel=1e-6)}
+    # TP ranks > 0 receive the relative batch from TP rank 0 into Megatron's own buffers: the held-out
+    # loss must not depend on whether the batch carries an attention mask (a [1, 1, s, s] mask read
+    # as [micro_batch_size, 1, s, s] on rank 1 changed it). One more training run: on one line only
+    # (the batch is ours; test_megatron_lm.py checks its shape), and on a user's checkout.
+    if checkout.name not in ("core_v0.16.1", "user"):
+        return
+    unmasked = _train(checkout, tmp_path / "on-no-mask", world_size,
+                      [*flags, "--no-create-attention-mask-in-dataloader"], probe=True)
+    assert unmasked.jsonl[0]["relative"]["heldout"]["loss"] == pytest.approx(task["loss"], rel=1e-6, abs=0)
