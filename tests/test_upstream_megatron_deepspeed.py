@@ -53,7 +53,7 @@ def _source() -> Path | None:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def upstream(tmp_path_factory):
     python = harness.venv_python()
     if python is None:
         _unavailable(f"no Megatron-DeepSpeed venv: run {harness.VENV_SCRIPT} (or set MEGATRON_SHARPNESS_DS_VENV)")
@@ -71,8 +71,8 @@ def setup(tmp_path_factory):
     return python, checkout, Path(data)
 
 
-def _run(setup, layout, out_dir, flags):
-    python, checkout, data = setup
+def _run(upstream, layout, out_dir, flags):
+    python, checkout, data = upstream
     result = harness.run(python, checkout, data, layout, out_dir, ITERATIONS, flags, TIMEOUT)
     assert result.returncode == 0, f"{layout.name}: exit {result.returncode}\n{result.output[-6000:]}"
     assert sorted(result.lines) == list(range(1, ITERATIONS + 1)), result.output[-6000:]
@@ -80,11 +80,11 @@ def _run(setup, layout, out_dir, flags):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[layout.name for layout in LAYOUTS])
-def test_probe_leaves_training_bitwise_unchanged_and_logs_everywhere(setup, layout, tmp_path):
-    python = setup[0]
+def test_probe_leaves_training_bitwise_unchanged_and_logs_everywhere(upstream, layout, tmp_path):
+    python = upstream[0]
     log_file = tmp_path / "on" / "sharpness.jsonl"
-    off = _run(setup, layout, tmp_path / "off", [])
-    on = _run(setup, layout, tmp_path / "on", ["--critical-sharpness-interval", str(INTERVAL),
+    off = _run(upstream, layout, tmp_path / "off", [])
+    on = _run(upstream, layout, tmp_path / "on", ["--critical-sharpness-interval", str(INTERVAL),
                                                "--critical-sharpness-log-file", str(log_file)])
 
     # Training: every field training determines, as printed, and TensorBoard's float32 scalars.

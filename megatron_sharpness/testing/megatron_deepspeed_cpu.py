@@ -99,7 +99,10 @@ def prepare_checkout(source: Path, dest: Path) -> Path:
     already = subprocess.run(["git", "apply", "--reverse", "--check", str(PATCH)], cwd=checkout,
                              capture_output=True).returncode == 0
     if not already:
-        subprocess.run(["git", "apply", str(PATCH)], cwd=checkout, check=True, capture_output=True, text=True)
+        applied = subprocess.run(["git", "apply", str(PATCH)], cwd=checkout, capture_output=True, text=True)
+        if applied.returncode != 0:
+            raise RuntimeError(f"{PATCH} does not apply to {source} (copied to {checkout}); it targets "
+                               f"Megatron-DeepSpeed 4efb479d, unpatched or patched with it:\n{applied.stderr}")
     return checkout
 
 
