@@ -6,7 +6,6 @@
 # Usage: .ci/megatron-deepspeed-venv.sh [VENV]   (default ~/.cache/megatron-sharpness/ds0196-venv)
 # Prints the venv's python; does nothing but print it when the venv is already complete.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 venv="${1:-${MEGATRON_SHARPNESS_DS_VENV:-$HOME/.cache/megatron-sharpness/ds0196-venv}}"
 python="${PYTHON:-python3.11}"
 stamp="$venv/.megatron-sharpness-complete"
@@ -14,7 +13,10 @@ stamp="$venv/.megatron-sharpness-complete"
 requirements=(
   "torch==2.13.0"          # the CPU wheel where one is on the find-links path (our machines)
   "deepspeed==0.19.6"      # newest release that still has deepspeed.compression.compress
-  "numpy" "einops" "regex" "six" "packaging" "pybind11" "tensorboard" "transformers"
+  # What Megatron-DeepSpeed imports on the way to pretrain_gpt.py's training loop (transformers:
+  # its tokenizer module; pybind11: its dataset helpers), at the versions the tests passed with.
+  "numpy==2.4.6" "einops==0.8.2" "regex==2026.11.19" "six==1.17.0" "packaging==26.4" "pybind11==3.1.0"
+  "tensorboard==2.21.0" "transformers==5.24.0"
 )
 want="${requirements[*]} +shm_comm_op"  # what this script leaves behind
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
