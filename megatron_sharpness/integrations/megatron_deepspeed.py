@@ -5,9 +5,10 @@
     data_iterator = record(data_iterator)               in train_step(), before forward_backward_func
     log_string += log_fields(iteration)                 in training_log(), Megatron's iteration line
 
-With --deepspeed and pipeline parallelism the DeepSpeed PipelineEngine's train_batch is hooked;
-without pipeline parallelism engine.step() is hooked and the step's micro-batches are replayed
-through Megatron's own forward_backward_func(forward_only=True) with the script's forward_step_func.
+Megatron-DeepSpeed builds a PipelineEngine unless --no-pipeline-parallel is given (also at
+pipeline size 1): then its train_batch is hooked. With --no-pipeline-parallel it is a plain
+DeepSpeedEngine: engine.step() is hooked and the step's micro-batches are replayed through
+Megatron's own forward_backward_func(forward_only=True) with the script's forward_step_func.
 """
 
 from __future__ import annotations
