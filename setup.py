@@ -16,12 +16,16 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_sharpness", "megatron_sharpness.*"]),
-    # Pinned for our CPU machines; on a GPU cluster install with --no-deps against the torch the
-    # job already has (README, "Installing on a cluster").
-    install_requires=["torch==2.13.0"],
+    # Ranges we support; the exact versions our machines test with are in constraints.txt
+    # (README: `pip install -c constraints.txt ...`). torch: megatron-core's own floor.
+    install_requires=["torch>=2.6"],
     extras_require={
-        "deepspeed": ["deepspeed==0.19.8"],
-        "megatron": ["megatron-core==0.16.1"],
+        # 0.19.6: the newest release Megatron-DeepSpeed runs with (0.19.7 removed
+        # deepspeed.compression.compress); 0.19.8: the newest release.
+        "deepspeed": ["deepspeed>=0.19.6,<0.20"],
+        # The megatron-core releases on PyPI that our Megatron-LM patches cover (core_v0.16 to
+        # core_v0.19; Megatron-LM main brings its own megatron/core).
+        "megatron": ["megatron-core>=0.16,<0.20"],
         "mpi": ["mpi4py"],
         "plot": ["matplotlib"],
         # mpich: an MPI with mpiexec from PyPI, for the MPI launch tests. pybind11, tensorboard and

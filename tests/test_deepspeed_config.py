@@ -88,6 +88,44 @@ def test_a_measured_step_without_recorded_micro_batches_is_a_clear_error():
     sharpness = DeepSpeedSharpness.__new__(DeepSpeedSharpness)
     sharpness.engine = types.SimpleNamespace(is_gradient_accumulation_boundary=lambda: True, global_steps=4)
     sharpness.probe = types.SimpleNamespace(is_due=lambda step: True)
-    sharpness._recorder, sharpness._recorded = None, []
+    sharpness._recorder, sharpness._recorded, sharpness._reads_no_data = None, [], False
     with pytest.raises(RuntimeError, match="step 5 is measured but none of its micro-batches was recorded"):
         sharpness._step()
+
+
+def test_a_rank_that_reads_no_data_is_measured_with_no_batches():
+    # Megatron-DeepSpeed hands TP ranks > 0 data_iterator=None (issue 10, bug 4).
+    from megatron_sharpness.integrations.deepspeed import DeepSpeedSharpness
+
+    sharpness = DeepSpeedSharpness.__new__(DeepSpeedSharpness)
+    sharpness.engine = types.SimpleNamespace(is_gradient_accumulation_boundary=lambda: True, global_steps=4)
+    sharpness.probe = types.SimpleNamespace(is_due=lambda step: True)
+    sharpness.records_forwards = sharpness.is_pipeline = False
+    sharpness.backend = types.SimpleNamespace(batches=None)
+    sharpness._recorder, sharpness._recorded, sharpness._reads_no_data = None, [], False
+    sharpness._measure_around = lambda run_step: run_step()
+    sharpness._original = lambda: "stepped"
+    assert sharpness.record_batches(None) is None
+    assert sharpness._step() == "stepped"
+    assert sharpness.backend.batches == [] and sharpness._reads_no_data is False
+
+
+def test_pipeline_forwards_run_in_training_mode_like_every_other_path():
+    # eval_batch switches the module to eval mode, the DeepSpeedEngine path does not: one rule,
+    # training mode (dropout on, the same masks at every trial point) (issue 10, bug 5).
+    from megatron_sharpness.integrations.deepspeed import pipeline_loss
+
+    module = torch.nn.Dropout(0.5)
+    seen = []
+
+    def eval_batch(data_iter, num_micro_batches, reduce_output, bcast_loss):
+        module.eval()  # what DeepSpeed's eval_batch does first
+        seen.append((module.training, engine.monitor.enabled))
+        return torch.tensor(1.0)
+
+    engine = types.SimpleNamespace(module=module, monitor=types.SimpleNamespace(enabled=True), eval_batch=eval_batch)
+    pipeline_loss(engine)([], 2)
+    assert seen == [(True, False)]
+    assert engine.monitor.enabled and "eval" not in vars(module)
+    module.eval()
+    assert not module.training

@@ -14,7 +14,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import (ChainedOptimizer, DistributedOptimizer, Float16OptimizerWithFloat16Params,
                                      FP32Optimizer)
-from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_sharpness.backends.lerp import lerp_into
 from megatron_sharpness.backends.resolution import ResolutionHistogram
@@ -102,7 +101,6 @@ class MegatronBackend:
         self._theta_t: list[torch.Tensor] | None = None
         self._theta_next: list[torch.Tensor] | None = None
         self._rng: RngState | None = None
-        self._tracker_states: dict[str, torch.Tensor] | None = None
         self._modes: list[bool] = []
         self._floor = 0.0
 
@@ -121,7 +119,6 @@ class MegatronBackend:
                             for main, target in self._pairs]
         self._sync_params()  # also drains a param all-gather that overlap_param_gather deferred
         self._rng = RngState.capture()
-        self._tracker_states = {name: state.clone() for name, state in get_cuda_rng_tracker().get_states().items()}
         self._modes = [chunk.training for chunk in self.model_chunks]
         # Summed over the world: tensor, pipeline and distributed-optimizer shards differ. The
         # counts also say whether any rank's step changed a parameter.
@@ -162,7 +159,7 @@ class MegatronBackend:
             self._reset_random_state()
             for chunk, training in zip(self.model_chunks, self._modes):
                 chunk.train(training)
-        self._theta_t = self._theta_next = self._rng = self._tracker_states = None
+        self._theta_t = self._theta_next = self._rng = None
         self._pairs = []
 
     def _sync_params(self) -> None:
@@ -171,8 +168,7 @@ class MegatronBackend:
                 chunk.start_param_sync(force_sync=True)
 
     def _reset_random_state(self) -> None:
-        self._rng.restore()
-        get_cuda_rng_tracker().set_states({name: state.clone() for name, state in self._tracker_states.items()})
+        self._rng.restore()  # torch's generators and megatron-core's RNG tracker
 
 
 def _device() -> torch.device:

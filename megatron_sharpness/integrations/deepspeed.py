@@ -83,15 +83,21 @@ def engine_forward_loss(engine, loss_from_output: Callable[[Any], torch.Tensor] 
 
 def pipeline_loss(engine: PipelineEngine) -> Evaluator:
     """Runs the micro-batches through the pipeline with eval_batch, so every stage takes part;
-    eval_batch averages over micro-batches and data parallelism and broadcasts over the stages."""
+    eval_batch averages over micro-batches and data parallelism and broadcasts over the stages.
+    The forwards stay in the module's training mode, as on every other path: eval_batch's own
+    module.eval() is skipped for the call, so dropout is on (with the same masks at every trial
+    point, the backend resets the RNG before each)."""
 
     def evaluate(batches: Sequence[Any], count: int) -> torch.Tensor:
+        module = engine.module
         monitor_enabled = engine.monitor.enabled
         engine.monitor.enabled = False  # eval_batch would log every trial point as an eval loss
+        module.eval = lambda: module
         try:
             return engine.eval_batch(iter(batches[:count]) if batches else None, num_micro_batches=count,
                                      reduce_output="avg", bcast_loss=True)
         finally:
+            del module.eval
             engine.monitor.enabled = monitor_enabled
 
     return evaluate
@@ -131,6 +137,7 @@ class DeepSpeedSharpness:
         self.last_measurement: Measurement | None = None
         self._recorded: list[Any] = []
         self._recorder: RecordingIterator | None = None
+        self._reads_no_data = False
         self._set_relative_batches(relative_batches or {})
         self._hook = None
         if self.is_pipeline:
@@ -156,16 +163,21 @@ class DeepSpeedSharpness:
             del self.engine.step
         self.probe.close()
 
-    def record_batches(self, data_iterator: Iterator) -> Iterator:
+    def record_batches(self, data_iterator: Iterator | None) -> Iterator | None:
         """Wrap the iterator a step's micro-batches are read from (only needed with a custom
-        evaluate); returned unchanged unless the next optimizer step will be measured."""
+        evaluate); returned unchanged unless the next optimizer step will be measured. None is a
+        rank that reads no data (Megatron's TP ranks > 0 receive their batch by broadcast): its
+        evaluate is then given no batches and must replay with no iterator as well."""
         if self.records_forwards or self.is_pipeline:
             raise RuntimeError("record_batches() goes with attach(..., evaluate=...); this probe already "
                                "records the micro-batches as they reach the engine")
         if not self._next_step_is_due():
             return data_iterator
-        self._recorder = RecordingIterator(data_iterator, self.micro_batches)
-        return self._recorder
+        self._reads_no_data = data_iterator is None
+        if data_iterator is not None:
+            self._recorder = RecordingIterator(data_iterator, self.micro_batches)
+            return self._recorder
+        return None
 
     def _set_relative_batches(self, relative_batches: Mapping[str, Sequence[Any]]) -> None:
         as_stored = _as_call if self.records_forwards else (lambda batch: batch)
@@ -187,11 +199,11 @@ class DeepSpeedSharpness:
             return self._original(*args, **kwargs)
         if self._recorder is not None:
             self._recorded, self._recorder = self._recorder.items, None
-        if not self._recorded:
+        if not self._recorded and not self._reads_no_data:
             raise RuntimeError(f"critical sharpness: step {engine.global_steps + 1} is measured but none of its "
                                "micro-batches was recorded: call the engine (with grad enabled) for the training "
                                "forward, or pass the step's data iterator through record_batches()")
-        self.backend.batches, self._recorded = self._recorded, []
+        self.backend.batches, self._recorded, self._reads_no_data = self._recorded, [], False
         return self._measure_around(lambda: self._original(*args, **kwargs))
 
     def _train_batch(self, data_iter: Iterator | None = None):

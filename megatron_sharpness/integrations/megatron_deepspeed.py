@@ -1,12 +1,14 @@
-"""Wiring for deepspeedai/Megatron-DeepSpeed; patches/megatron-deepspeed/ calls these three:
+"""Wiring for deepspeedai/Megatron-DeepSpeed; patches/megatron-deepspeed/ calls these four:
 
     add_critical_sharpness_args(parser)                 in megatron/arguments.py parse_args
     attach(model, forward_step_func, args, get_forward_backward_func)   in pretrain(), after setup
     data_iterator = record(data_iterator)               in train_step(), before forward_backward_func
+    log_string += log_fields(iteration)                 in training_log(), Megatron's iteration line
 
-With --deepspeed and pipeline parallelism the DeepSpeed PipelineEngine's train_batch is hooked;
-without pipeline parallelism engine.step() is hooked and the step's micro-batches are replayed
-through Megatron's own forward_backward_func(forward_only=True) with the script's forward_step_func.
+Megatron-DeepSpeed builds a PipelineEngine unless --no-pipeline-parallel is given (also at
+pipeline size 1): then its train_batch is hooked. With --no-pipeline-parallel it is a plain
+DeepSpeedEngine: engine.step() is hooked and the step's micro-batches are replayed through
+Megatron's own forward_backward_func(forward_only=True) with the script's forward_step_func.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
-from megatron_sharpness.integrations.deepspeed import DeepSpeedSharpness
+from megatron_sharpness.integrations.deepspeed import DeepSpeedSharpness, _default_loggers
 from megatron_sharpness.integrations.deepspeed import attach as attach_to_engine
 from megatron_sharpness.integrations.deepspeed import config_from_engine
 from megatron_sharpness.integrations.flags import add_critical_sharpness_args, config_from_args
+from megatron_sharpness.loggers import LogLineLogger
 
-__all__ = ["add_critical_sharpness_args", "attach", "record"]
+__all__ = ["add_critical_sharpness_args", "attach", "log_fields", "record"]
 
 _attached: DeepSpeedSharpness | None = None
 
@@ -38,8 +41,9 @@ def mean_reported_loss(losses_reduced: Sequence[dict], key: str = "lm loss") -> 
 def megatron_schedule_loss(model: list, forward_step_func: Callable, args: argparse.Namespace,
                            get_forward_backward_func: Callable) -> Callable[[Sequence[Any], int], torch.Tensor]:
     def evaluate(batches: Sequence[Any], count: int) -> torch.Tensor:
+        # No batches: a rank that reads no data (TP rank > 0) and gets its batch by broadcast.
         losses_reduced = get_forward_backward_func()(
-            forward_step_func=forward_step_func, data_iterator=iter(batches), model=model,
+            forward_step_func=forward_step_func, data_iterator=iter(batches) if batches else None, model=model,
             num_microbatches=count, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
             decoder_seq_length=args.decoder_seq_length, forward_only=True)
         return mean_reported_loss(losses_reduced)
@@ -64,12 +68,23 @@ def attach(model: list, forward_step_func: Callable, args: argparse.Namespace,
     evaluate = None
     if not isinstance(engine, PipelineEngine):
         evaluate = megatron_schedule_loss(model, forward_step_func, args, get_forward_backward_func)
-    _attached = attach_to_engine(engine, config, evaluate=evaluate)
+    # The fields go into Megatron's own iteration line (log_fields), not a line of their own.
+    loggers = [logger for logger in _default_loggers(engine, config) if not isinstance(logger, LogLineLogger)]
+    _attached = attach_to_engine(engine, config, evaluate=evaluate, loggers=loggers)
     return _attached
 
 
-def record(data_iterator: Iterator) -> Iterator:
-    """The step's data iterator, recording the micro-batches of a measured step as they are read."""
+def record(data_iterator: Iterator | None) -> Iterator | None:
+    """The step's data iterator, recording the micro-batches of a measured step as they are read;
+    None (TP ranks > 0 read no data) stays None."""
     if _attached is None or _attached.is_pipeline:
         return data_iterator
     return _attached.record_batches(data_iterator)
+
+
+def log_fields(iteration: int) -> str:
+    """Our fields for Megatron's iteration line when this iteration was measured, else ''."""
+    measurement = None if _attached is None else _attached.last_measurement
+    if measurement is None or measurement.step != iteration:
+        return ""
+    return " " + measurement.log_fields()
