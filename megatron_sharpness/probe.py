@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from megatron_sharpness.backends.base import ProbeBackend
 from megatron_sharpness.config import SharpnessConfig
@@ -13,6 +13,9 @@ from megatron_sharpness.loggers import MeasurementLogger
 from megatron_sharpness.faults import ProbeFailure
 from megatron_sharpness.measurement import Measurement, ProbeError, TaskMeasurement
 from megatron_sharpness.search import critical_lr_search
+
+# Version of state_dict()'s layout, checked on load.
+STATE_VERSION = 1
 
 
 class SharpnessProbe:
@@ -23,6 +26,24 @@ class SharpnessProbe:
         # the warm start survives lr schedules. Only converged results: a bound or an ascent is
         # no place to start from.
         self._last_critical_lr: dict[str | None, float] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to measure as the uninterrupted one would: the warm starts.
+        Plain Python values (torch.save / JSON friendly); the step's batch is task None."""
+        return {"version": STATE_VERSION,
+                "last_critical_lr": [[name, lr] for name, lr in self._last_critical_lr.items()]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"critical sharpness: not a probe state of version {STATE_VERSION}: {state!r:.120}")
+        restored: dict[str | None, float] = {}
+        for entry in state["last_critical_lr"]:
+            name, lr = entry
+            if not (name is None or isinstance(name, str)) or not (isinstance(lr, float) and math.isfinite(lr) and lr > 0):
+                raise ValueError(f"critical sharpness: bad warm start {entry!r} in the probe state; "
+                                 "allowed: [task name or None, finite lr > 0]")
+            restored[name] = lr
+        self._last_critical_lr = restored
 
     def is_due(self, step: int) -> bool:
         return self.config.enabled and step % self.config.interval == 0
