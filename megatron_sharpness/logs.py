@@ -47,6 +47,7 @@ class StepRecord:
     # λ_c bound where no number exists: ('>', b) for unresolved, ('<', b) for capped
     bound: tuple[str, float] | None = None
     relative_status: dict[str, str] = field(default_factory=dict)
+    relative_bound: dict[str, tuple[str, float]] = field(default_factory=dict)
     # A failed measurement: "rank 1, lr 3.0000E-02: OutOfMemoryError: ..."
     error: str | None = None
 
@@ -80,14 +81,16 @@ def _from_json(record: dict) -> StepRecord | None:
     status = _json_status(record, skipped, sharpness)
     bracket = record.get("bracket")
     raised = record.get("step_raised_loss")
+    relative_status = {name: _json_status(task, None, real(task.get("critical_sharpness"))) for name, task in tasks.items()}
     return StepRecord(step=record["step"], critical_sharpness=sharpness,
                       critical_lr=real(record.get("critical_lr")), lr=real(record.get("lr")),
                       lr_over_critical_lr=real(record.get("lr_over_critical_lr")), probe_loss=real(record.get("loss")),
                       relative={name: real(task.get("critical_sharpness")) for name, task in tasks.items()},
                       skipped=skipped, status=status, step_raised_loss=raised if isinstance(raised, bool) else None,
                       bound=_bound(status, bracket), error=_json_error(record.get("error")),
-                      relative_status={name: _json_status(task, None, real(task.get("critical_sharpness")))
-                                       for name, task in tasks.items()})
+                      relative_status=relative_status,
+                      relative_bound={name: bound for name, task in tasks.items()
+                                      if (bound := _bound(relative_status[name], task.get("bracket")))})
 
 
 def _json_error(error: object) -> str | None:
@@ -162,6 +165,8 @@ def _from_fields(step: int, text: str) -> StepRecord | None:
                       relative={name: _number(text) for name, text in relative_texts.items()}, skipped=skipped,
                       status=status, step_raised_loss=None if raised is None else raised == "yes", bound=bound,
                       relative_status={name: _text_status(text)[0] for name, text in relative_texts.items()},
+                      relative_bound={name: bound for name, text in relative_texts.items()
+                                      if (bound := _text_status(text)[1])},
                       error=error)
 
 

@@ -96,6 +96,19 @@ def _outcome_counts(statuses: list[str]) -> str:
 
 
 def plot(records: list[StepRecord], output: str) -> None:
+    """Writes figure(records) to output."""
+    built = figure(records)
+    import matplotlib.pyplot as plt
+
+    try:
+        built.savefig(output, dpi=120)
+    except OSError as error:
+        raise ReportError(f"cannot write {output}: {error.strerror or error}") from None
+    finally:
+        plt.close(built)
+
+
+def figure(records: list[StepRecord]):
     """λ_c per step on a log scale, relative tasks beside it, the lr in a panel of its own.
 
     Only converged values are drawn as lines, broken where a step has no number. Bounds are
@@ -113,14 +126,14 @@ def plot(records: list[StepRecord], output: str) -> None:
     if all(r.status in ("skipped", "failed") for r in records):
         raise ReportError("nothing to plot: every measured step was skipped or failed")
     with_lr = [r for r in records if is_finite(r.lr) and r.lr > 0]
-    figure, axes = plt.subplots(2 if with_lr else 1, 1, figsize=(9, 6.5 if with_lr else 5), sharex=True,
+    built, axes = plt.subplots(2 if with_lr else 1, 1, figsize=(9, 6.5 if with_lr else 5), sharex=True,
                                 squeeze=False, gridspec_kw={"height_ratios": [3, 1]} if with_lr else None)
     axis = axes[0][0]
     top_edge = blended_transform_factory(axis.transData, axis.transAxes)
     series = [("critical sharpness λ_c", "tab:blue", [(r.step, r.critical_sharpness, r.status, r.bound) for r in records])]
     colors = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
     for index, name in enumerate(relative_names(records)):
-        points = [(r.step, r.relative.get(name), r.relative_status.get(name), None) for r in records
+        points = [(r.step, r.relative.get(name), r.relative_status.get(name), r.relative_bound.get(name)) for r in records
                   if name in r.relative_status or name in r.relative]
         series.append((f"relative λ_c: {name}", colors[index % len(colors)], points))
     for label, color, points in series:
@@ -149,10 +162,5 @@ def plot(records: list[StepRecord], output: str) -> None:
     axis.set_ylabel("sharpness")
     axis.legend(loc="best", fontsize=7)
     axis.set_title("critical sharpness along the optimizer's update")
-    figure.tight_layout()
-    try:
-        figure.savefig(output, dpi=120)
-    except OSError as error:
-        raise ReportError(f"cannot write {output}: {error.strerror or error}") from None
-    finally:
-        plt.close(figure)
+    built.tight_layout()
+    return built

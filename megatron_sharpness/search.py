@@ -391,7 +391,7 @@ class _FastSearch(_Search):
                 target = min(lo + (lo - falls[-2]) * (-q_lo) / (q_lo - q_below), _MAX_GROWTH * lo)
         following = 2.0 * lo if target is None else max(target * (1.0 + 0.5 * aim), lo / (1.0 - aim))
         following = max(following, least_growth * lo)
-        return following if hi is None else min(following, math.sqrt(lo * hi) if following >= hi else following)
+        return following if hi is None or following < hi else math.sqrt(lo * hi)
 
     def _downwards(self, lo: float | None, hi: float, aim: float, least_shrink: float) -> float | Outcome:
         """From the smallest rise (hi): aim at the guess, or extrapolate q's crossing from the two
