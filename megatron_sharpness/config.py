@@ -14,6 +14,10 @@ from typing import Any, Mapping
 from megatron_sharpness.search import DEFAULT_MAX_SEARCH, DEFAULT_TOL, SEARCH_METHODS
 
 
+# What a failed probe forward does: record the failure and go on, or fail fast.
+ON_ERROR = ("skip", "raise")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and what is allowed."""
 
@@ -35,6 +39,9 @@ class SharpnessConfig:
     micro_batches: evaluate the loss on the first k micro-batches of the step (gradient
         accumulation); None = all of them.
     log_file: JSONL file that gets one object per measurement (written by rank 0), or None.
+    on_error: what a probe forward that raises on some rank (an OOM, say) does: "skip" records the
+        measurement as failed on every rank and training goes on; "raise" raises on every rank
+        (after θ_{t+1} is restored). Either way no rank is left waiting in a collective.
     """
 
     enabled: bool = True
@@ -46,6 +53,7 @@ class SharpnessConfig:
     search: str = "fast"
     micro_batches: int | None = None
     log_file: str | None = None
+    on_error: str = "skip"
 
     def __post_init__(self) -> None:
         _require(isinstance(self.enabled, bool), "enabled", self.enabled, "true or false")
@@ -64,6 +72,7 @@ class SharpnessConfig:
                  "micro_batches", self.micro_batches, "an integer >= 1, or null for all micro-batches of the step")
         _require(self.log_file is None or (isinstance(self.log_file, str) and self.log_file != ""),
                  "log_file", self.log_file, "a file path or null")
+        _require(self.on_error in ON_ERROR, "on_error", self.on_error, " or ".join(ON_ERROR))
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

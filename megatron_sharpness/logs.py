@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from megatron_sharpness.measurement import ProbeError
+
 # "iteration      10/     200 |" (Megatron) or "iteration       10 |" (our DeepSpeed line); the
 # rest of the line up to the next "iteration" holds that step's "key: value |" fields.
 _ITERATION = re.compile(r"iteration\s+(\d+)(?:\s*/\s*\d+)?\s*\|")
@@ -22,8 +24,9 @@ class LogError(ValueError):
     """A log could not be read or holds no sharpness measurement."""
 
 
-# The outcomes of a search (search.Outcome) and of a due step that was not measured.
-STATUSES = ("converged", "ascent", "unresolved", "capped", "non_finite", "skipped")
+# The outcomes of a search (search.Outcome), of a due step that was not measured, and of a
+# measurement whose forward raised on some rank.
+STATUSES = ("converged", "ascent", "unresolved", "capped", "non_finite", "skipped", "failed")
 
 
 @dataclass
@@ -45,6 +48,8 @@ class StepRecord:
     bound: tuple[str, float] | None = None
     relative_status: dict[str, str] = field(default_factory=dict)
     relative_bound: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # A failed measurement: "rank 1, lr 3.0000E-02: OutOfMemoryError: ..."
+    error: str | None = None
 
     def as_row(self, relative_names: list[str]) -> dict[str, object]:
         row: dict[str, object] = {"step": self.step, "status": self.status, "lr": self.lr,
@@ -82,10 +87,21 @@ def _from_json(record: dict) -> StepRecord | None:
                       lr_over_critical_lr=real(record.get("lr_over_critical_lr")), probe_loss=real(record.get("loss")),
                       relative={name: real(task.get("critical_sharpness")) for name, task in tasks.items()},
                       skipped=skipped, status=status, step_raised_loss=raised if isinstance(raised, bool) else None,
-                      bound=_bound(status, bracket),
+                      bound=_bound(status, bracket), error=_json_error(record.get("error")),
                       relative_status=relative_status,
                       relative_bound={name: bound for name, task in tasks.items()
                                       if (bound := _bound(relative_status[name], task.get("bracket")))})
+
+
+def _json_error(error: object) -> str | None:
+    """The log-line text of a failed measurement's JSON `error` object."""
+    if not isinstance(error, dict):
+        return None
+    try:
+        return ProbeError(rank=int(error["rank"]), message=str(error["message"]), lr=float(error["lr"]),
+                          task=error.get("task"), ranks=tuple(int(r) for r in error.get("ranks") or ())).text()
+    except (KeyError, TypeError, ValueError):
+        return str(error.get("message", error))
 
 
 def _json_status(record: dict, skipped: str | None, sharpness: float | None) -> str:
@@ -118,6 +134,8 @@ def _text_status(text: str) -> tuple[str, tuple[str, float] | None]:
         return "skipped", None
     if text.startswith("non-finite"):
         return "non_finite", None
+    if text.startswith("failed"):
+        return "failed", None
     match = re.match(rf"^([<>])\s*({_NUMBER})\s*\((unresolved|never rose|capped)\)", text)
     if match:
         return ("unresolved" if match.group(3) == "unresolved" else "capped"), (match.group(1), float(match.group(2)))
@@ -135,6 +153,7 @@ def _from_fields(step: int, text: str) -> StepRecord | None:
     skipped = None
     if status == "skipped":
         skipped = sharpness_text[len("skipped"):].strip(" ()") or "skipped"
+    error = _parenthesised(sharpness_text[len("failed"):]) if status == "failed" else None
     relative_texts = {key[len("relative sharpness "):]: value for key, value in fields.items()
                       if key.startswith("relative sharpness ")}
     loss = fields.get("lm loss", fields.get("loss"))
@@ -147,7 +166,14 @@ def _from_fields(step: int, text: str) -> StepRecord | None:
                       status=status, step_raised_loss=None if raised is None else raised == "yes", bound=bound,
                       relative_status={name: _text_status(text)[0] for name, text in relative_texts.items()},
                       relative_bound={name: bound for name, text in relative_texts.items()
-                                      if (bound := _text_status(text)[1])})
+                                      if (bound := _text_status(text)[1])},
+                      error=error)
+
+
+def _parenthesised(text: str) -> str:
+    """'(rank 1, ...: out of memory (2 GiB))' -> the text inside the outer parentheses only."""
+    text = text.strip()
+    return text[1:-1] if text.startswith("(") and text.endswith(")") else text
 
 
 def _json_record(line: str) -> StepRecord | None:

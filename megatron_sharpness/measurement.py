@@ -83,11 +83,34 @@ class TaskMeasurement:
 
 
 @dataclass(frozen=True)
+class ProbeError:
+    """A probe forward that raised on some rank(s), as every rank agreed on it. lr: the trial lr
+    whose forward failed (0.0: L(θ_t) itself); task: None for the step's batch."""
+
+    rank: int
+    message: str
+    lr: float
+    task: str | None = None
+    ranks: tuple[int, ...] = ()
+
+    def text(self) -> str:
+        where = "" if self.task is None else f", relative task {self.task}"
+        others = len(self.ranks) - 1
+        also = f" (and {others} more rank{'s' if others > 1 else ''})" if others > 0 else ""
+        return f"rank {self.rank}{also}, lr {self.lr:.4E}{where}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "ranks": list(self.ranks) or [self.rank], "lr": self.lr, "task": self.task,
+                "message": self.message}
+
+
+@dataclass(frozen=True)
 class Measurement:
     """Critical sharpness at one optimizer step: the step's own batch and each relative task.
 
     `skipped` names why a step that was due was not measured (e.g. the optimizer skipped it);
-    then `task` is None and `relative` is empty.
+    `error`, a probe forward that raised on some rank (the measurement failed, training went on).
+    With either, `task` is None and `relative` is empty.
     """
 
     step: int
@@ -96,9 +119,12 @@ class Measurement:
     relative: dict[str, TaskMeasurement] = field(default_factory=dict)
     probe_seconds: float = 0.0
     skipped: str | None = None
+    error: ProbeError | None = None
 
     @property
     def status(self) -> str:
+        if self.error is not None:
+            return "failed"
         return "skipped" if self.task is None else self.task.status
 
     @property
@@ -146,6 +172,7 @@ class Measurement:
             "probe_seconds": self.probe_seconds,
             "relative": {name: relative.to_dict() for name, relative in self.relative.items()},
             "skipped": self.skipped,
+            "error": None if self.error is None else self.error.to_dict(),
         }
         if task is not None:
             record["evaluations"] = task.evaluations()
@@ -167,6 +194,8 @@ class Measurement:
 
     def log_fields(self) -> str:
         """Fields for Megatron's iteration line: `critical sharpness: ... | critical lr: ... |`."""
+        if self.error is not None:
+            return f"critical sharpness: failed ({self.error.text()}) |"
         if self.task is None:
             return f"critical sharpness: skipped ({self.skipped}) |"
         parts = [f"critical sharpness: {self.task.value_text(sharpness=True)}"]

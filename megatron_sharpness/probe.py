@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from megatron_sharpness.backends.base import ProbeBackend
 from megatron_sharpness.config import SharpnessConfig
 from megatron_sharpness.loggers import MeasurementLogger
-from megatron_sharpness.measurement import Measurement, TaskMeasurement
+from megatron_sharpness.faults import ProbeFailure
+from megatron_sharpness.measurement import Measurement, ProbeError, TaskMeasurement
 from megatron_sharpness.search import critical_lr_search
+
+# Version of state_dict()'s layout, checked on load.
+STATE_VERSION = 1
 
 
 class SharpnessProbe:
@@ -23,6 +27,24 @@ class SharpnessProbe:
         # no place to start from.
         self._last_critical_lr: dict[str | None, float] = {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to measure as the uninterrupted one would: the warm starts.
+        Plain Python values (torch.save / JSON friendly); the step's batch is task None."""
+        return {"version": STATE_VERSION,
+                "last_critical_lr": [[name, lr] for name, lr in self._last_critical_lr.items()]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"critical sharpness: not a probe state of version {STATE_VERSION}: {state!r:.120}")
+        restored: dict[str | None, float] = {}
+        for entry in state["last_critical_lr"]:
+            name, lr = entry
+            if not (name is None or isinstance(name, str)) or not (isinstance(lr, float) and math.isfinite(lr) and lr > 0):
+                raise ValueError(f"critical sharpness: bad warm start {entry!r} in the probe state; "
+                                 "allowed: [task name or None, finite lr > 0]")
+            restored[name] = lr
+        self._last_critical_lr = restored
+
     def is_due(self, step: int) -> bool:
         return self.config.enabled and step % self.config.interval == 0
 
@@ -33,13 +55,14 @@ class SharpnessProbe:
         a probe forward would (reduced like backend.loss); saves that forward."""
         started = time.perf_counter()
         searches: dict[str | None, TaskMeasurement] = {}
+        skipped = failure = error = None
         try:
             skipped = self._skip_reason(backend, lr)
             if skipped is None:
                 evaluated = [name for name in (None, *relative_tasks) if name is not None or training_loss is None]
                 if evaluated:
                     backend.write(0.0)
-                baselines = {name: backend.loss(name) for name in evaluated}
+                baselines = {name: self._loss(backend, name, 0.0, lr) for name in evaluated}
                 if training_loss is not None:
                     baselines = {None: training_loss, **baselines}
                 skipped = _non_finite_baseline(baselines)
@@ -48,13 +71,31 @@ class SharpnessProbe:
                 searches = {name: self._search(backend, name, lr, baseline, floor,
                                                baseline_reused=name is None and training_loss is not None)
                             for name, baseline in baselines.items()}
+        except _FailedAt as caught:
+            # Every rank raised this in the same collective: all of them restore below alike.
+            failure, error, searches = caught.error, caught.__cause__, {}
         finally:
             backend.restore()
+        if isinstance(error, ProbeFailure) and error.usage:
+            # A caller's mistake (e.g. a loss_fn returning a string) is no fault to skip over.
+            raise error.local or RuntimeError(f"critical sharpness: {failure.text()}")
         measurement = Measurement(step=step, lr=lr, task=searches.pop(None, None), relative=searches,
-                                  probe_seconds=time.perf_counter() - started, skipped=skipped)
+                                  probe_seconds=time.perf_counter() - started, skipped=skipped, error=failure)
         for logger in self.loggers:
             logger.log(measurement)
+        if failure is not None and self.config.on_error == "raise":
+            raise RuntimeError(f"critical sharpness: the measurement at step {step} failed "
+                               f"({failure.text()}); on_error='raise'") from error
         return measurement
+
+    @staticmethod
+    def _loss(backend: ProbeBackend, name: str | None, step_multiple: float, lr: float) -> float:
+        try:
+            return backend.loss(name)
+        except ProbeFailure as caught:
+            first = caught.errors[0]
+            raise _FailedAt(ProbeError(first.rank, first.error, step_multiple * lr, name,
+                                       tuple(e.rank for e in caught.errors))) from caught
 
     @staticmethod
     def _skip_reason(backend: ProbeBackend, lr: float) -> str | None:
@@ -70,7 +111,7 @@ class SharpnessProbe:
 
         def loss_at(step_multiple: float) -> float:
             backend.write(step_multiple)
-            return backend.loss(name)
+            return self._loss(backend, name, step_multiple, lr)
 
         search = critical_lr_search(loss_at, baseline, lr=lr, initial_step_multiple=guess,
                                     tol=self.config.tol, max_search=self.config.max_search,
@@ -90,3 +131,11 @@ def _non_finite_baseline(baselines: dict[str | None, float]) -> str | None:
             label = "the step's batch" if name is None else f"relative task {name!r}"
             return f"loss of {label} is {loss} before the step"
     return None
+
+
+class _FailedAt(Exception):
+    """A ProbeFailure with the trial point it happened at."""
+
+    def __init__(self, error: ProbeError):
+        super().__init__(error.text())
+        self.error = error

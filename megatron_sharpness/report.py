@@ -25,7 +25,7 @@ def _text(value: object) -> str:
 
 def render(records: list[StepRecord], fmt: str) -> str:
     names = relative_names(records)
-    rows = [record.as_row(names) | {"skipped": record.skipped} for record in records]
+    rows = [record.as_row(names) | {"skipped": record.skipped, "error": record.error} for record in records]
     if fmt == "json":
         return json.dumps(rows, indent=1)
     if fmt == "csv":
@@ -123,8 +123,8 @@ def figure(records: list[StepRecord]):
         from matplotlib.transforms import blended_transform_factory
     except ImportError:
         raise ReportError("plot needs matplotlib: pip install 'megatron-sharpness[plot]'") from None
-    if not any(r.status != "skipped" for r in records):
-        raise ReportError("nothing to plot: every measured step was skipped")
+    if all(r.status in ("skipped", "failed") for r in records):
+        raise ReportError("nothing to plot: every measured step was skipped or failed")
     with_lr = [r for r in records if is_finite(r.lr) and r.lr > 0]
     built, axes = plt.subplots(2 if with_lr else 1, 1, figsize=(9, 6.5 if with_lr else 5), sharex=True,
                                 squeeze=False, gridspec_kw={"height_ratios": [3, 1]} if with_lr else None)

@@ -135,3 +135,20 @@ def test_monitor_jsonl_and_log_line_from_the_ds_config_section(tmp_path):
     log_lines = [line for line in results[0].output.splitlines() if "critical sharpness:" in line]
     assert len(log_lines) == 2 and log_lines[0].startswith(" iteration        2 | critical sharpness: ")
     assert not any("critical sharpness:" in line for line in results[1].output.splitlines())
+
+
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_one_rank_oom_inside_a_probe_forward_fails_the_measurement_not_the_job(stage, tmp_path):
+    """Rank 1 raises torch.OutOfMemoryError in its loss at a trial point of step 2 (its 4th probe
+    loss: after both baselines and s = 1). Before, rank 1 went on into restore()'s all-gather while
+    rank 0 waited in the loss reduction: a hang until the process-group timeout."""
+    _, ranks = launch(tmp_path, ["--stage", stage, "--fail-at", "1:2:4"])
+    for result in ranks:
+        assert all(result["bitwise_equal"].values()), f"rank {result['rank']}: {result['bitwise_equal']}"
+    first, second = (strip_timing(result["records"]) for result in ranks)
+    assert first == second
+    assert [r["status"] for r in first] == ["converged", "failed", "converged", "converged"]
+    error = first[1]["error"]
+    assert (error["rank"], error["ranks"], error["task"]) == (1, [1], None)
+    assert error["message"].startswith("OutOfMemoryError: injected on rank 1 at probe loss 4 of step 2")
+    assert error["lr"] > 0  # a trial point of the search, not L(θ_t)

@@ -83,7 +83,7 @@ def test_demo_log_round_trip_through_parse(tmp_path, capsys):
     assert main(["parse", str(jsonl), "--format", "csv"]) == 0
     csv_lines = capsys.readouterr().out.splitlines()
     assert csv_lines[0] == ("step,status,lr,critical_sharpness,critical_lr,lr_over_critical_lr,step_raised_loss,"
-                            "lm_loss,probe_loss,relative_sharpness/heldout,relative_status/heldout,skipped")
+                            "lm_loss,probe_loss,relative_sharpness/heldout,relative_status/heldout,skipped,error")
     assert len(csv_lines) == 5
     assert main(["summary", str(jsonl), "--phases", "2"]) == 0
     summary = capsys.readouterr().out

@@ -70,3 +70,24 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
         assert relative["converged"] or relative["bracket"][0] == 0.0
     first_iteration = int(args[args.index("--first-iteration") + 1]) if "--first-iteration" in args else 1
     assert [r["step"] for r in first] == [first_iteration, first_iteration + 1, first_iteration + 2]
+
+
+def test_one_rank_oom_inside_a_probe_forward_fails_the_measurement_not_the_job(tmp_path):
+    """Rank 1 raises torch.OutOfMemoryError in its loss_func at a trial point of step 2 (its 13th
+    probe loss: after both baselines and s = 1). Before, rank 1 went on into restore()'s param
+    all-gather while rank 0 waited in the loss reduction: a hang until the process-group timeout."""
+    run_ranks([WORKER, "--out", str(tmp_path), "--dist-opt", "--fail-at", "1:2:13"], world_size=2, timeout=400,
+              env={"PYTHONWARNINGS": "ignore"})
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for result in ranks:
+        assert all(result["bitwise_equal"].values()), f"rank {result['rank']}: {result['bitwise_equal']}"
+        assert result["same_training_losses"]
+    first = strip_timing(ranks[0]["records"])
+    assert strip_timing(ranks[1]["records"]) == first
+    assert [r["status"] for r in first] == ["converged", "failed", "converged"]
+    failed = first[1]
+    error = failed["error"]
+    assert (error["rank"], error["ranks"], error["task"]) == (1, [1], None)
+    assert error["message"].startswith("OutOfMemoryError: injected on rank 1 at probe loss 13 of step 2")
+    assert error["lr"] > 0  # a trial point of the search, not L(θ_t)
+    assert failed["critical_lr"] is None and failed["relative"] == {} and failed["skipped"] is None

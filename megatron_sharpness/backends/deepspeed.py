@@ -8,6 +8,7 @@ deepspeed==0.19.8 (verified bitwise on CPU, see DESIGN.md §3).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -23,6 +24,7 @@ from torch._utils import _unflatten_dense_tensors
 from megatron_sharpness.backends.lerp import lerp_into
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
+from megatron_sharpness.faults import CAUGHT, OUT_OF_MEMORY, agree, any_rank_failed, snapshot_skip_reason
 
 SUPPORTED_OPTIMIZERS = ("DeepSpeedZeroOptimizer (ZeRO-1/2, with or without offload_optimizer)",
                         "DeepSpeedZeroOptimizer_Stage3 (ZeRO-3, with or without offload_optimizer)",
@@ -164,13 +166,24 @@ class DeepSpeedBackend:
         self._rng: RngState | None = None
         self._module_training = True
         self._floor = 0.0
+        self._snapshot_skipped: str | None = None
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        self._theta_t = [master.detach().clone() for master, _ in self.layout.pairs()]
+        error = None
+        try:
+            self._theta_t = [master.detach().clone() for master, _ in self.layout.pairs()]
+        except OUT_OF_MEMORY as caught:
+            error, self._theta_t = caught, None
+        # Every rank skips the measurement if any rank's partition did not fit.
+        self._snapshot_skipped = snapshot_skip_reason(any_rank_failed(error))
+        if self._snapshot_skipped is not None:
+            self._theta_t = None
 
     @torch.no_grad()
     def after_step(self) -> str | None:
+        if self._snapshot_skipped is not None:
+            return self._snapshot_skipped
         assert self._theta_t is not None, "snapshot() must run before the optimizer step"
         if not self.engine.was_step_applied():  # decided by an all-reduced overflow flag
             return "DeepSpeed skipped the step (fp16 gradient overflow)"
@@ -200,13 +213,15 @@ class DeepSpeedBackend:
     @torch.no_grad()
     def loss(self, task: str | None) -> float:
         batches = self.batches if task is None else self.relative_batches[task]
-        self._rng.restore()
-        value = self.evaluate(batches, self.micro_batch_counts[task])
-        # Every rank must branch alike: take rank 0's bits rather than trust the transport's
-        # summation order to be the same everywhere.
-        value = value.detach().reshape(1).to(torch.float64)
-        ds_comm.broadcast(value, src=0)
-        return value.item()
+        value, error = math.nan, None
+        try:
+            self._rng.restore()
+            value = self.evaluate(batches, self.micro_batch_counts[task]).detach().reshape(1).double().item()
+        except CAUGHT as caught:
+            error = caught
+        # Every rank must branch alike: rank 0's bits (rather than trust the transport's summation
+        # order to be the same everywhere), and whether any rank failed, in one all-reduce.
+        return agree([value], error)[0]
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -7,6 +7,7 @@ DESIGN.md §3); they are unchanged on Megatron-LM main.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -16,6 +17,7 @@ from megatron.core.optimizer import (ChainedOptimizer, DistributedOptimizer, Flo
                                      FP32Optimizer)
 
 from megatron_sharpness.backends.lerp import lerp_into
+from megatron_sharpness.faults import CAUGHT, OUT_OF_MEMORY, agree, any_rank_failed, snapshot_skip_reason
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
 
@@ -103,14 +105,25 @@ class MegatronBackend:
         self._rng: RngState | None = None
         self._modes: list[bool] = []
         self._floor = 0.0
+        self._snapshot_skipped: str | None = None
 
     @torch.no_grad()
     def snapshot(self) -> None:
         self._pairs = [pair for leaf in self.leaves for pair in master_pairs(leaf)]
-        self._theta_t = [main.detach().clone() for main, _ in self._pairs]
+        error = None
+        try:
+            self._theta_t = [main.detach().clone() for main, _ in self._pairs]
+        except OUT_OF_MEMORY as caught:
+            error, self._theta_t = caught, None
+        # Every rank skips the measurement if any rank's shard did not fit.
+        self._snapshot_skipped = snapshot_skip_reason(any_rank_failed(error))
+        if self._snapshot_skipped is not None:
+            self._theta_t, self._pairs = None, []
 
     @torch.no_grad()
     def after_step(self) -> str | None:
+        if self._snapshot_skipped is not None:
+            return self._snapshot_skipped
         assert self._theta_t is not None, "snapshot() must run before optimizer.step()"
         if not self.step_applied:
             return "the optimizer skipped the step (inf/NaN gradients)"
@@ -142,12 +155,14 @@ class MegatronBackend:
     @torch.no_grad()
     def loss(self, task: str | None) -> float:
         batches = self.batches if task is None else self.relative_batches[task]
-        self._reset_random_state()
-        value = self.evaluate(batches, self.micro_batch_counts[task]).detach().reshape(1).to(torch.float64)
-        # Every rank must branch alike: take rank 0's bits.
-        value = value.to(_device())
-        dist.broadcast(value, src=0)
-        return value.item()
+        value, error = math.nan, None
+        try:
+            self._reset_random_state()
+            value = self.evaluate(batches, self.micro_batch_counts[task]).detach().reshape(1).double().item()
+        except CAUGHT as caught:
+            error = caught
+        # Every rank must branch alike: rank 0's bits, and whether any rank failed, in one all-reduce.
+        return agree([value], error)[0]
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -177,12 +192,17 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def reduce_lm_loss(forward_data_store: Sequence[dict], key: str = "lm loss") -> torch.Tensor:
+def reduce_lm_loss(forward_data_store: Sequence[dict] | None, key: str = "lm loss") -> torch.Tensor:
     """The mean loss over micro-batches, tokens and data-parallel ranks, broadcast from the last
     pipeline stage so that every rank holds it. Each entry of forward_data_store (last stage only)
-    is what loss_func reported: [loss sum, token count], megatron-core's convention."""
+    is what loss_func reported: [loss sum, token count], megatron-core's convention. None: this
+    rank's forward failed; it still joins the reductions (adding nothing) so that its peers do not
+    hang in them, and the caller raises its error afterwards."""
     totals = torch.zeros(2, dtype=torch.float64, device=_device())
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+    if forward_data_store is None:
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    elif parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         reported = [entry.get(key) if isinstance(entry, dict) else None for entry in forward_data_store]
         if not reported or any(value is None or torch.as_tensor(value).numel() != 2 for value in reported):
             raise ValueError(f"critical sharpness: loss_func must report {key!r} as [loss sum, token count] "

@@ -6,6 +6,7 @@ destroy θ_{t+1}: both θ_t and θ_{t+1} are cloned (2 × the parameter bytes, o
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -14,6 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
+from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, ProbeFailure, RankError, UsageError, describe,
+                                       device_of, gather_errors, snapshot_skip_reason)
 
 LossFn = Callable[[], "torch.Tensor | float"]
 
@@ -40,6 +43,7 @@ class TorchBackend:
         self._theta_next: list[torch.Tensor] | None = None
         self._buffers: list[torch.Tensor] | None = None
         self._rng: RngState | None = None
+        self._snapshot_skipped: str | None = None
 
     def _trainable_params(self) -> list[torch.Tensor]:
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
@@ -52,10 +56,23 @@ class TorchBackend:
         # Read at every measured step: a param group added (add_param_group) or a param unfrozen
         # since the last one moves with the step too.
         self.params = self._trainable_params()
-        self._theta_t = [p.detach().clone() for p in self.params]
+        error = None
+        try:
+            self._theta_t = [p.detach().clone() for p in self.params]
+        except OUT_OF_MEMORY as caught:
+            error, self._theta_t = caught, None
+        # Every rank skips the measurement if any rank's copy did not fit.
+        failed = self._gather([float(error is not None)])
+        self._snapshot_skipped = None
+        if any(flag for flag, in failed):
+            errors = [RankError(0, describe(error))] if self._world_size() == 1 else gather_errors(error, self.process_group)
+            self._snapshot_skipped = snapshot_skip_reason(errors)
+            self._theta_t = None
 
     @torch.no_grad()
     def after_step(self) -> str | None:
+        if self._snapshot_skipped is not None:
+            return self._snapshot_skipped
         assert self._theta_t is not None, "snapshot() must run before optimizer.step()"
         self._theta_next = [p.detach().clone() for p in self.params]
         # Forwards in train mode update BatchNorm statistics and draw dropout masks: keep both so
@@ -82,24 +99,32 @@ class TorchBackend:
             torch.lerp(old, new, step_multiple, out=param.detach())
 
     def loss(self, task: str | None) -> float:
-        self._reset_forward_state()
-        with torch.no_grad():
-            value = self.loss_fns[task]()
         label = "the step's loss_fn" if task is None else f"the loss_fn of relative task {task!r}"
-        return self.reduce_loss(value, label)
+        value, error = math.nan, None
+        try:
+            self._reset_forward_state()
+            with torch.no_grad():
+                value = self._scalar(self.loss_fns[task](), label)
+        except CAUGHT as caught:
+            error = caught
+        return self._mean_over_ranks(value, error)
 
     def reduce_loss(self, value: object, label: str) -> float:
         """A scalar loss of this rank as the float every rank agrees on (the mean over ranks)."""
+        return self._mean_over_ranks(self._scalar(value, label))
+
+    @staticmethod
+    def _scalar(value: object, label: str) -> float:
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
-                raise ValueError(f"{label} must return a scalar loss, got a tensor of shape "
+                raise _BadLoss(f"{label} must return a scalar loss, got a tensor of shape "
                                  f"{tuple(value.shape)}")
             value = value.item()
         elif not isinstance(value, (int, float)) or isinstance(value, bool):
             # float("3") would pass a string through and the search would run on nonsense.
-            raise TypeError(f"{label} must return the loss as a scalar tensor or a float, got "
+            raise _BadLossType(f"{label} must return the loss as a scalar tensor or a float, got "
                             f"{type(value).__name__} ({value!r:.60})")
-        return self._mean_over_ranks(float(value))
+        return float(value)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -121,26 +146,36 @@ class TorchBackend:
         return dist.get_world_size(self.process_group)
 
     def _any_rank(self, flag: bool) -> bool:
-        if self._world_size() == 1:
-            return flag
-        return sum(self._gather(float(flag))) > 0
+        return any(value for value, in self._gather([float(flag)]))
 
-    def _mean_over_ranks(self, value: float) -> float:
-        world_size = self._world_size()
-        if world_size == 1:
-            return value
+    def _mean_over_ranks(self, value: float, error: BaseException | None = None) -> float:
+        """The mean of the ranks' values, or ProbeFailure on every rank if any rank's loss failed:
+        the failed flag travels in the same all-gather as the values."""
+        gathered = self._gather([value, float(error is not None)])
+        if any(failed for _, failed in gathered):
+            if self._world_size() == 1:
+                raise ProbeFailure([RankError.of(0, error)], error)
+            raise ProbeFailure(gather_errors(error, self.process_group), error)
         # Summing the gathered values in rank order gives every rank the same float bits; an
         # all_reduce leaves the summation order to the transport.
-        return sum(self._gather(value)) / world_size
+        return sum(v for v, _ in gathered) / len(gathered)
 
-    def _gather(self, value: float) -> list[float]:
-        device = torch.device("cpu")
-        if dist.get_backend(self.process_group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        local = torch.tensor([value], dtype=torch.float64, device=device)
+    def _gather(self, values: list[float]) -> list[list[float]]:
+        """Every rank's values, in rank order (this rank's alone outside a process group)."""
+        if self._world_size() == 1:
+            return [values]
+        local = torch.tensor(values, dtype=torch.float64, device=device_of(self.process_group))
         gathered = [torch.empty_like(local) for _ in range(self._world_size())]
         dist.all_gather(gathered, local, group=self.process_group)
-        return [t.item() for t in gathered]
+        return [t.tolist() for t in gathered]
+
+
+class _BadLoss(UsageError, ValueError):
+    pass
+
+
+class _BadLossType(UsageError, TypeError):
+    pass
 
 
 def _reject_sharded_model(model: torch.nn.Module) -> None:

@@ -22,6 +22,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from megatron_sharpness.backends.deepspeed import DeepSpeedBackend, Evaluator
 from megatron_sharpness.checks import checked_loggers, require_callable
 from megatron_sharpness.config import SharpnessConfig, require_config
+from megatron_sharpness.faults import CAUGHT
 from megatron_sharpness.loggers import JsonlLogger, LogLineLogger, MeasurementLogger
 from megatron_sharpness.measurement import Measurement
 from megatron_sharpness.integrations.recording import RecordingIterator
@@ -72,10 +73,17 @@ def engine_forward_loss(engine, loss_from_output: Callable[[Any], torch.Tensor] 
 
     def evaluate(batches: Sequence[Any], count: int) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64, device=engine.device)
-        for args, kwargs in batches[:count]:
-            total += loss_from_output(engine(*args, **kwargs)).detach().double()
+        error = None
+        try:
+            for args, kwargs in batches[:count]:
+                total += loss_from_output(engine(*args, **kwargs)).detach().double()
+        except CAUGHT as caught:
+            # Join the reduction anyway: the peers are waiting in it (see faults.py).
+            error = caught
         mean = total / count
         ds_comm.all_reduce(mean, group=engine.data_parallel_group)
+        if error is not None:
+            raise error
         return mean / ds_comm.get_world_size(group=engine.data_parallel_group)
 
     return evaluate

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from megatron_sharpness.config import ConfigError, SharpnessConfig
+from megatron_sharpness.config import ON_ERROR, ConfigError, SharpnessConfig
 from megatron_sharpness.search import SEARCH_METHODS
 
 # flag suffix -> SharpnessConfig field
@@ -18,6 +18,7 @@ FLAG_FIELDS = {
     "search": "search",
     "micro-batches": "micro_batches",
     "log-file": "log_file",
+    "on-error": "on_error",
 }
 
 
@@ -69,6 +70,9 @@ def add_critical_sharpness_args(parser: argparse.ArgumentParser) -> argparse.Arg
                        metavar="K", help="evaluate on the first K micro-batches of the step (default: all)")
     group.add_argument("--critical-sharpness-log-file", type=_validated("log_file", str), default=None,
                        metavar="PATH", help="append one JSON object per measurement to PATH")
+    group.add_argument("--critical-sharpness-on-error", type=_validated("on_error", str), default=defaults.on_error,
+                       choices=ON_ERROR, help="a probe forward that raises on some rank: skip (record the "
+                                              "measurement as failed, train on; default) or raise on every rank")
     return parser
 
 

@@ -26,6 +26,7 @@ from megatron_sharpness.backends.megatron import MegatronBackend, reduce_lm_loss
 from megatron_sharpness.checks import (checked_loggers, require_callable, require_optimizer,
                                        require_positive_int)
 from megatron_sharpness.config import SharpnessConfig, require_config
+from megatron_sharpness.faults import CAUGHT
 from megatron_sharpness.loggers import JsonlLogger, MeasurementLogger
 from megatron_sharpness.measurement import Measurement
 from megatron_sharpness.integrations.recording import RecordingIterator
@@ -72,13 +73,21 @@ class MegatronSharpness:
 
         def evaluate(batches: list[list[Any]], count: int) -> torch.Tensor:
             iterators = [iter(chunk_batches) for chunk_batches in batches]
-            with torch.no_grad():
-                forward_data_store = forward_backward_func(
-                    forward_step_func=forward_step_func,
-                    data_iterator=iterators if len(self.model) > 1 else iterators[0],
-                    model=self.model, num_microbatches=count, seq_length=seq_length,
-                    micro_batch_size=micro_batch_size, decoder_seq_length=decoder_seq_length, forward_only=True)
-            return reduce_lm_loss(forward_data_store, loss_key)
+            error = None
+            try:
+                with torch.no_grad():
+                    forward_data_store = forward_backward_func(
+                        forward_step_func=forward_step_func,
+                        data_iterator=iterators if len(self.model) > 1 else iterators[0],
+                        model=self.model, num_microbatches=count, seq_length=seq_length,
+                        micro_batch_size=micro_batch_size, decoder_seq_length=decoder_seq_length, forward_only=True)
+            except CAUGHT as caught:
+                # Join the loss reduction anyway: the peers are waiting in it (see faults.py).
+                error, forward_data_store = caught, None
+            loss = reduce_lm_loss(forward_data_store, loss_key)
+            if error is not None:
+                raise error
+            return loss
 
         self.backend = MegatronBackend(optimizer, self.model, evaluate)
         self.probe = SharpnessProbe(config, _default_loggers(config) if loggers is None else loggers)

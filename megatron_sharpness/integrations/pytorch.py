@@ -46,6 +46,19 @@ class TorchSharpnessProbe:
         self.relative_tasks: dict[str, LossFn] = {}
         self.iteration = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        """Save it with the model and optimizer: the step count (which steps are due) and the warm
+        starts. After load_state_dict() the resumed run measures bitwise what the uninterrupted one
+        would have (same forwards, same values). Relative tasks' data is the caller's own."""
+        return {"iteration": self.iteration, "probe": self.probe.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or not isinstance(state.get("iteration"), int) or "probe" not in state:
+            raise ValueError("critical sharpness: load_state_dict() wants what TorchSharpnessProbe.state_dict() "
+                             f"returned ({{'iteration': int, 'probe': ...}}), got {state!r:.120}")
+        self.probe.load_state_dict(state["probe"])
+        self.iteration = state["iteration"]
+
     def add_relative_task(self, name: str, loss_fn: LossFn) -> None:
         """Also search the loss of another task (e.g. a fixed held-out batch) along each step."""
         if not isinstance(name, str) or not name or name in self.relative_tasks:

@@ -1,10 +1,13 @@
 """One rank of a DDP run: train a tiny GPT with dropout for N steps without the probe, then again
-with the probe on every step, and write what the test compares to OUT/rank{R}.json."""
+with the probe on every step, and write what the test compares to OUT/rank{R}.json.
 
+    ddp_train.py OUT STEPS [--fail-at RANK:STEP:CALL] [--snapshot-oom RANK:STEP] [--on-error raise]
+"""
+
+import argparse
 import datetime
 import json
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -12,10 +15,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from megatron_sharpness import SharpnessConfig, TorchSharpnessProbe
 from megatron_sharpness.data import ByteBatches, embedded_corpus
+from megatron_sharpness.testing.faults import InjectedFault, clone_runs_out_of_memory
 from megatron_sharpness.testing.tiny_gpt import TinyGPT, lm_loss
 
 
-def train(probe_on, steps, rank):
+def train(probe_on, steps, rank, a=None):
     torch.manual_seed(0)
     model = DistributedDataParallel(TinyGPT(width=32, layers=1, heads=2, max_seq_len=16, dropout=0.1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
@@ -23,11 +27,20 @@ def train(probe_on, steps, rank):
     held_out = next(ByteBatches(embedded_corpus(), batch_size=4, seq_len=16, seed=7 + rank))
     probe = None
     if probe_on:
-        probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=1))
+        probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=1, on_error=a.on_error))
         probe.add_relative_task("held-out", lambda: lm_loss(model, *held_out))
+        fault = InjectedFault(a.fail_at)
+        oom_rank, oom_step = (int(x) for x in a.snapshot_oom.split(":")) if a.snapshot_oom else (None, None)
+        snapshot = probe.backend.snapshot
+
+        def snapshot_that_may_not_fit():
+            with clone_runs_out_of_memory(rank == oom_rank and probe.iteration == oom_step):
+                snapshot()
+
+        probe.backend.snapshot = snapshot_that_may_not_fit
     torch.manual_seed(1 + rank)  # dropout masks differ per rank, as in real data parallelism
     records, local_baselines = [], []
-    for _ in range(steps):
+    for step in range(steps):
         tokens, targets = next(batches)
         optimizer.zero_grad()
         lm_loss(model, tokens, targets).backward()
@@ -42,19 +55,31 @@ def train(probe_on, steps, rank):
             return value
 
         local_baselines.clear()
-        measurement = probe.step(step_loss)
-        records.append(measurement.to_dict() | {"local_baseline": local_baselines[0]})
+        fault.at_step(step + 1)
+        try:
+            measurement = probe.step(fault.wrap(step_loss))
+        except RuntimeError as error:  # on_error="raise": every rank gets it, then trains on
+            records.append({"raised": str(error)})
+            continue
+        records.append(measurement.to_dict() | {"local_baseline": local_baselines[0] if local_baselines else None})
     state = [p.detach().clone() for p in model.parameters()]
     state += [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     return state, torch.get_rng_state(), records
 
 
 def main():
-    out_dir, steps = sys.argv[1], int(sys.argv[2])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir")
+    parser.add_argument("steps", type=int)
+    parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL")
+    parser.add_argument("--snapshot-oom", default=None, metavar="RANK:STEP")
+    parser.add_argument("--on-error", default="skip")
+    a = parser.parse_args()
+    out_dir, steps = a.out_dir, a.steps
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
     reference, reference_rng, _ = train(False, steps, rank)
-    probed, probed_rng, records = train(True, steps, rank)
+    probed, probed_rng, records = train(True, steps, rank, a)
     result = {
         "rank": rank,
         "bitwise_equal": len(reference) == len(probed) and all(

@@ -22,7 +22,8 @@ from deepspeed.pipe import PipelineModule  # noqa: E402
 from megatron_sharpness.backends.deepspeed import DeepSpeedBackend, master_layout  # noqa: E402
 from megatron_sharpness.data import ByteBatches, embedded_corpus  # noqa: E402
 from megatron_sharpness.integrations import megatron_deepspeed  # noqa: E402
-from megatron_sharpness.integrations.deepspeed import attach, engine_forward_loss  # noqa: E402
+from megatron_sharpness.integrations.deepspeed import attach, engine_forward_loss, loss_of  # noqa: E402
+from megatron_sharpness.testing.faults import InjectedFault  # noqa: E402
 from megatron_sharpness.testing.tiny_gpt import Block, TinyGPT, lm_loss  # noqa: E402
 
 SEQ, WIDTH, HEADS = 16, 32, 2
@@ -231,6 +232,7 @@ def reference_run(a, rank):
 def probe_run(a, rank):
     engine = build(a)
     held_out = next(ByteBatches(embedded_corpus(), batch_size=4, seq_len=SEQ, seed=7))
+    fault = InjectedFault(a.fail_at)
     if a.megatron_deepspeed:
         # Without our flags the ds_config's critical_sharpness section (interval 1, same micro-batches) applies.
         flags = [] if a.from_ds_config else ["--critical-sharpness-interval", "1",
@@ -241,10 +243,12 @@ def probe_run(a, rank):
                                               lambda: megatron_forward_backward)
         sharpness.probe.loggers.clear()
     else:
-        sharpness = attach(engine, loggers=None if a.csv_dir else [], relative_batches={"held-out": [held_out]})
+        sharpness = attach(engine, loggers=None if a.csv_dir else [], relative_batches={"held-out": [held_out]},
+                           loss_from_output=fault.wrap(loss_of))
     data = batches(a, rank)
     records, training_losses = [], []
-    for _ in range(a.steps):
+    for step in range(a.steps):
+        fault.at_step(step + 1)
         if a.megatron_deepspeed:
             reported = megatron_train_step(engine, a, data)
             training_losses.append(megatron_deepspeed.mean_reported_loss(reported[:sharpness.micro_batches]).item())
@@ -284,6 +288,8 @@ def main():
     parser.add_argument("--csv-dir", default=None, help="use the default loggers, with DeepSpeed's CSV monitor")
     parser.add_argument("--log-file", default=None)
     parser.add_argument("--interval", type=int, default=1)
+    parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL",
+                        help="rank RANK raises torch.OutOfMemoryError in its CALL-th probe loss of step STEP")
     a = parser.parse_args()
 
     torch.set_num_threads(1)

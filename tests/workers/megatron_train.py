@@ -22,6 +22,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker  # noqa: E
 from megatron_sharpness.backends.megatron import MegatronBackend, leaf_optimizers, master_pairs, reduce_lm_loss  # noqa: E402,E501
 from megatron_sharpness.config import SharpnessConfig  # noqa: E402
 from megatron_sharpness.integrations.megatron_core import MegatronSharpness  # noqa: E402
+from megatron_sharpness.testing.faults import InjectedFault  # noqa: E402
 from megatron_sharpness.testing.megatron_gpt import (TinyGPTSetup, build_model_and_optimizer, forward_step,  # noqa: E402
                                                       init_gloo_model_parallel, shutdown_model_parallel,
                                                       synthetic_batch)
@@ -108,7 +109,13 @@ def probe_run(a):
     iterators = data_iterators(a, 0, a.steps + 1)
     held_out = data_iterators(a, 777_000, 64)
     config = SharpnessConfig(interval=1, micro_batches=a.micro_batches)
-    sharpness = MegatronSharpness(chunks, optimizer, forward_step, config, seq_length=a.setup.seq_length,
+    fault = InjectedFault(a.fail_at)
+
+    def probe_forward_step(data_iterator, model):
+        output, loss_func = forward_step(data_iterator, model)
+        return output, fault.wrap(loss_func)
+
+    sharpness = MegatronSharpness(chunks, optimizer, probe_forward_step, config, seq_length=a.setup.seq_length,
                                   micro_batch_size=a.setup.micro_batch_size, loggers=[],
                                   relative_data_iterators={"held-out": held_out if a.vpp else held_out[0]})
     records, training_losses, optimizer_names = [], [], [type(o).__name__ for o in leaf_optimizers(optimizer)]
@@ -116,6 +123,7 @@ def probe_run(a):
     for step in range(a.steps):
         # Megatron-LM passes its own iteration (e.g. when resuming); otherwise the probe counts.
         iteration = None if a.first_iteration is None else a.first_iteration + step
+        fault.at_step(step + 1)
         store, _ = train_step(a, chunks, optimizer, iterators, sharpness, iteration)
         count = min(a.micro_batches or a.nmb, a.nmb)
         training_losses.append(reduce_lm_loss(store[:count]).item())
@@ -141,6 +149,8 @@ def main():
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--first-iteration", type=int, default=None)
+    parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL",
+                        help="rank RANK raises torch.OutOfMemoryError in its CALL-th probe loss_func of step STEP")
     a = parser.parse_args()
     a.setup = setup_of(a)
 

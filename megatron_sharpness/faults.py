@@ -1,0 +1,107 @@
+"""Failures inside a probe, agreed on by every rank before any further collective.
+
+A rank whose probe forward raised (an OOM in the loss, say) must not walk into restore()'s param
+all-gather while its peers wait in the loss reduction: the job would hang until the process-group
+timeout. So each backend folds a "failed" flag into the one reduction its loss() runs anyway:
+every rank learns of a failure in the same collective, takes the same branch, and the probe
+restores θ_{t+1} on all of them. What cannot be caught here: an exception inside a collective of
+the forward itself (a tensor- or pipeline-parallel exchange), where the peers are already
+waiting in a collective the failing rank will never join.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+# What a probe forward may raise and still leave the process usable: OOMs (torch.OutOfMemoryError
+# is a RuntimeError), a loss_fn's own errors. Not KeyboardInterrupt / SystemExit.
+CAUGHT = (Exception,)
+# Where a snapshot does not fit.
+OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
+
+
+@dataclass(frozen=True)
+class RankError:
+    """The original error of one rank, as text: 'OutOfMemoryError: CUDA out of memory ...'."""
+
+    rank: int
+    error: str
+    # The caller's mistake (a loss_fn returning a string), not a fault: raised whatever on_error says.
+    usage: bool = False
+
+    @staticmethod
+    def of(rank: int, error: BaseException) -> RankError:
+        return RankError(rank, describe(error), isinstance(error, UsageError))
+
+
+class UsageError(Exception):
+    """Mixed into the errors that name a caller's mistake found inside a probe forward."""
+
+
+def describe(error: BaseException) -> str:
+    # One line: the text lands in Megatron's `key: value |` log fields.
+    text = f"{type(error).__name__}: {error}".replace("|", "/")
+    return " ".join(text.split())[:500]
+
+
+class ProbeFailure(Exception):
+    """Raised on every rank alike once the ranks agreed that at least one of them failed."""
+
+    def __init__(self, errors: Sequence[RankError], local: BaseException | None = None):
+        self.errors = list(errors)
+        self.local = local  # this rank's own error, None where only a peer failed
+        first = self.errors[0]
+        super().__init__(f"rank {first.rank}: {first.error}")
+
+    @property
+    def usage(self) -> bool:
+        return any(error.usage for error in self.errors)
+
+
+def device_of(group: dist.ProcessGroup | None = None) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(values: Sequence[float], error: BaseException | None, group: dist.ProcessGroup | None = None,
+          src: int = 0) -> list[float]:
+    """One all-reduce over `group` of [values of global rank src..., failed ranks]: returns src's
+    values bitwise (the other ranks add zeros) or raises ProbeFailure on every rank. Only after a
+    failure, which every rank then knows of, one more collective gathers the error texts."""
+    rank = dist.get_rank()
+    own = [0.0] * len(values) if rank != src or error is not None else [float(v) for v in values]
+    packed = torch.tensor([*own, float(error is not None)], dtype=torch.float64, device=device_of(group))
+    dist.all_reduce(packed, group=group)
+    if packed[-1].item() > 0:
+        raise ProbeFailure(gather_errors(error, group), error)
+    return packed[:-1].tolist()
+
+
+def gather_errors(error: BaseException | None, group: dist.ProcessGroup | None = None) -> list[RankError]:
+    """Every rank must call this (after agreeing that some rank failed); the failing ranks' errors."""
+    own = None if error is None else RankError.of(dist.get_rank(), error)
+    gathered: list[RankError | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, own, group=group)
+    return sorted((e for e in gathered if e is not None), key=lambda e: e.rank)
+
+
+def any_rank_failed(error: BaseException | None, group: dist.ProcessGroup | None = None) -> list[RankError]:
+    """One all-reduce of a failed flag (and, only on a failure, the texts): the errors of every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [] if error is None else [RankError.of(0, error)]
+    flag = torch.tensor([float(error is not None)], dtype=torch.float64, device=device_of(group))
+    dist.all_reduce(flag, group=group)
+    return gather_errors(error, group) if flag.item() > 0 else []
+
+
+def snapshot_skip_reason(errors: Sequence[RankError]) -> str | None:
+    """Why a measurement is skipped when the θ_t snapshot did not fit on some rank."""
+    if not errors:
+        return None
+    first = errors[0]
+    return f"the θ_t snapshot did not fit in memory (rank {first.rank}: {first.error})"

@@ -1,0 +1,156 @@
+"""A probe can fail, a job cannot hang: a failure inside a probe forward or the θ_t snapshot on ONE
+rank is agreed on by every rank before any further collective, θ_{t+1} is restored everywhere and
+the measurement is recorded as failed (or skipped) while training goes on bitwise unchanged.
+The megatron-core and DeepSpeed versions live in tests/test_megatron.py and tests/test_deepspeed.py."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_sharpness import SharpnessConfig, TorchSharpnessProbe
+from megatron_sharpness.config import ConfigError
+from megatron_sharpness.integrations.flags import add_critical_sharpness_args, config_from_args
+from megatron_sharpness.logs import parse_lines
+from megatron_sharpness.measurement import Measurement, ProbeError
+from megatron_sharpness.testing.launch import run_ranks
+
+WORKER = os.path.join(os.path.dirname(__file__), "workers", "ddp_train.py")
+STEPS = 4
+
+
+def ddp_run(tmp_path, *args):
+    run_ranks([WORKER, str(tmp_path), str(STEPS), *args], world_size=2, timeout=240)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for result in ranks:
+        assert result["bitwise_equal"], f"rank {result['rank']}: training with the failed probe diverged"
+        assert result["rng_equal"], f"rank {result['rank']}: the failed probe moved the RNG"
+    records = [[{k: v for k, v in r.items() if k not in ("probe_seconds", "local_baseline")} for r in result["records"]]
+               for result in ranks]
+    assert records[0] == records[1], "the ranks disagree"
+    return records[0]
+
+
+def test_ddp_one_rank_oom_in_the_loss_fn_fails_that_measurement_on_every_rank(tmp_path):
+    # Rank 1's 4th loss_fn call of step 2: after L(θ_t) and s = 1 (the held-out task has its own loss_fn).
+    records = ddp_run(tmp_path, "--fail-at", "1:2:3")
+    assert [r["status"] for r in records] == ["converged", "failed", "converged", "converged"]
+    error = records[1]["error"]
+    assert (error["rank"], error["ranks"], error["task"]) == (1, [1], None)
+    assert error["message"] == "OutOfMemoryError: injected on rank 1 at probe loss 3 of step 2"
+    assert error["lr"] > 0
+
+
+def test_ddp_snapshot_that_does_not_fit_on_one_rank_skips_the_measurement_everywhere(tmp_path):
+    records = ddp_run(tmp_path, "--snapshot-oom", "1:3")
+    assert [r["status"] for r in records] == ["converged", "converged", "skipped", "converged"]
+    assert records[2]["skipped"] == ("the θ_t snapshot did not fit in memory (rank 1: OutOfMemoryError: "
+                                     "injected: no memory for the θ_t snapshot)")
+
+
+def test_ddp_on_error_raise_raises_on_every_rank_after_restoring(tmp_path):
+    records = ddp_run(tmp_path, "--fail-at", "0:2:1", "--on-error", "raise")
+    assert "raised" not in records[0] and records[0]["status"] == "converged"
+    assert records[1] == {"raised": "critical sharpness: the measurement at step 2 failed (rank 0, lr 0.0000E+00: "
+                                    "OutOfMemoryError: injected on rank 0 at probe loss 1 of step 2); on_error='raise'"}
+    assert records[2]["status"] == "converged"
+
+
+def test_single_process_failure_is_recorded_and_training_goes_on():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=1), loggers=[])
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("host RAM exhausted")
+        return F.mse_loss(model(x), y)
+
+    F.mse_loss(model(x), y).backward()
+    twin = copy.deepcopy(model)
+    for mine, theirs in zip(model.parameters(), twin.parameters()):
+        theirs.grad = mine.grad.clone()
+    torch.optim.SGD(twin.parameters(), lr=0.1).step()
+    expected = list(twin.parameters())
+    measurement = probe.step(loss_fn)
+    assert measurement.status == "failed" and measurement.error.message == "MemoryError: host RAM exhausted"
+    assert measurement.error.lr == pytest.approx(0.1)  # s = 1, the second forward
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), expected))
+
+
+def test_failed_measurement_round_trips_through_the_log_line_and_jsonl():
+    error = ProbeError(rank=1, message="OutOfMemoryError: CUDA out of memory (tried 2.00 GiB)", lr=0.03, ranks=(1, 3))
+    measurement = Measurement(step=7, lr=0.01, task=None, error=error)
+    line = f" iteration        7/     100 | lm loss: 3.5 | {measurement.log_fields()}"
+    assert measurement.log_fields() == ("critical sharpness: failed (rank 1 (and 1 more rank), lr 3.0000E-02: "
+                                        "OutOfMemoryError: CUDA out of memory (tried 2.00 GiB)) |")
+    (from_line,) = parse_lines([line])
+    (from_json,) = parse_lines([json.dumps(measurement.to_dict())])
+    for record in (from_line, from_json):
+        assert (record.step, record.status, record.critical_sharpness) == (7, "failed", None)
+        assert record.error == "rank 1 (and 1 more rank), lr 3.0000E-02: OutOfMemoryError: CUDA out of memory (tried 2.00 GiB)"
+
+
+def test_on_error_is_validated_and_has_a_flag():
+    with pytest.raises(ConfigError, match=r"on_error='ignore' is invalid; allowed: skip or raise"):
+        SharpnessConfig(on_error="ignore")
+    parser = add_critical_sharpness_args(__import__("argparse").ArgumentParser())
+    args = parser.parse_args(["--critical-sharpness-interval", "5", "--critical-sharpness-on-error", "raise"])
+    assert config_from_args(args).on_error == "raise"
+    assert config_from_args(parser.parse_args([])).on_error == "skip"
+
+
+def _train_with_probe(steps, state=None, start=0):
+    """A tiny regression trained from a checkpoint-like start; returns records and the probe."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=2), loggers=[])
+    held_x, held_y = torch.randn(32, 6), torch.randn(32, 1)
+    probe.add_relative_task("held-out", lambda: F.mse_loss(model(held_x), held_y))
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        probe.load_state_dict(state["probe"])
+    records = []
+    for step in range(start, start + steps):
+        generator = torch.Generator().manual_seed(step)
+        x = torch.randn(32, 6, generator=generator)
+        y = x.sum(1, keepdim=True).sin()
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        measurement = probe.step(lambda: F.mse_loss(model(x), y))
+        if measurement is not None:
+            records.append({k: v for k, v in measurement.to_dict().items() if k != "probe_seconds"})
+    checkpoint = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
+                  "probe": copy.deepcopy(probe.state_dict())}
+    return records, checkpoint
+
+
+def test_resume_from_the_probe_state_measures_what_the_uninterrupted_run_would():
+    uninterrupted, _ = _train_with_probe(12)
+    _, checkpoint = _train_with_probe(6)
+    resumed, _ = _train_with_probe(6, checkpoint, start=6)
+    assert [r["step"] for r in resumed] == [8, 10, 12]
+    assert resumed == uninterrupted[3:]  # same steps, same forwards, same values, bitwise
+    # Without the probe state the warm start is lost: other trial points (and the step count restarts).
+    checkpoint["probe"] = {"iteration": 6, "probe": {"version": 1, "last_critical_lr": []}}
+    cold, _ = _train_with_probe(6, checkpoint, start=6)
+    assert [r["step"] for r in cold] == [8, 10, 12]
+    assert [r["evaluations"] for r in cold] != [r["evaluations"] for r in uninterrupted[3:]]
+
+
+def test_load_state_dict_rejects_what_is_not_a_probe_state():
+    probe = TorchSharpnessProbe(torch.nn.Linear(2, 1), torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1),
+                                loggers=[])
+    with pytest.raises(ValueError, match="load_state_dict"):
+        probe.load_state_dict({"step": 3})
+    with pytest.raises(ValueError, match="bad warm start"):
+        probe.load_state_dict({"iteration": 3, "probe": {"version": 1, "last_critical_lr": [[None, -1.0]]}})
