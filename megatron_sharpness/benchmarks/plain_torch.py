@@ -57,7 +57,9 @@ def run(args, method: str, reuse_training_loss: bool = False) -> dict:
     train_text, heldout_text = train_heldout_split(embedded_corpus())
     batches = ByteBatches(train_text, args.batch_size, args.seq_len, seed=0)
     heldout = next(ByteBatches(heldout_text, args.batch_size, args.seq_len, seed=1))
-    model = TinyGPT(max_seq_len=args.seq_len)
+    device = torch.device(args.device)
+    heldout = tuple(t.to(device) for t in heldout)
+    model = TinyGPT(max_seq_len=args.seq_len).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps // 10, args.steps))
     probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=args.interval, search=method))
@@ -66,7 +68,7 @@ def run(args, method: str, reuse_training_loss: bool = False) -> dict:
 
     stats = {"forwards": {}, "in_bracket": [], "errors": [], "ratios": [], "probe_seconds": [], "train_seconds": []}
     for _ in range(args.steps):
-        batch = next(batches)
+        batch = tuple(t.to(device) for t in next(batches))
         started = time.perf_counter()
         training_loss = lm_loss(model, *batch)
         training_loss.backward()
@@ -111,6 +113,7 @@ def main(argv=None):
     parser.add_argument("--scan-points", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = parser.parse_args(argv)
 
     results = {"fast": run(args, "fast"), "paper": run(args, "paper"),

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One-GPU end-to-end check with NCCL: the real Megatron-LM pretrain_gpt.py (TP1, bf16, distributed
+# optimizer, mock data), patched with our patch for its release line, trained with the probe on and
+# off; the iteration lines must agree bitwise (lm loss, grad norm, params norm) and the measured ones
+# carry our fields. Then the plain-PyTorch benchmark on that GPU.
+#
+# Usage (on a machine with one CUDA GPU, megatron-sharpness installed from a source checkout):
+#   MEGATRON_LM=/path/to/Megatron-LM bash launch/gpu_check.sh
+# Env: MEGATRON_LM (required), PYTHON (default python), ITERS (default 12), OUT (default a temp dir).
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+: "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout}"
+python="${PYTHON:-python}"
+iters="${ITERS:-12}"
+out="${OUT:-$(mktemp -d -t megatron-sharpness-gpu-XXXXXX)}"
+"$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA GPU visible to torch")'
+
+# A patched copy (the checkout itself is left as it is), with the patch of its release line.
+PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$python" - "$MEGATRON_LM" "$out" <<'EOF'
+import sys
+from pathlib import Path
+from megatron_sharpness.testing.megatron_lm_check import patched_copy
+path, patch = patched_copy(Path(sys.argv[1]), Path(sys.argv[2]))
+print(f"patched {path} with {patch.parent.name}/{patch.name}")
+EOF
+checkout="$out/Megatron-LM"
+
+flags=(--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --bf16
+       --use-distributed-optimizer --mock-data --tokenizer-type NullTokenizer --vocab-size 1024
+       --num-layers 4 --hidden-size 256 --num-attention-heads 8 --seq-length 256
+       --max-position-embeddings 256 --micro-batch-size 4 --global-batch-size 16 --lr 3e-4
+       --train-iters "$iters" --log-interval 1 --log-params-norm --eval-iters 0 --eval-interval 100000
+       --attention-dropout 0.0 --hidden-dropout 0.0 --seed 1234)
+probe=(--critical-sharpness-interval 2 --critical-sharpness-log-file "$out/sharpness.jsonl")
+
+run() {  # run NAME FLAGS...
+  local name="$1"; shift
+  (cd "$checkout" && PYTHONPATH="$checkout:$here${PYTHONPATH:+:$PYTHONPATH}" \
+    torchrun --nproc-per-node 1 --master-port "${MASTER_PORT:-29517}" pretrain_gpt.py "${flags[@]}" "$@") \
+    > "$out/$name.log" 2>&1 || { tail -n 40 "$out/$name.log"; echo "run $name failed: $out/$name.log" >&2; exit 1; }
+}
+run probe-on "${probe[@]}"
+run probe-off
+
+"$python" - "$out" <<'EOF'
+import re, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+pattern = re.compile(r"iteration\s+(\d+)/.*?lm loss: (\S+) .*?grad norm: (\S+) .*?params norm: (\S+) ")
+def lines(name):
+    return {int(m.group(1)): m.groups()[1:] for m in map(pattern.search, (out / f"{name}.log").read_text().splitlines()) if m}
+on, off = lines("probe-on"), lines("probe-off")
+if not on or on != off:
+    sys.exit(f"probe on/off differ or no iteration lines: on={on} off={off}")
+measured = [l for l in (out / "probe-on.log").read_text().splitlines() if "critical sharpness:" in l]
+if not measured:
+    sys.exit("no iteration line carries our fields")
+print(f"bitwise identical over {len(on)} iterations (lm loss, grad norm, params norm); {len(measured)} measured:")
+print("\n".join(measured))
+EOF
+megatron-sharpness summary "$out/sharpness.jsonl"
+"$python" -m megatron_sharpness.benchmarks.plain_torch --steps 100 --device cuda
+echo "logs in $out"
