@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import time
 
@@ -49,7 +50,8 @@ def median_forward_seconds(model, batch, repeats=5):
 
 def percentiles(values: list[int]) -> str:
     ordered = sorted(values)
-    return f"{statistics.median(ordered):.0f} / {ordered[int(0.9 * (len(ordered) - 1))]} / {ordered[-1]}"
+    p90 = ordered[math.ceil(0.9 * len(ordered)) - 1]  # nearest rank
+    return f"{statistics.median(ordered):g} / {p90} / {ordered[-1]}"
 
 
 def run(args, method: str, reuse_training_loss: bool = False) -> dict:
@@ -121,7 +123,7 @@ def main(argv=None):
     rows = []
     for method, stats in results.items():
         for (task, status), counts in sorted(stats["forwards"].items()):
-            rows.append((method, task, status, len(counts), percentiles(counts)))
+            rows.append((method, task, status, str(len(counts)), percentiles(counts)))
     print(markdown_table(("search", "task", "outcome", "measurements", "forwards median / p90 / max"), rows))
     print()
     summary = []
