@@ -115,7 +115,7 @@ def test_probe_leaves_training_bitwise_unchanged_and_logs_everywhere(upstream, l
     # DeepSpeed's monitor (csv_monitor in the ds_config): ours against global samples, DeepSpeed's
     # own (lr, and train_loss on the pipeline) unchanged.
     ours = {"Train_Samples_critical_sharpness.csv", "Train_Samples_critical_lr.csv",
-            "Train_Samples_lr_over_critical_lr.csv"}
+            "Train_Samples_lr_over_critical_lr.csv", "Train_Samples_step_raised_loss.csv"}
     tables_on, tables_off = _csv_tables(on.out_dir), _csv_tables(off.out_dir)
     assert set(tables_on) == set(tables_off) | ours and not ours & set(tables_off)
     for name, rows in tables_off.items():
