@@ -192,9 +192,8 @@ class DeepSpeedBackend:
         self._rng = RngState.capture()
         self._module_training = self.engine.module.training
         # The histogram's counts also say whether any rank's step changed a parameter.
-        histogram = ResolutionHistogram(self.engine.device)
-        for (_, target), old, new in zip(self.layout.pairs(), self._theta_t, self._theta_next):
-            histogram.add(old, new, target.dtype)
+        histogram = ResolutionHistogram.of_step([target for _, target in self.layout.pairs()], self._theta_t,
+                                                self._theta_next, self.engine.device)
         ds_comm.all_reduce(histogram.counts)
         self._floor = histogram.floor()
         return None if histogram.counts.sum().item() > 0 else "the step changed no parameter (zero update)"

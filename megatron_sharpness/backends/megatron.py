@@ -135,9 +135,8 @@ class MegatronBackend:
         self._modes = [chunk.training for chunk in self.model_chunks]
         # Summed over the world: tensor, pipeline and distributed-optimizer shards differ. The
         # counts also say whether any rank's step changed a parameter.
-        histogram = ResolutionHistogram(_device())
-        for (_, target), old, new in zip(self._pairs, self._theta_t, self._theta_next):
-            histogram.add(old, new, target.dtype)
+        histogram = ResolutionHistogram.of_step([target for _, target in self._pairs], self._theta_t,
+                                                self._theta_next, _device())
         dist.all_reduce(histogram.counts)
         self._floor = histogram.floor()
         return None if histogram.counts.sum().item() > 0 else "the step changed no parameter (zero update)"

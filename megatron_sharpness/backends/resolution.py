@@ -33,6 +33,15 @@ class ResolutionHistogram:
     def __init__(self, device: torch.device | str = "cpu"):
         self.counts = torch.zeros(_BINS, dtype=torch.float64, device=device)
 
+    @classmethod
+    def of_step(cls, targets, olds, news, device: torch.device | str = "cpu") -> ResolutionHistogram:
+        """This rank's histogram for a step: θ_t and θ_{t+1} per master tensor, and the model
+        tensor each is copied into (its dtype is the compute dtype)."""
+        histogram = cls(device)
+        for target, old, new in zip(targets, olds, news):
+            histogram.add(old, new, target.dtype)
+        return histogram
+
     @torch.no_grad()
     def add(self, old: torch.Tensor, new: torch.Tensor, compute_dtype: torch.dtype) -> None:
         if compute_dtype not in _MANTISSA_BITS:
