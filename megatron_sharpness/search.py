@@ -11,10 +11,11 @@ L(hi) and 1 − lo/hi ≤ tol:
 - "paper": the paper's appendix A, exponential phase (×2 while the loss falls, ÷2 while it rises)
   from the initial guess, then bisection on the midpoint;
 - "fast" (default): the quadratic model. For a quadratic loss q(s) = (L(s) − L(θ_t))/s is linear
-  in s and crosses zero at the critical step multiple, so a secant on q through the points at hand
-  predicts the crossing; the next point is placed just on the far side of the prediction from a
-  bracket end, so that one forward can complete a certified bracket. Log-space bisection takes
-  over when the model stops shrinking the bracket.
+  in s and crosses zero at the critical step multiple, so a secant on q (a parabola through three
+  points where it has them) predicts the crossing; each point is placed either half a tolerance
+  short of the prediction or one tolerance from a bracket end, so that a right model certifies with
+  the next forward. Typical: s = 1, the warm start, two points. Arithmetic bisection takes over
+  where the model misses twice in a row.
 
 Both never place a trial point below `resolution_floor`, the step multiple under which the
 compute-dtype parameters do not move (there the loss differs from L(θ_t) by rounding alone). Where
@@ -34,9 +35,10 @@ DEFAULT_TOL = 1.0 / 16
 DEFAULT_MAX_SEARCH = 40
 SEARCH_METHODS = ("fast", "paper")
 
-# The fast search aims for brackets this fraction of tol wide, so that a model error of a few
-# percent still certifies.
-_AIM = 0.75
+# The fast search pairs a point with a bracket end at this fraction of tol (a margin for rounding),
+# and tries the pair only where the model puts the crossing this fraction of tol from that end.
+_PAIR = 0.9
+_WINDOW = 0.6
 # Cap on how far the model may extrapolate upwards from the largest point in one evaluation.
 _MAX_GROWTH = 64.0
 
@@ -246,16 +248,16 @@ class _Search:
             return None
         return self.by_slope()
 
-    def by_slope(self) -> Outcome:
+    def by_slope(self, h: float = 1.0) -> Outcome:
         """The loss rose at every resolvable point: an ascent if the slope at θ_t is positive,
         else the crossing lies below what the search could resolve."""
-        return Outcome.ASCENT if self.measure_slope() > 0 else Outcome.UNRESOLVED
+        return Outcome.ASCENT if self.measure_slope(h) > 0 else Outcome.UNRESOLVED
 
-    def measure_slope(self) -> float:
-        """Symmetric difference at ±h, h = max(1, floor): the curvature term cancels, and L(1) is
-        at hand already. In loss per step multiple; a non-finite side counts as ascent."""
+    def measure_slope(self, h: float = 1.0) -> float:
+        """Symmetric difference at ±max(h, floor): the curvature term cancels, and L(h) is at hand
+        already (h = 1 by default). In loss per step multiple; a non-finite side counts as ascent."""
         if self.slope is None:
-            h = max(1.0, self.trials.floor)
+            h = max(h, self.trials.floor)
             upper, lower = self.trials.loss(h), self.trials.loss(-h)
             self.slope = (upper - lower) / (2 * h) if math.isfinite(upper) and math.isfinite(lower) else math.inf
         return self.slope
@@ -312,111 +314,131 @@ class _PaperSearch(_Search):
 
 
 class _FastSearch(_Search):
-    """Steps toward the predicted crossing from the nearer side, then completes a bracket.
-
-    Far from the crossing (no bracket yet, or a bracket wider than ×4) the search walks from the
-    end nearest the guess: aim at the guess, or extrapolate q's crossing from the two nearest
-    points of that side. Each point that misses (no rise when one was predicted, or the other way
-    round) escalates the least step, so a loss far from quadratic costs little more than doubling
-    would. Inside
-    a narrow bracket the secant on q through its ends places the next point just on the far side
-    of the predicted crossing from one end, so that one forward can certify; log-space bisection
-    takes over when the bracket stops shrinking.
+    """The model of q places every point after the warm start: either half a tolerance short of the
+    predicted crossing (expected: no rise) or a tolerance from a bracket end on the crossing's side
+    (expected to certify with that end). The secant through s = 1 and the warm start is usually
+    within a few percent, so a typical search is s = 1, the warm start and two points. While every resolvable point rises the slope is measured first: an ascent ends the
+    search, and otherwise L(±h) is the quadratic through θ_t that places the next point.
+    Points that land on the wrong side escalate: the step away from the known end grows (×1.15,
+    ×1.5, ×3.7, ×50 at tol = 1/16), and inside a bracket two misses in a row bisect.
     """
 
     def run(self) -> Outcome:
         trials = self.trials
-        aim = _AIM * self.tol
-        widths: list[float] = []
-        misses_up = misses_down = 0
-
-        def least_factor(misses: int) -> float:
-            # 1, then ~1.15, ~1.5, ~3.7, ~50 at tol = 1/16: a gallop that escalates per miss
-            return (1.0 / (1.0 - aim)) ** (3 ** misses) if misses else 1.0
-
+        misses = 0
         while True:
             lo, hi = trials.bracket()
             if lo is not None and hi is not None and 1.0 - lo / hi <= self.tol:
                 return Outcome.CONVERGED
-            if lo is None or hi is None:
-                if len(trials.losses) >= self.max_search:
-                    return Outcome.CAPPED if hi is None else self.by_slope()
-            if lo is not None and hi is not None and hi / lo <= 4.0:
-                widths.append(math.log(hi / lo))
-                following = self._inside(lo, hi, aim, widths)
-                if not lo < following < hi:  # float resolution reached before tol
-                    return Outcome.CONVERGED
-                trials.loss(following)
-            elif hi is None or (lo is not None and abs(math.log(lo / self.guess)) < abs(math.log(hi / self.guess))):
-                following = self._upwards(lo, hi, aim, least_factor(misses_up))
-                misses_up += not trials.rises(following)
-            else:
-                following = self._downwards(lo, hi, aim, least_factor(misses_down))
-                if isinstance(following, Outcome):
-                    return following
-                misses_down += trials.rises(following)
+            if (lo is None or hi is None) and len(trials.losses) >= self.max_search:
+                return Outcome.CAPPED if hi is None else self.by_slope()
+            if lo is None and hi is not None:
+                if hi <= trials.floor:
+                    outcome = self.at_floor()
+                    if outcome is not None:
+                        return outcome
+                    continue
+                if self.guess < hi and self.guess not in trials.losses:
+                    trials.rises(self.guess)  # a warm start below the rise may find a fall at once
+                    continue
+                # The slope across the smallest rise: one forward, an ascent ends the search.
+                finite = math.isfinite(trials.losses[hi])  # a diverged point says nothing of the slope
+                if finite and self.slope is None and self.by_slope(hi) is Outcome.ASCENT:
+                    return Outcome.ASCENT
+            crossing = self._crossing(lo, hi)
+            following, expect_rise, kind = self._place(lo, hi, crossing, misses)
+            if lo is not None and hi is not None and not lo < following < hi:
+                following, expect_rise, kind = 0.5 * (lo + hi), False, "bisect"  # tol below float steps
+                if not lo < following < hi:
+                    return Outcome.CONVERGED  # float resolution reached before tol
+            rose = trials.rises(following)
+            if kind == "bisect":
+                misses = 0
+            elif kind != "guess":  # the warm start is a prior, not the model: no miss
+                misses = misses + 1 if rose is not expect_rise else 0
 
-    def _inside(self, lo: float, hi: float, aim: float, widths: list[float]) -> float:
-        """Next point inside a narrow bracket: next to the secant's crossing, on the side that
-        completes a certified bracket with an existing end; log-space bisection when the model
-        stalls (the bracket did not halve over two points) or has no finite secant."""
-        if len(widths) >= 3 and widths[-1] > 0.5 * widths[-3]:
-            return math.sqrt(lo * hi)
-        q_lo, q_hi = self.trials.q(lo), self.trials.q(hi)
-        if not math.isfinite(q_hi) or q_hi <= q_lo:
-            return math.sqrt(lo * hi)
-        crossing = lo + (hi - lo) * (-q_lo) / (q_hi - q_lo)
-        completes_with_lo = lo / (1.0 - aim)   # a rise here certifies [lo, it]
-        completes_with_hi = hi * (1.0 - aim)   # no rise here certifies [it, hi]
-        if crossing < completes_with_lo < hi:
-            return completes_with_lo
-        if lo < completes_with_hi < crossing:
-            return completes_with_hi
-        # Neither end is close: land just below the crossing, so that the next point pairs with it.
-        return min(max(crossing * (1.0 - 0.5 * aim), lo * (hi / lo) ** 0.05), lo * (hi / lo) ** 0.95)
-
-    def _upwards(self, lo: float | None, hi: float | None, aim: float, least_growth: float) -> float:
-        """From the largest point without a rise (lo): aim at the guess, or extrapolate q's
-        crossing from the two largest such points; else double. At least least_growth × lo,
-        inside the bracket if there is one."""
-        if lo is None:
-            return self.guess
-        falls = [s for s in self.trials.resolvable() if s <= lo]
-        target = None
-        if self.guess > lo and len(falls) == 1:
-            target = self.guess
-        elif len(falls) >= 2:
-            q_lo, q_below = self.trials.q(lo), self.trials.q(falls[-2])
-            if q_lo > q_below:
-                target = min(lo + (lo - falls[-2]) * (-q_lo) / (q_lo - q_below), _MAX_GROWTH * lo)
-        following = 2.0 * lo if target is None else max(target * (1.0 + 0.5 * aim), lo / (1.0 - aim))
-        following = max(following, least_growth * lo)
-        return following if hi is None or following < hi else math.sqrt(lo * hi)
-
-    def _downwards(self, lo: float | None, hi: float, aim: float, least_shrink: float) -> float | Outcome:
-        """From the smallest rise (hi): aim at the guess, or extrapolate q's crossing from the two
-        smallest rises; else halve. At most hi / least_shrink, never below the floor (where the
-        slope decides), inside the bracket if there is one."""
+    def _crossing(self, lo: float | None, hi: float | None) -> float | None:
+        """Where the model of q meets zero: inside a bracket the parabola through its ends and the
+        nearest third point (the secant of the ends without one); on one side the parabola or
+        secant through the known end and its nearest finite neighbours (L(−h) included). None
+        where there is no such model or q does not increase (no quadratic bowl)."""
         trials = self.trials
-        floor = trials.floor
-        if lo is None and floor > 0 and hi == floor:
-            return self.at_floor()
-        rises = [s for s in trials.resolvable() if s >= hi and loss_rose(trials.losses[s], trials.baseline)]
-        target: float | None = None
-        if self.guess < hi and len(rises) == 1:
-            target = self.guess
-        elif len(rises) >= 2:
-            q_hi, q_next = trials.q(rises[0]), trials.q(rises[1])
-            if math.isfinite(q_next) and q_next > q_hi:
-                target = rises[0] - q_hi * (rises[1] - rises[0]) / (q_next - q_hi)
-                if target <= 0:
-                    target = None
-                    # q heads for a positive value at s = 0: likely an ascent. Measuring the slope
-                    # costs one forward; walking down to the floor first would cost more.
-                    if lo is None and self.by_slope() is Outcome.ASCENT:
-                        return Outcome.ASCENT
-        following = 0.5 * hi if target is None else min(target * (1.0 - 0.5 * aim), hi * (1.0 - aim))
-        following = min(following, hi / least_shrink)
-        if lo is not None:
-            return following if following > lo else math.sqrt(lo * hi)
-        return max(following, floor)
+        others = [s for s in trials.losses if s != 0.0 and s not in (lo, hi) and (s < 0 or s >= trials.floor)
+                  and math.isfinite(trials.losses[s])]
+        if lo is not None and hi is not None:
+            if math.isfinite(trials.q(hi)) and others:
+                third = min(others, key=lambda s: min(abs(s - lo), abs(s - hi)))
+                return _bracketed_root(_parabola((lo, hi, third), trials.q), lo, hi)
+            pair = (lo, hi)
+        else:
+            end = lo if lo is not None else hi
+            if end is None or not others:
+                return None
+            nearest = sorted(others, key=lambda s: abs(s - end))
+            if hi is None and len(nearest) >= 2 and nearest[1] > 0:
+                # Three points below the crossing: q's curvature bends the extrapolation.
+                model = _parabola(tuple(sorted((end, *nearest[:2]))), trials.q)
+                if model(end) <= 0.0 < model(_MAX_GROWTH * end):
+                    return _bracketed_root(model, end, _MAX_GROWTH * end)
+            pair = tuple(sorted((end, nearest[0])))
+        (left, right), (q_left, q_right) = pair, (trials.q(pair[0]), trials.q(pair[1]))
+        if not (math.isfinite(q_left) and math.isfinite(q_right)) or q_right <= q_left:
+            return None
+        crossing = left - q_left * (right - left) / (q_right - q_left)
+        return crossing if crossing > 0 else None
+
+    def _place(self, lo: float | None, hi: float | None, crossing: float | None,
+               misses: int) -> tuple[float, bool, str]:
+        """The next point, whether the model expects the loss to rise there, and how it was
+        placed: "pair" (certifies with a bracket end if the model is right), "aim" (half a
+        tolerance short of the crossing), "guess" (the warm start, before there is a model),
+        "grow" or "bisect" (no model to trust)."""
+        tol, floor, guess = self.tol, self.trials.floor, self.guess
+        pair, window = _PAIR * tol, _WINDOW * tol
+        if lo is not None and hi is not None:
+            if crossing is None or misses >= 2:
+                return 0.5 * (lo + hi), False, "bisect"
+            if crossing <= lo / (1.0 - window):
+                return lo / (1.0 - pair), True, "pair"
+            if crossing >= hi * (1.0 - window):
+                return hi * (1.0 - pair), False, "pair"
+            span = hi / lo
+            return min(max(crossing * (1.0 - 0.5 * tol), lo * span ** 0.05), lo * span ** 0.95), False, "aim"
+        if lo is None and hi is None:
+            return max(guess, floor), False, "guess"
+        # Escalation per miss: 1, then ~1.15, ~1.5, ~3.7, ~50 at tol = 1/16.
+        least = (1.0 / (1.0 - pair)) ** (3 ** misses) if misses else 1.0
+        if hi is None:
+            if crossing is None:
+                if guess > lo and guess not in self.trials.losses:
+                    return guess, False, "guess"
+                return max(2.0, least) * lo, True, "grow"
+            if crossing <= lo / (1.0 - window):
+                return max(lo / (1.0 - pair), least * lo), True, "pair"
+            # An extrapolated crossing is trusted only so far.
+            target = min(crossing, _MAX_GROWTH * lo) * (1.0 - 0.5 * tol)
+            return max(target, lo / (1.0 - pair), least * lo), False, "aim"
+        if crossing is None:
+            following, expect_rise, kind = 0.5 * hi, False, "grow"
+        elif crossing >= hi * (1.0 - window):
+            following, expect_rise, kind = hi * (1.0 - pair), False, "pair"
+        else:
+            following, expect_rise, kind = crossing * (1.0 - 0.5 * tol), False, "aim"
+        return max(min(following, hi / least), floor), expect_rise, kind
+
+def _parabola(points, q):
+    """The quadratic through (s, q(s)) for three step multiples, in Newton form."""
+    (x0, x1, x2), (y0, y1, y2) = points, tuple(q(x) for x in points)
+    d01, d12 = (y1 - y0) / (x1 - x0), (y2 - y1) / (x2 - x1)
+    d012 = (d12 - d01) / (x2 - x0)
+    return lambda x: y0 + d01 * (x - x0) + d012 * (x - x0) * (x - x1)
+
+
+def _bracketed_root(model, lo: float, hi: float) -> float:
+    """A zero of model in [lo, hi], where model(lo) <= 0 < model(hi) (by bisection: no forwards)."""
+    if not model(lo) <= 0.0 < model(hi):
+        return 0.5 * (lo + hi)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if model(mid) > 0.0 else (mid, hi)
+    return 0.5 * (lo + hi)

@@ -78,8 +78,8 @@ def check_against_reference(task, reference, lr):
     if task.status == "converged":
         truth = reference.first_crossing(search.resolution_floor / 4, 4 * search.bracket_step_multiple[1])
         assert truth is not None
-        return abs(search.critical_step_multiple / truth - 1)
         assert search.critical_sharpness <= 2 / (search.resolution_floor * lr) * (1 + 1e-12)
+        return abs(search.critical_step_multiple / truth - 1)
     elif task.status == "ascent":
         assert reference.slope() > 0, search
     elif task.status == "unresolved":
@@ -169,7 +169,7 @@ def measure_once(model, tokens, targets, lr, initial_guess=1.0):
     return measurement, Fp64Reference(model, theta_t, params(model), tokens, targets)
 
 
-@pytest.mark.parametrize("lr", [1e-8, 1e-7, 1e-5, 1e-3, 1e-2])
+@pytest.mark.parametrize("lr", [1e-9, 1e-8, 1e-7, 1e-5, 1e-3, 1e-2])
 def test_lr_sweep_in_bf16_is_right_or_honest(state_and_grads, lr):
     measurement, reference = measure_once(*state_and_grads, lr)
     if measurement.skipped is not None:
