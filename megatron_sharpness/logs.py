@@ -26,7 +26,7 @@ class LogError(ValueError):
 
 # The outcomes of a search (search.Outcome), of a due step that was not measured, and of a
 # measurement whose forward raised on some rank.
-STATUSES = ("converged", "ascent", "unresolved", "capped", "non_finite", "skipped", "failed")
+STATUSES = ("converged", "ascent", "unresolved", "capped", "noisy", "non_finite", "skipped", "failed")
 
 
 @dataclass
@@ -132,6 +132,8 @@ def _text_status(text: str) -> tuple[str, tuple[str, float] | None]:
         return "ascent", None
     if text.startswith("skipped"):
         return "skipped", None
+    if text.startswith("noisy"):
+        return "noisy", None
     if text.startswith("non-finite"):
         return "non_finite", None
     if text.startswith("failed"):

@@ -41,6 +41,8 @@ class TaskMeasurement:
             "critical_sharpness": search.critical_sharpness,
             "step_raised_loss": search.step_raised_loss,
             "slope": _json_float(search.slope) if search.slope is not None else None,
+            "bracket_slope_ratio": _json_float(search.bracket_slope_ratio)
+            if search.bracket_slope_ratio is not None else None,
             "resolution_floor_lr": search.resolution_floor_lr,
             "forwards": self.forwards,
             "baseline_reused": self.baseline_reused,
@@ -60,6 +62,8 @@ class TaskMeasurement:
             return "ascent" if search.slope is None else f"ascent (slope {search.slope:+.3E})"
         if search.outcome is Outcome.NON_FINITE:
             return f"non-finite (once, at lr {search.non_finite_at:.4E})"
+        if search.outcome is Outcome.NOISY:
+            return f"noisy (loss rounding: slope ×{search.bracket_slope_ratio:.3g} its trend)"
         lo, hi = search.bracket
         # where η_c lies; λ_c = 2/η_c turns the inequality around
         above, bound = (True, lo) if search.outcome is Outcome.CAPPED else (False, hi)

@@ -113,7 +113,8 @@ def figure(records: list[StepRecord]):
 
     Only converged values are drawn as lines, broken where a step has no number. Bounds are
     triangles pointing where λ_c lies (unresolved: λ_c above the marker; never rose: below); an
-    ascent has no λ_c at all and is marked on the top edge.
+    ascent (×) or a crossing placed by the loss's rounding (◇, noisy) has no λ_c at all and is marked
+    on the top edge.
     """
     try:
         import matplotlib
@@ -145,10 +146,11 @@ def figure(records: list[StepRecord]):
             bounded = [(step, bound[1]) for step, _, state, bound in points if state == status and bound]
             if bounded:
                 axis.plot(*zip(*bounded), marker, ls="none", ms=6, color=color, mfc="none", label=f"{label}: {text}")
-        ascents = [step for step, _, state, _ in points if state == "ascent"]
-        if ascents:
-            axis.plot(ascents, [0.98] * len(ascents), "x", ms=5, color=color, transform=top_edge,
-                      label=f"{label}: ascent (no λ_c)")
+        for marker, status, text in (("x", "ascent", "ascent (no λ_c)"), ("d", "noisy", "noisy (no λ_c)")):
+            steps = [step for step, _, state, _ in points if state == status]
+            if steps:
+                axis.plot(steps, [0.98] * len(steps), marker, ms=5, color=color, mfc="none", transform=top_edge,
+                          label=f"{label}: {text}")
     if with_lr:
         steps = [r.step for r in with_lr]
         axis.plot(steps, [2 / r.lr for r in with_lr], "k--", lw=1, label="2/η (edge of stability)")

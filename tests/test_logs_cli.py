@@ -214,7 +214,8 @@ def test_plot_draws_numbers_as_lines_with_gaps_and_outcomes_as_markers():
     line = (" iteration {step:8d}/     100 | learning rate: {lr:.6E} | lm loss: 2.5 | critical sharpness: {own} | "
             "step raised loss: no | sharpness forwards: 4 | relative sharpness heldout: {rel} |")
     rows = [(10, 1e-3, "1.0000E+02", "2.0000E+02"), (20, 2e-3, "> 5.0000E+03 (unresolved)", "ascent (slope +1.000E+00)"),
-            (30, 2e-3, "1.2000E+02", "< 3.0000E+01 (never rose)"), (40, 1e-3, "1.3000E+02", "2.5000E+02")]
+            (30, 2e-3, "1.2000E+02", "< 3.0000E+01 (never rose)"),
+            (40, 1e-3, "1.3000E+02", "noisy (loss rounding: slope ×6.56 its trend)")]
     records = parse_lines([line.format(step=s, lr=lr, own=own, rel=rel) for s, lr, own, rel in rows])
     built = figure(records)
     main_axis, lr_axis = built.axes
@@ -224,5 +225,7 @@ def test_plot_draws_numbers_as_lines_with_gaps_and_outcomes_as_markers():
     assert list(lines["critical sharpness λ_c: λ_c > bound (unresolved)"].get_ydata()) == [5000.0]
     assert list(lines["relative λ_c: heldout: λ_c < bound (never rose)"].get_ydata()) == [30.0]
     assert list(lines["relative λ_c: heldout: ascent (no λ_c)"].get_xdata()) == [20]
+    assert list(lines["relative λ_c: heldout: noisy (no λ_c)"].get_xdata()) == [40]
+    assert [r.relative_status["heldout"] for r in records] == ["converged", "ascent", "capped", "noisy"]
     assert list(lines["2/η (edge of stability)"].get_ydata()) == [2000.0, 1000.0, 1000.0, 2000.0]  # follows the lr
     assert lr_axis.get_ylabel() == "learning rate η" and list(lr_axis.get_lines()[0].get_ydata()) == [1e-3, 2e-3, 2e-3, 1e-3]

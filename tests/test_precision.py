@@ -87,6 +87,13 @@ def check_against_reference(task, reference, lr):
         hi = search.bracket_step_multiple[1]
         truth = reference.first_crossing(hi * 1e-6, hi)
         assert reference.slope() > 0 or (truth is not None and truth <= hi), search
+    elif task.status == "noisy":
+        # The bf16 loss changed across the bracket mostly by rounding: fp64 sees another change there.
+        lo, hi = search.bracket_step_multiple
+        bf16_change = search.evaluations[[s for s, _ in search.evaluations].index(hi)][1] - \
+            search.evaluations[[s for s, _ in search.evaluations].index(lo)][1]
+        fp64_change = reference.loss(hi) - reference.loss(lo)
+        assert abs(bf16_change - fp64_change) > abs(fp64_change), (bf16_change, fp64_change)
     else:
         assert task.status == "capped"
         lo = search.bracket_step_multiple[0]
@@ -103,7 +110,7 @@ def test_bf16_training_run_with_heldout_agrees_with_fp64():
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=10), compute_dtype=torch.bfloat16)
     probe.add_relative_task("heldout", lambda: bf16_loss(model, *heldout))
-    outcomes = {"converged": 0, "ascent": 0, "unresolved": 0, "capped": 0}
+    outcomes = {"converged": 0, "ascent": 0, "unresolved": 0, "capped": 0, "noisy": 0}
     ascents_by_truth, errors = [], []
     for iteration in range(1, 201):
         tokens, targets = next(batches)
@@ -132,11 +139,11 @@ def test_bf16_training_run_with_heldout_agrees_with_fp64():
             if task is measurement.relative["heldout"]:
                 ascents_by_truth.append((reference.slope() > 0, task.status))
     print("errors", sorted(errors), outcomes)
-    assert outcomes["converged"] >= 20, outcomes
-    # bf16 computes a different loss than fp64: where L(s) − L(θ_t) stays within the bf16 loss's
-    # rounding over a wide range of s the crossing is ill-conditioned. Most values agree to tol.
+    assert outcomes["converged"] >= 30, outcomes
+    # Where L(s) − L(θ_t) stays within the bf16 loss's rounding over a wide range of s the crossing
+    # is the rounding's: such searches end noisy, and every number given agrees with fp64 to tol.
     errors.sort()
-    assert errors[len(errors) // 2] <= TOL / 2 and errors[int(0.8 * len(errors))] <= TOL, errors
+    assert errors[len(errors) // 2] <= TOL / 4 and errors[-1] <= TOL, errors
     # every held-out update that the exact fp64 slope calls uphill is reported without a λ_c
     assert all(status in ("ascent", "unresolved") for uphill, status in ascents_by_truth if uphill), ascents_by_truth
 
