@@ -42,6 +42,10 @@ class SharpnessConfig:
     on_error: what a probe forward that raises on some rank (an OOM, say) does: "skip" records the
         measurement as failed on every rank and training goes on; "raise" raises on every rank
         (after θ_{t+1} is restored). Either way no rank is left waiting in a collective.
+    reuse_training_loss: take L(θ_t) of the step's batch from the training forward instead of a
+        probe forward (one forward fewer per measurement). Only right where the training forward
+        computes bitwise the loss a probe forward would: no dropout, same micro-batches. The first
+        measurement checks it with one extra forward and stops reusing, with a warning, if not.
     """
 
     enabled: bool = True
@@ -54,6 +58,7 @@ class SharpnessConfig:
     micro_batches: int | None = None
     log_file: str | None = None
     on_error: str = "skip"
+    reuse_training_loss: bool = False
 
     def __post_init__(self) -> None:
         _require(isinstance(self.enabled, bool), "enabled", self.enabled, "true or false")
@@ -73,6 +78,8 @@ class SharpnessConfig:
         _require(self.log_file is None or (isinstance(self.log_file, str) and self.log_file != ""),
                  "log_file", self.log_file, "a file path or null")
         _require(self.on_error in ON_ERROR, "on_error", self.on_error, " or ".join(ON_ERROR))
+        _require(isinstance(self.reuse_training_loss, bool), "reuse_training_loss", self.reuse_training_loss,
+                 "true or false")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

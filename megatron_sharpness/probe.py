@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 from megatron_sharpness.backends.base import ProbeBackend
@@ -26,6 +27,9 @@ class SharpnessProbe:
         # the warm start survives lr schedules. Only converged results: a bound or an ascent is
         # no place to start from.
         self._last_critical_lr: dict[str | None, float] = {}
+        # Whether a training loss handed to measure() equals a probe forward at θ_t bitwise: None
+        # until the first such measurement checks it (one forward), then True, or False for good.
+        self.training_loss_matches: bool | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to measure as the uninterrupted one would: the warm starts.
@@ -51,25 +55,29 @@ class SharpnessProbe:
     def measure(self, backend: ProbeBackend, step: int, lr: float,
                 relative_tasks: Sequence[str] = (), training_loss: float | None = None) -> Measurement:
         """Call after backend.snapshot() and the real optimizer.step(). Always restores θ_{t+1}.
-        training_loss: L(θ_t) of the step's batch where the training forward gave bitwise the number
-        a probe forward would (reduced like backend.loss); saves that forward."""
+        training_loss: L(θ_t) of the step's batch from the training forward (reduced like
+        backend.loss); used instead of a probe forward once the first measurement that is given one
+        has found it bitwise equal to the probe's (see training_loss_matches)."""
         started = time.perf_counter()
         searches: dict[str | None, TaskMeasurement] = {}
         skipped = failure = error = None
+        reuse = training_loss is not None and self.training_loss_matches is True
         try:
             skipped = self._skip_reason(backend, lr)
             if skipped is None:
-                evaluated = [name for name in (None, *relative_tasks) if name is not None or training_loss is None]
+                evaluated = [name for name in (None, *relative_tasks) if name is not None or not reuse]
                 if evaluated:
                     backend.write(0.0)
                 baselines = {name: self._loss(backend, name, 0.0, lr) for name in evaluated}
-                if training_loss is not None:
+                if reuse:
                     baselines = {None: training_loss, **baselines}
+                elif training_loss is not None and self.training_loss_matches is None:
+                    self._check_training_loss(training_loss, baselines[None], step)
                 skipped = _non_finite_baseline(baselines)
             if skipped is None:
                 floor = backend.resolution_floor()
                 searches = {name: self._search(backend, name, lr, baseline, floor,
-                                               baseline_reused=name is None and training_loss is not None)
+                                               baseline_reused=name is None and reuse)
                             for name, baseline in baselines.items()}
         except _FailedAt as caught:
             # Every rank raised this in the same collective: all of them restore below alike.
@@ -87,6 +95,15 @@ class SharpnessProbe:
             raise RuntimeError(f"critical sharpness: the measurement at step {step} failed "
                                f"({failure.text()}); on_error='raise'") from error
         return measurement
+
+    def _check_training_loss(self, training_loss: float, probe_loss: float, step: int) -> None:
+        # Every rank holds the same two reduced numbers, so every rank decides alike.
+        self.training_loss_matches = training_loss == probe_loss
+        if not self.training_loss_matches:
+            warnings.warn(f"critical sharpness: at step {step} the training loss {training_loss!r} differs from a "
+                          f"probe forward at the same parameters ({probe_loss!r}): dropout, other micro-batches or "
+                          "a non-deterministic forward; L(θ_t) is evaluated by the probe from now on "
+                          "(reuse_training_loss has no effect)", RuntimeWarning, stacklevel=3)
 
     @staticmethod
     def _loss(backend: ProbeBackend, name: str | None, step_multiple: float, lr: float) -> float:

@@ -162,7 +162,8 @@ def figure(records: list[StepRecord]):
         axis.set_xlabel("step")
     axis.set_yscale("log")
     axis.set_ylabel("sharpness")
-    axis.legend(loc="best", fontsize=7)
+    # Below the band of the top edge, where ascents and noisy readings are marked.
+    axis.legend(loc="upper right", bbox_to_anchor=(1.0, 0.95), fontsize=7)
     axis.set_title("critical sharpness along the optimizer's update")
     built.tight_layout()
     return built

@@ -43,6 +43,8 @@ CONFIGS = {
     "zero2-bf16": (["--stage", "2"], "DeepSpeedZeroOptimizer"),
     "zero2-bf16-offload": (["--stage", "2", "--offload"], "DeepSpeedZeroOptimizer"),
     "zero2-bf16-dropout": (["--stage", "2", "--dropout", "0.2"], "DeepSpeedZeroOptimizer"),
+    "zero2-bf16-dropout-reusing-the-training-loss": (["--stage", "2", "--dropout", "0.2", "--reuse-training-loss"],
+                                                     "DeepSpeedZeroOptimizer"),
     "zero3-bf16": (["--stage", "3"], "DeepSpeedZeroOptimizer_Stage3"),
     "zero3-bf16-no-persistent-params": (["--stage", "3", "--persist", "0"], "DeepSpeedZeroOptimizer_Stage3"),
     "zero3-bf16-offload": (["--stage", "3", "--offload"], "DeepSpeedZeroOptimizer_Stage3"),
@@ -53,6 +55,9 @@ CONFIGS = {
     "zero2-bf16-accumulation-4-first-2": (["--stage", "2", "--gas", "4", "--micro-batches", "2"],
                                           "DeepSpeedZeroOptimizer"),
     "zero3-bf16-accumulation-4": (["--stage", "3", "--gas", "4", "--persist", "0"], "DeepSpeedZeroOptimizer_Stage3"),
+    "zero3-bf16-accumulation-4-first-2-reusing-the-training-loss": (
+        ["--stage", "3", "--gas", "4", "--micro-batches", "2", "--persist", "0", "--reuse-training-loss"],
+        "DeepSpeedZeroOptimizer_Stage3"),
     "megatron-deepspeed-zero2-bf16": (["--stage", "2", "--gas", "4", "--micro-batches", "3",
                                        "--megatron-deepspeed"], "DeepSpeedZeroOptimizer"),
     "megatron-deepspeed-zero2-bf16-from-ds-config": (["--stage", "2", "--gas", "4", "--micro-batches", "3",
@@ -96,7 +101,10 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
         if "--megatron-deepspeed" not in args:  # the patch has no relative tasks yet
             assert record["relative"]["held-out"]["converged"]
         assert (record["loss"] == training_loss) == exact_baseline
-        assert record["forwards"] == 1 + len(record["evaluations"])
+        # with reuse, the first measurement checks the training loss against its own forward first
+        reused = "--reuse-training-loss" in args and exact_baseline and record["step"] > 1
+        assert record["baseline_reused"] is reused
+        assert record["forwards"] == len(record["evaluations"]) + (0 if reused else 1)
     assert len(first) == 4 and [r["step"] for r in first] == [1, 2, 3, 4]
 
 

@@ -101,9 +101,10 @@ def test_a_rank_that_reads_no_data_is_measured_with_no_batches():
     sharpness.engine = types.SimpleNamespace(is_gradient_accumulation_boundary=lambda: True, global_steps=4)
     sharpness.probe = types.SimpleNamespace(is_due=lambda step: True)
     sharpness.records_forwards = sharpness.is_pipeline = False
+    sharpness.config = SharpnessConfig()
     sharpness.backend = types.SimpleNamespace(batches=None)
     sharpness._recorder, sharpness._recorded, sharpness._reads_no_data = None, [], False
-    sharpness._measure_around = lambda run_step: run_step()
+    sharpness._measure_around = lambda run_step, training_loss=None: run_step()
     sharpness._original = lambda: "stepped"
     assert sharpness.record_batches(None) is None
     assert sharpness._step() == "stepped"
@@ -129,3 +130,12 @@ def test_pipeline_forwards_run_in_training_mode_like_every_other_path():
     assert engine.monitor.enabled and "eval" not in vars(module)
     module.eval()
     assert not module.training
+
+
+def test_reusing_the_training_loss_with_a_custom_evaluate_is_refused():
+    # The training losses of another schedule (Megatron-DeepSpeed's) are not the ones attach records.
+    from megatron_sharpness.integrations.deepspeed import DeepSpeedSharpness
+
+    engine = types.SimpleNamespace(step=lambda: None, optimizer=object())
+    with pytest.raises(ConfigError, match="reuse_training_loss needs the engine's own forwards"):
+        DeepSpeedSharpness(engine, SharpnessConfig(reuse_training_loss=True), evaluate=lambda batches, count: None)

@@ -27,9 +27,13 @@ LAYOUTS = {
                                                             "DistributedOptimizer"),
     "dp2-bf16-first-2-micro-batches": (2, ["--bf16", "--micro-batches", "2"], "Float16OptimizerWithFloat16Params"),
     "dp2-bf16-dropout": (2, ["--bf16", "--dropout", "0.1"], "Float16OptimizerWithFloat16Params"),
+    "dp2-bf16-dropout-reusing-the-training-loss": (2, ["--bf16", "--dropout", "0.1", "--reuse-training-loss"],
+                                                   "Float16OptimizerWithFloat16Params"),
     "tp2-bf16": (2, ["--tp", "2", "--bf16"], "Float16OptimizerWithFloat16Params"),
     "pp2-fp32": (2, ["--pp", "2"], "FP32Optimizer"),
     "pp2-bf16-distributed-optimizer": (2, ["--pp", "2", "--bf16", "--dist-opt"], "DistributedOptimizer"),
+    "pp2-bf16-distributed-optimizer-first-2-reusing-the-training-loss": (
+        2, ["--pp", "2", "--bf16", "--dist-opt", "--micro-batches", "2", "--reuse-training-loss"], "DistributedOptimizer"),
     "pp2-vpp2-fp32": (2, ["--pp", "2", "--vpp", "2", "--layers", "4"], "FP32Optimizer"),
     "pp2-vpp2-bf16-distributed-optimizer": (2, ["--pp", "2", "--vpp", "2", "--layers", "4", "--bf16", "--dist-opt"],
                                             "DistributedOptimizer"),
@@ -63,9 +67,13 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
     for result in ranks[1:]:
         assert strip_timing(result["records"]) == first, f"rank {result['rank']} disagrees with rank 0"
     exact_baseline = "--dropout" not in args
-    for record, training_loss in zip(first, ranks[0]["training_losses"]):
+    reused = "--reuse-training-loss" in args and exact_baseline
+    for index, (record, training_loss) in enumerate(zip(first, ranks[0]["training_losses"])):
         assert record["skipped"] is None and record["converged"]
         assert (record["loss"] == training_loss) == exact_baseline
+        # the first measurement checks the training loss against its own forward before trusting it
+        assert record["baseline_reused"] is (reused and index > 0)
+        assert record["forwards"] == len(record["evaluations"]) + (0 if record["baseline_reused"] else 1)
         relative = record["relative"]["held-out"]
         assert relative["converged"] or relative["bracket"][0] == 0.0
     first_iteration = int(args[args.index("--first-iteration") + 1]) if "--first-iteration" in args else 1

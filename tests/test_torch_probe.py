@@ -487,10 +487,11 @@ def test_a_param_group_added_or_a_param_unfrozen_later_moves_along_the_step(chan
     assert built_before.critical_sharpness == built_after.critical_sharpness
 
 
-def test_reusing_the_training_loss_saves_the_baseline_forward_and_changes_nothing_else():
-    measured = {}
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_reusing_the_training_loss_saves_the_baseline_forward_and_changes_nothing_else(dropout, recwarn):
+    measured, probes = {}, {}
     for reuse in (False, True):
-        model = mlp(seed=7, dropout=0.0, batch_norm=False)
+        model = mlp(seed=7, dropout=dropout, batch_norm=False)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=2))
         measurements = []
@@ -503,9 +504,23 @@ def test_reusing_the_training_loss_saves_the_baseline_forward_and_changes_nothin
                                      training_loss=loss.detach() if reuse else None)
             if measurement is not None:
                 measurements.append(measurement)
-        measured[reuse] = measurements
+        measured[reuse], probes[reuse] = measurements, probe.probe
+    if dropout:
+        # The training forward drew other dropout masks than the probe's: the first measurement's
+        # check finds the losses differ, and the probe evaluates L(θ_t) itself from then on.
+        assert probes[True].training_loss_matches is False
+        reused_flags = [m.to_dict()["baseline_reused"] for m in measured[True]]
+        assert reused_flags == [False] * len(measured[True])
+    else:
+        assert probes[True].training_loss_matches is True
+    warned = [w for w in recwarn if "differs from a probe forward" in str(w.message)]
+    assert len(warned) == (1 if dropout else 0)
+    first = True
     for plain, reused in zip(measured[False], measured[True]):
         assert reused.task.search.baseline_loss == plain.task.search.baseline_loss  # bitwise the same L(θ_t)
         assert reused.task.search.evaluations == plain.task.search.evaluations
-        assert reused.task.forwards == plain.task.forwards - 1
-        assert reused.to_dict()["baseline_reused"] is True and plain.to_dict()["baseline_reused"] is False
+        # the first measurement checks the training loss against its own forward
+        saved = 0 if first or dropout else 1
+        assert reused.task.forwards == plain.task.forwards - saved
+        assert reused.to_dict()["baseline_reused"] is bool(saved) and plain.to_dict()["baseline_reused"] is False
+        first = False

@@ -21,7 +21,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from megatron_sharpness.backends.deepspeed import DeepSpeedBackend, Evaluator
 from megatron_sharpness.checks import checked_loggers, require_callable
-from megatron_sharpness.config import SharpnessConfig, require_config
+from megatron_sharpness.config import ConfigError, SharpnessConfig, require_config
 from megatron_sharpness.faults import CAUGHT
 from megatron_sharpness.loggers import JsonlLogger, LogLineLogger, MeasurementLogger
 from megatron_sharpness.measurement import Measurement
@@ -80,13 +80,20 @@ def engine_forward_loss(engine, loss_from_output: Callable[[Any], torch.Tensor] 
         except CAUGHT as caught:
             # Join the reduction anyway: the peers are waiting in it (see faults.py).
             error = caught
-        mean = total / count
-        ds_comm.all_reduce(mean, group=engine.data_parallel_group)
+        mean = data_parallel_mean(engine, total, count)
         if error is not None:
             raise error
-        return mean / ds_comm.get_world_size(group=engine.data_parallel_group)
+        return mean
 
     return evaluate
+
+
+def data_parallel_mean(engine, total: torch.Tensor, count: int) -> torch.Tensor:
+    """total / count averaged over the data-parallel ranks: the probe's reduction of a loss, which
+    a training loss must follow to be bitwise comparable with it."""
+    mean = total / count
+    ds_comm.all_reduce(mean, group=engine.data_parallel_group)
+    return mean / ds_comm.get_world_size(group=engine.data_parallel_group)
 
 
 def pipeline_loss(engine: PipelineEngine) -> Evaluator:
@@ -138,6 +145,12 @@ class DeepSpeedSharpness:
         self.config = config
         self.is_pipeline = isinstance(engine, PipelineEngine)
         self.records_forwards = evaluate is None and not self.is_pipeline
+        if config.reuse_training_loss and not self.records_forwards:
+            raise ConfigError("critical sharpness: reuse_training_loss needs the engine's own forwards recorded "
+                              "by attach() (a plain DeepSpeed engine); not available with a PipelineEngine or "
+                              "a custom evaluate, where the training losses are not the probe's")
+        self._loss_from_output = loss_from_output
+        self._training_losses: list[torch.Tensor] = []
         if evaluate is None:
             evaluate = pipeline_loss(engine) if self.is_pipeline else engine_forward_loss(engine, loss_from_output)
         self.backend = DeepSpeedBackend(engine, evaluate)
@@ -147,7 +160,7 @@ class DeepSpeedSharpness:
         self._recorder: RecordingIterator | None = None
         self._reads_no_data = False
         self._set_relative_batches(relative_batches or {})
-        self._hook = None
+        self._hook = self._loss_hook = None
         if self.is_pipeline:
             self._original = engine.train_batch
             engine.train_batch = self._train_batch
@@ -156,6 +169,8 @@ class DeepSpeedSharpness:
             engine.step = self._step
             if self.records_forwards:
                 self._hook = engine.module.register_forward_pre_hook(self._record, with_kwargs=True)
+            if config.reuse_training_loss:
+                self._loss_hook = engine.module.register_forward_hook(self._record_loss)
 
     @property
     def micro_batches(self) -> int:
@@ -165,6 +180,8 @@ class DeepSpeedSharpness:
     def detach(self) -> None:
         if self._hook is not None:
             self._hook.remove()
+        if self._loss_hook is not None:
+            self._loss_hook.remove()
         if self.is_pipeline:
             del self.engine.train_batch
         else:
@@ -201,6 +218,11 @@ class DeepSpeedSharpness:
         if torch.is_grad_enabled() and self._next_step_is_due() and len(self._recorded) < self.micro_batches:
             self._recorded.append((args, dict(kwargs)))
 
+    def _record_loss(self, module, args, output) -> None:
+        # Runs after _record for the same forward, so the two lists stay in step.
+        if torch.is_grad_enabled() and self._next_step_is_due() and len(self._training_losses) < self.micro_batches:
+            self._training_losses.append(self._loss_from_output(output).detach().double())
+
     def _step(self, *args, **kwargs):
         engine = self.engine
         if not (engine.is_gradient_accumulation_boundary() and self._next_step_is_due()):
@@ -212,7 +234,14 @@ class DeepSpeedSharpness:
                                "micro-batches was recorded: call the engine (with grad enabled) for the training "
                                "forward, or pass the step's data iterator through record_batches()")
         self.backend.batches, self._recorded, self._reads_no_data = self._recorded, [], False
-        return self._measure_around(lambda: self._original(*args, **kwargs))
+        training_loss = None
+        if self.config.reuse_training_loss:
+            total = torch.zeros((), dtype=torch.float64, device=engine.device)
+            for loss in self._training_losses:
+                total += loss
+            training_loss = float(data_parallel_mean(engine, total, len(self._training_losses)))
+            self._training_losses = []
+        return self._measure_around(lambda: self._original(*args, **kwargs), training_loss)
 
     def _train_batch(self, data_iter: Iterator | None = None):
         engine = self.engine
@@ -235,7 +264,7 @@ class DeepSpeedSharpness:
 
         return self._measure_around(run_step)
 
-    def _measure_around(self, run_step: Callable[[], Any]):
+    def _measure_around(self, run_step: Callable[[], Any], training_loss: float | None = None):
         step_number = self.engine.global_steps + 1
         lr = float(self.engine.get_lr()[0])
         self.backend.snapshot()
@@ -246,7 +275,7 @@ class DeepSpeedSharpness:
             raise
         self.backend.micro_batch_counts[None] = self.micro_batches
         self.last_measurement = self.probe.measure(self.backend, step_number, lr,
-                                                   list(self.backend.relative_batches))
+                                                   list(self.backend.relative_batches), training_loss)
         return result
 
 

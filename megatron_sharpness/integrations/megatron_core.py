@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -65,6 +65,7 @@ class MegatronSharpness:
         self.model = list(model)
         self.optimizer = optimizer
         self.config = config
+        self.loss_key = loss_key
         self.relative_data_iterators = dict(relative_data_iterators or {})
         self.relative_micro_batches = relative_micro_batches
         for name in self.relative_data_iterators:
@@ -112,10 +113,13 @@ class MegatronSharpness:
         wrapped = [it if recorder is None else recorder for it, recorder in zip(iterators, self._recorders)]
         return wrapped if isinstance(data_iterator, list) else wrapped[0]
 
-    def step(self, iteration: int | None = None):
+    def step(self, iteration: int | None = None, training_losses: Sequence[dict] | None = None):
         """optimizer.step(), with the measurement around it on due iterations; returns what
         optimizer.step() returned. iteration: Megatron's 1-based iteration of this step (counted
-        here when not given)."""
+        here when not given). training_losses: what forward_backward_func returned for this step
+        (the loss dicts of the last pipeline stage, empty elsewhere), needed with
+        config.reuse_training_loss: their first micro-batches, reduced as the probe reduces its
+        own, stand for a forward at θ_t."""
         self.iteration = self.iteration + 1 if iteration is None else iteration
         if not self.probe.is_due(self.iteration):
             return self.optimizer.step()
@@ -123,6 +127,14 @@ class MegatronSharpness:
             raise RuntimeError(f"critical sharpness: iteration {self.iteration} is measured but its data "
                                "iterator was not passed through record() before forward_backward_func")
         self._check_recorded_counts()
+        training_loss = None
+        if self.config.reuse_training_loss:
+            if not isinstance(training_losses, Sequence) or isinstance(training_losses, (str, bytes)):
+                raise TypeError("critical sharpness: reuse_training_loss needs step(..., training_losses=...) with "
+                                "what forward_backward_func returned for this step (a list of loss dicts), got "
+                                f"{type(training_losses).__name__}")
+            count = self.backend.micro_batch_counts[None]
+            training_loss = float(reduce_lm_loss(list(training_losses)[:count], self.loss_key))
         self.backend.batches = [[] if recorder is None else recorder.items for recorder in self._recorders]
         self.backend.relative_batches = {name: self._draw(iterators, self.backend.micro_batch_counts[name])
                                          for name, iterators in self.relative_data_iterators.items()}
@@ -137,7 +149,7 @@ class MegatronSharpness:
         self.backend.step_applied = bool(result[0])
         with _rerun_state_machine_disabled():
             self.last_measurement = self.probe.measure(self.backend, self.iteration, lr,
-                                                       list(self.relative_data_iterators))
+                                                       list(self.relative_data_iterators), training_loss)
         return result
 
     def close(self) -> None:

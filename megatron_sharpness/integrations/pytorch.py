@@ -73,8 +73,9 @@ class TorchSharpnessProbe:
         `lambda: scaler.step(optimizer)`), and on measured iterations the probe around it.
 
         training_loss: the loss the training forward of this step computed, to be used as L(θ_t)
-        instead of one more forward. Pass it only where loss_fn() at θ_t returns bitwise the same
-        number: the same batch, no dropout (or eval mode), the same autocast."""
+        instead of one more forward. Right only where loss_fn() at θ_t returns bitwise the same
+        number (the same batch, no dropout, the same autocast): the first measurement given one
+        checks that with its own forward and, if they differ, warns and stops using them."""
         # Checked before the real step runs, so that a slip does not leave a half-done iteration.
         require_callable(loss_fn, "loss_fn", _LOSS_FN_ALLOWED)
         if optimizer_step is not None:

@@ -70,7 +70,7 @@ def ds_config(a):
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": True,
         "critical_sharpness": {"enabled": True, "interval": a.interval, "micro_batches": a.micro_batches,
-                               "log_file": a.log_file},
+                               "log_file": a.log_file, "reuse_training_loss": a.reuse_training_loss},
     }
     if a.dtype == "bf16":
         config["bf16"] = {"enabled": True}
@@ -284,6 +284,7 @@ def main():
                         help="with --megatron-deepspeed: no flags, switch the probe on from the ds_config")
     parser.add_argument("--fused", action="store_true", help="DeepSpeed's FusedAdam instead of torch's AdamW")
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--reuse-training-loss", action="store_true")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--csv-dir", default=None, help="use the default loggers, with DeepSpeed's CSV monitor")
     parser.add_argument("--log-file", default=None)

@@ -57,7 +57,7 @@ def train_step(a, chunks, optimizer, iterators, sharpness=None, iteration=None):
     if sharpness is None:
         return forward_backward(a, chunks, optimizer, data), optimizer.step()
     store = forward_backward(a, chunks, optimizer, sharpness.record(data, a.nmb, iteration))
-    return store, sharpness.step(iteration)
+    return store, sharpness.step(iteration, training_losses=store if a.reuse_training_loss else None)
 
 
 def state(chunks, optimizer):
@@ -108,7 +108,7 @@ def probe_run(a):
     chunks, optimizer = build_model_and_optimizer(a.setup)
     iterators = data_iterators(a, 0, a.steps + 1)
     held_out = data_iterators(a, 777_000, 64)
-    config = SharpnessConfig(interval=1, micro_batches=a.micro_batches)
+    config = SharpnessConfig(interval=1, micro_batches=a.micro_batches, reuse_training_loss=a.reuse_training_loss)
     fault = InjectedFault(a.fail_at)
 
     def probe_forward_step(data_iterator, model):
@@ -147,6 +147,7 @@ def main():
     parser.add_argument("--nmb", type=int, default=4)
     parser.add_argument("--micro-batches", type=int, default=None)
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--reuse-training-loss", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--first-iteration", type=int, default=None)
     parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL",
