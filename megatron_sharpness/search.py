@@ -357,13 +357,14 @@ class _PaperSearch(_Search):
 
 
 class _FastSearch(_Search):
-    """The model of q places every point after the warm start: either a third of a tolerance short of the
-    predicted crossing (expected: no rise) or a tolerance from a bracket end on the crossing's side
-    (expected to certify with that end). The secant through s = 1 and the warm start is usually
-    within a few percent, so a typical search is s = 1, the warm start and two points. While every resolvable point rises the slope is measured first: an ascent ends the
-    search, and otherwise L(±h) is the quadratic through θ_t that places the next point.
-    Points that land on the wrong side escalate: the step away from the known end grows (×1.15,
-    ×1.5, ×3.7, ×50 at tol = 1/16), and inside a bracket two misses in a row bisect.
+    """The model of q places every point after the warm start: either a third of a tolerance
+    short of the predicted crossing (expected: no rise) or a tolerance from a bracket end on the
+    crossing's side (expected to certify with that end). The secant through s = 1 and the warm
+    start is usually within a few percent, so a typical search is s = 1, the warm start and two
+    points. While every resolvable point rises the slope is measured first: an ascent ends the
+    search, and otherwise L(±h) is the quadratic through θ_t that places the next point. Points
+    that land on the wrong side escalate: the step away from the known end grows (×1.15, ×1.5,
+    ×3.7, ×50 at tol = 1/16), and inside a bracket two misses in a row bisect.
     """
 
     def run(self) -> Outcome:
