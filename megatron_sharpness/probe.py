@@ -26,6 +26,8 @@ class SharpnessProbe:
         # the warm start survives lr schedules. Only converged results: a bound or an ascent is
         # no place to start from.
         self._last_critical_lr: dict[str | None, float] = {}
+        # Per task of the current measurement: the ranks whose own part of a non-finite loss was.
+        self._non_finite_ranks: dict[str | None, set[int]] = {}
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to measure as the uninterrupted one would: the warm starts.
@@ -54,6 +56,7 @@ class SharpnessProbe:
         training_loss: L(θ_t) of the step's batch where the training forward gave bitwise the number
         a probe forward would (reduced like backend.loss); saves that forward."""
         started = time.perf_counter()
+        self._non_finite_ranks: dict[str | None, set[int]] = {}
         searches: dict[str | None, TaskMeasurement] = {}
         skipped = failure = error = None
         try:
@@ -65,7 +68,7 @@ class SharpnessProbe:
                 baselines = {name: self._loss(backend, name, 0.0, lr) for name in evaluated}
                 if training_loss is not None:
                     baselines = {None: training_loss, **baselines}
-                skipped = _non_finite_baseline(baselines)
+                skipped = _non_finite_baseline(baselines, self._non_finite_ranks)
             if skipped is None:
                 floor = backend.resolution_floor()
                 searches = {name: self._search(backend, name, lr, baseline, floor,
@@ -88,14 +91,17 @@ class SharpnessProbe:
                                f"({failure.text()}); on_error='raise'") from error
         return measurement
 
-    @staticmethod
-    def _loss(backend: ProbeBackend, name: str | None, step_multiple: float, lr: float) -> float:
+    def _loss(self, backend: ProbeBackend, name: str | None, step_multiple: float, lr: float) -> float:
         try:
-            return backend.loss(name)
+            loss = backend.loss(name)
         except ProbeFailure as caught:
             first = caught.errors[0]
             raise _FailedAt(ProbeError(first.rank, first.error, step_multiple * lr, name,
                                        tuple(e.rank for e in caught.errors))) from caught
+        if not math.isfinite(loss):
+            # Which ranks' own part of the loss was non-finite, where the backend's reduction tells.
+            self._non_finite_ranks.setdefault(name, set()).update(getattr(backend, "non_finite_ranks", None) or ())
+        return loss
 
     @staticmethod
     def _skip_reason(backend: ProbeBackend, lr: float) -> str | None:
@@ -118,18 +124,20 @@ class SharpnessProbe:
                                     resolution_floor=floor, method=self.config.search)
         if search.critical_lr is not None:
             self._last_critical_lr[name] = search.critical_lr
-        return TaskMeasurement(search, baseline_reused)
+        ranks = self._non_finite_ranks.get(name)
+        return TaskMeasurement(search, baseline_reused, tuple(sorted(ranks)) if ranks else None)
 
     def close(self) -> None:
         for logger in self.loggers:
             logger.close()
 
 
-def _non_finite_baseline(baselines: dict[str | None, float]) -> str | None:
+def _non_finite_baseline(baselines: dict[str | None, float], ranks: Mapping[str | None, set[int]]) -> str | None:
     for name, loss in baselines.items():
         if not math.isfinite(loss):
             label = "the step's batch" if name is None else f"relative task {name!r}"
-            return f"loss of {label} is {loss} before the step"
+            where = f" (on rank {', '.join(map(str, sorted(ranks[name])))})" if ranks.get(name) else ""
+            return f"loss of {label} is {loss} before the step{where}"
     return None
 
 

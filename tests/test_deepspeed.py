@@ -179,3 +179,24 @@ def test_resume_through_save_and_load_checkpoint_measures_bitwise_as_uninterrupt
         assert ranks[0]["resumed"] == expected  # same trial points, forwards and values, bitwise
     else:
         assert [r["evaluations"] for r in ranks[0]["resumed"]] != [r["evaluations"] for r in expected]
+
+
+@pytest.mark.parametrize("call, status", [(4, "non_finite"), (1, "skipped")])
+def test_one_rank_nan_in_a_probe_forward_names_that_rank(call, status, tmp_path):
+    """Rank 1's own loss is NaN once, at its `call`-th probe loss of step 2: a trial point of the
+    search (4th: after both baselines and s = 1), or L(θ_t) itself (1st). Every rank records the
+    same outcome and names rank 1; training is bitwise unchanged."""
+    results, ranks = launch(tmp_path, ["--stage", "2", "--fail-at", f"1:2:{call}:nan"])
+    for result in ranks:
+        assert all(result["bitwise_equal"].values()), f"rank {result['rank']}: {result['bitwise_equal']}"
+    first, second = (strip_timing(result["records"]) for result in ranks)
+    assert first == second
+    assert [r["status"] for r in first] == ["converged", status, "converged", "converged"]
+    record = first[1]
+    if status == "non_finite":
+        assert record["non_finite_ranks"] == [1] and record["critical_lr"] is None
+        assert sum(loss == "nan" for _, loss in record["evaluations"]) == 1  # once, then finite again
+        assert record["relative"]["held-out"]["converged"] and record["relative"]["held-out"]["non_finite_ranks"] is None
+    else:
+        assert record["skipped"] == "loss of the step's batch is nan before the step (on rank 1)"
+    assert all(r["non_finite_ranks"] is None for r in first if r is not record)

@@ -91,3 +91,19 @@ def test_one_rank_oom_inside_a_probe_forward_fails_the_measurement_not_the_job(t
     assert error["message"].startswith("OutOfMemoryError: injected on rank 1 at probe loss 13 of step 2")
     assert error["lr"] > 0  # a trial point of the search, not L(θ_t)
     assert failed["critical_lr"] is None and failed["relative"] == {} and failed["skipped"] is None
+
+
+def test_one_rank_nan_in_a_probe_forward_names_that_rank(tmp_path):
+    """Rank 1's own loss is NaN once, in its 13th probe loss_func of step 2 (a trial point, after
+    both baselines and s = 1, 4 micro-batches each): the search ends non_finite on every rank, the
+    record names rank 1 (a count rides in the loss all-reduce, an all-gather only then names it)."""
+    run_ranks([WORKER, "--out", str(tmp_path), "--dist-opt", "--fail-at", "1:2:13:nan"], world_size=2, timeout=400,
+              env={"PYTHONWARNINGS": "ignore"})
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for result in ranks:
+        assert all(result["bitwise_equal"].values()), f"rank {result['rank']}: {result['bitwise_equal']}"
+    first = strip_timing(ranks[0]["records"])
+    assert strip_timing(ranks[1]["records"]) == first
+    assert [r["status"] for r in first] == ["converged", "non_finite", "converged"]
+    assert [r["non_finite_ranks"] for r in first] == [None, [1], None]
+    assert sum(loss == "nan" for _, loss in first[1]["evaluations"]) == 1

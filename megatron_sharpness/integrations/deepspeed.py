@@ -24,7 +24,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from megatron_sharpness.backends.deepspeed import DeepSpeedBackend, Evaluator
 from megatron_sharpness.checks import checked_loggers, require_callable
 from megatron_sharpness.config import SharpnessConfig, require_config
-from megatron_sharpness.faults import CAUGHT
+from megatron_sharpness.faults import CAUGHT, note_local_loss
 from megatron_sharpness.loggers import JsonlLogger, LogLineLogger, MeasurementLogger
 from megatron_sharpness.measurement import Measurement
 from megatron_sharpness.integrations.recording import RecordingIterator
@@ -85,6 +85,7 @@ def engine_forward_loss(engine, loss_from_output: Callable[[Any], torch.Tensor] 
             # Join the reduction anyway: the peers are waiting in it (see faults.py).
             error = caught
         mean = total / count
+        note_local_loss(mean)
         ds_comm.all_reduce(mean, group=engine.data_parallel_group)
         if error is not None:
             raise error

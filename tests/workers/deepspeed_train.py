@@ -288,7 +288,7 @@ def main():
     parser.add_argument("--csv-dir", default=None, help="use the default loggers, with DeepSpeed's CSV monitor")
     parser.add_argument("--log-file", default=None)
     parser.add_argument("--interval", type=int, default=1)
-    parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL",
+    parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL[:nan]",
                         help="rank RANK raises torch.OutOfMemoryError in its CALL-th probe loss of step STEP")
     a = parser.parse_args()
 

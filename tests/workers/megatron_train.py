@@ -149,7 +149,7 @@ def main():
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--first-iteration", type=int, default=None)
-    parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL",
+    parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL[:nan]",
                         help="rank RANK raises torch.OutOfMemoryError in its CALL-th probe loss_func of step STEP")
     a = parser.parse_args()
     a.setup = setup_of(a)
