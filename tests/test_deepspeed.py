@@ -9,6 +9,7 @@ ever leaves stale gathered weights behind (the ZeRO-3 pitfall).
 
 import json
 import os
+import time
 
 import pytest
 
@@ -200,3 +201,19 @@ def test_one_rank_nan_in_a_probe_forward_names_that_rank(call, status, tmp_path)
     else:
         assert record["skipped"] == "loss of the step's batch is nan before the step (on rank 1)"
     assert all(r["non_finite_ranks"] is None for r in first if r is not record)
+
+
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_snapshot_that_does_not_fit_on_one_rank_skips_the_measurement_everywhere(stage, tmp_path):
+    """Rank 1 runs out of memory cloning its fp32 partition at step 2: every rank skips that
+    measurement and says why, training goes on bitwise, no hang."""
+    started = time.monotonic()
+    _, ranks = launch(tmp_path, ["--stage", stage, "--snapshot-oom", "1:2"])
+    print(f"snapshot OOM, DeepSpeed ZeRO-{stage}: {time.monotonic() - started:.1f} s")  # pytest -rP
+    for result in ranks:
+        assert all(result["bitwise_equal"].values()), f"rank {result['rank']}: {result['bitwise_equal']}"
+    first, second = (strip_timing(result["records"]) for result in ranks)
+    assert first == second
+    assert [r["status"] for r in first] == ["converged", "skipped", "converged", "converged"]
+    assert first[1]["skipped"] == ("the θ_t snapshot did not fit in memory (rank 1: OutOfMemoryError: "
+                                   "injected: no memory for the θ_t snapshot)")

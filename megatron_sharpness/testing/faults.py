@@ -78,3 +78,18 @@ def clone_runs_out_of_memory(active: bool) -> Iterator[None]:
         yield
     finally:
         torch.Tensor.clone = original
+
+
+def snapshot_runs_out_of_memory(backend: Any, spec: str | None, current_step: Callable[[], int]) -> None:
+    """spec "RANK:STEP": on global rank RANK, backend.snapshot() of optimizer step STEP (as
+    current_step() tells it) runs out of memory while cloning θ_t. None: never."""
+    if spec is None:
+        return
+    rank, step = (int(part) for part in spec.split(":"))
+    snapshot = backend.snapshot
+
+    def snapshot_that_may_not_fit() -> None:
+        with clone_runs_out_of_memory(dist.get_rank() == rank and current_step() == step):
+            snapshot()
+
+    backend.snapshot = snapshot_that_may_not_fit
