@@ -56,7 +56,7 @@ class SharpnessProbe:
         training_loss: L(θ_t) of the step's batch where the training forward gave bitwise the number
         a probe forward would (reduced like backend.loss); saves that forward."""
         started = time.perf_counter()
-        self._non_finite_ranks: dict[str | None, set[int]] = {}
+        self._non_finite_ranks = {}
         searches: dict[str | None, TaskMeasurement] = {}
         skipped = failure = error = None
         try:

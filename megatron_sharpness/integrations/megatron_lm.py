@@ -182,11 +182,15 @@ def _restore_state(args: argparse.Namespace, iteration: int) -> None:
     if not isinstance(state, dict) or state.get("version") != STATE_FILE_VERSION or state.get("iteration") != iteration:
         raise ValueError(f"critical sharpness: {path} is not a probe state of version {STATE_FILE_VERSION} "
                          f"for iteration {iteration}")
-    _sharpness.probe.load_state_dict(state["probe"])
-    for name, chunks in _relative.items():
-        # A task added since the checkpoint starts at its first document.
-        for chunk, chunk_state in zip(chunks, state["relative_data"].get(name, [])):
-            chunk.load_state_dict(chunk_state)
+    try:
+        _sharpness.probe.load_state_dict(state["probe"])
+        for name, chunks in _relative.items():
+            # A task added since the checkpoint starts at its first document.
+            for chunk, chunk_state in zip(chunks, state["relative_data"].get(name, [])):
+                chunk.load_state_dict(chunk_state)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"critical sharpness: cannot resume from {path}: {error}; delete the file to resume "
+                         "with a cold probe state") from None
 
 
 def record(data_iterator, model: list, optimizer, forward_step_func: Callable, args: argparse.Namespace,
