@@ -68,18 +68,56 @@ def device_of(group: dist.ProcessGroup | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def agree(values: Sequence[float], error: BaseException | None, group: dist.ProcessGroup | None = None,
-          src: int = 0) -> list[float]:
-    """One all-reduce over `group` of [values of global rank src..., failed ranks]: returns src's
-    values bitwise (the other ranks add zeros) or raises ProbeFailure on every rank. Only after a
-    failure, which every rank then knows of, one more collective gathers the error texts."""
+def agree_loss(value: float, error: BaseException | None, local_non_finite: bool | None,
+               group: dist.ProcessGroup | None = None) -> tuple[float, tuple[int, ...] | None]:
+    """One all-reduce over `group` of [rank 0's value, failed ranks, ranks whose own partial loss
+    was non-finite]: returns rank 0's value bitwise (the other ranks add zeros) or raises
+    ProbeFailure on every rank. Only after a failure, which every rank then knows of, one more
+    collective gathers the error texts; only where the non-finite count is > 0, one all-gather of
+    the flags names those ranks. local_non_finite None: this rank's reduction cannot tell. The ranks are
+    None when the agreed loss is finite, or non-finite while no rank could tell which."""
+    values, count = _agree([value], error, local_non_finite, group, src=0)
+    if count == 0:
+        return values[0], None
+    flag = torch.tensor([float(bool(local_non_finite))], dtype=torch.float64, device=device_of(group))
+    flags = [torch.empty_like(flag) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(flags, flag, group=group)
+    ranks = tuple(_global_rank(group, index) for index, f in enumerate(flags) if f.item() > 0)
+    return values[0], ranks
+
+
+def _agree(values: Sequence[float], error: BaseException | None, local_non_finite: bool | None,
+           group: dist.ProcessGroup | None, src: int) -> tuple[list[float], int]:
     rank = dist.get_rank()
     own = [0.0] * len(values) if rank != src or error is not None else [float(v) for v in values]
-    packed = torch.tensor([*own, float(error is not None)], dtype=torch.float64, device=device_of(group))
+    packed = torch.tensor([*own, float(error is not None), float(bool(local_non_finite))],
+                          dtype=torch.float64, device=device_of(group))
     dist.all_reduce(packed, group=group)
-    if packed[-1].item() > 0:
+    if packed[-2].item() > 0:
         raise ProbeFailure(gather_errors(error, group), error)
-    return packed[:-1].tolist()
+    return packed[:-2].tolist(), int(packed[-1].item())
+
+
+def _global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+# Whether this rank's own part of the loss of the current probe forward was non-finite, noted by
+# the loss reductions we ship (reduce_lm_loss, the DeepSpeed replay) right before they reduce it
+# across ranks, where it is still this rank's; None: nothing noted (a reduction that cannot tell).
+_local_non_finite: bool | None = None
+
+
+def note_local_loss(partial: torch.Tensor) -> None:
+    global _local_non_finite
+    _local_non_finite = not bool(torch.isfinite(partial).all())
+
+
+def take_local_non_finite() -> bool | None:
+    """What note_local_loss() noted since the last call (None: nothing); forgets it."""
+    global _local_non_finite
+    noted, _local_non_finite = _local_non_finite, None
+    return noted
 
 
 def gather_errors(error: BaseException | None, group: dist.ProcessGroup | None = None) -> list[RankError]:

@@ -15,10 +15,12 @@ from megatron_sharpness.search import Outcome, SearchResult
 @dataclass(frozen=True)
 class TaskMeasurement:
     """The search along the step's direction for one loss. baseline_reused: L(θ_t) is the training
-    forward's own loss, not a forward of the probe."""
+    forward's own loss, not a forward of the probe. non_finite_ranks: where a trial loss was
+    non-finite, the ranks whose own part of it was (None: no such loss, or the reduction cannot tell)."""
 
     search: SearchResult
     baseline_reused: bool = False
+    non_finite_ranks: tuple[int, ...] | None = None
 
     @property
     def forwards(self) -> int:
@@ -50,6 +52,7 @@ class TaskMeasurement:
             "converged": search.converged,
             "loss": search.baseline_loss,
             "evaluations": self.evaluations(),
+            "non_finite_ranks": _ranks(self.non_finite_ranks),
         }
 
     def value_text(self, sharpness: bool) -> str:
@@ -61,7 +64,8 @@ class TaskMeasurement:
         if search.outcome is Outcome.ASCENT:
             return "ascent" if search.slope is None else f"ascent (slope {search.slope:+.3E})"
         if search.outcome is Outcome.NON_FINITE:
-            return f"non-finite (once, at lr {search.non_finite_at:.4E})"
+            where = "" if self.non_finite_ranks is None else f", on rank {', '.join(map(str, self.non_finite_ranks))}"
+            return f"non-finite (once, at lr {search.non_finite_at:.4E}{where})"
         if search.outcome is Outcome.NOISY:
             return f"noisy (loss rounding: slope ×{search.bracket_slope_ratio:.3g} its trend)"
         lo, hi = search.bracket
@@ -173,6 +177,7 @@ class Measurement:
             "bracket": None if search is None else list(search.bracket),
             "converged": None if search is None else search.converged,
             "loss": None if search is None else search.baseline_loss,
+            "non_finite_ranks": None if task is None else _ranks(task.non_finite_ranks),
             "probe_seconds": self.probe_seconds,
             "relative": {name: relative.to_dict() for name, relative in self.relative.items()},
             "skipped": self.skipped,
@@ -213,6 +218,10 @@ class Measurement:
         for name, task in self.relative.items():
             parts.append(f"relative sharpness {name}: {task.value_text(sharpness=True)}")
         return " | ".join(parts) + " |"
+
+
+def _ranks(ranks: tuple[int, ...] | None) -> list[int] | None:
+    return None if ranks is None else list(ranks)
 
 
 def _json_float(value: float) -> float | str:

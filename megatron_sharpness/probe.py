@@ -30,12 +30,16 @@ class SharpnessProbe:
         # Whether a training loss handed to measure() equals a probe forward at θ_t bitwise: None
         # until the first such measurement checks it (one forward), then True, or False for good.
         self.training_loss_matches: bool | None = None
+        # Per task of the current measurement: the ranks whose own part of a non-finite loss was.
+        self._non_finite_ranks: dict[str | None, set[int]] = {}
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to measure as the uninterrupted one would: the warm starts.
-        Plain Python values (torch.save / JSON friendly); the step's batch is task None."""
+        """What a resumed run needs to measure as the uninterrupted one would: the warm starts and
+        whether the training loss was found fit for reuse. Plain Python values (torch.save / JSON
+        friendly); the step's batch is task None."""
         return {"version": STATE_VERSION,
-                "last_critical_lr": [[name, lr] for name, lr in self._last_critical_lr.items()]}
+                "last_critical_lr": [[name, lr] for name, lr in self._last_critical_lr.items()],
+                "training_loss_matches": self.training_loss_matches}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
@@ -47,7 +51,11 @@ class SharpnessProbe:
                 raise ValueError(f"critical sharpness: bad warm start {entry!r} in the probe state; "
                                  "allowed: [task name or None, finite lr > 0]")
             restored[name] = lr
-        self._last_critical_lr = restored
+        matches = state.get("training_loss_matches")  # absent in states saved before it existed
+        if matches not in (None, True, False):
+            raise ValueError(f"critical sharpness: bad training_loss_matches {matches!r} in the probe state; "
+                             "allowed: true, false or null")
+        self._last_critical_lr, self.training_loss_matches = restored, matches
 
     def is_due(self, step: int) -> bool:
         return self.config.enabled and step % self.config.interval == 0
@@ -59,6 +67,7 @@ class SharpnessProbe:
         backend.loss); used instead of a probe forward once the first measurement that is given one
         has found it bitwise equal to the probe's (see training_loss_matches)."""
         started = time.perf_counter()
+        self._non_finite_ranks = {}
         searches: dict[str | None, TaskMeasurement] = {}
         skipped = failure = error = None
         reuse = training_loss is not None and self.training_loss_matches is True
@@ -73,7 +82,7 @@ class SharpnessProbe:
                     baselines = {None: training_loss, **baselines}
                 elif training_loss is not None and self.training_loss_matches is None:
                     self._check_training_loss(training_loss, baselines[None], step)
-                skipped = _non_finite_baseline(baselines)
+                skipped = _non_finite_baseline(baselines, self._non_finite_ranks)
             if skipped is None:
                 floor = backend.resolution_floor()
                 searches = {name: self._search(backend, name, lr, baseline, floor,
@@ -105,14 +114,17 @@ class SharpnessProbe:
                           "a non-deterministic forward; L(θ_t) is evaluated by the probe from now on "
                           "(reuse_training_loss has no effect)", RuntimeWarning, stacklevel=3)
 
-    @staticmethod
-    def _loss(backend: ProbeBackend, name: str | None, step_multiple: float, lr: float) -> float:
+    def _loss(self, backend: ProbeBackend, name: str | None, step_multiple: float, lr: float) -> float:
         try:
-            return backend.loss(name)
+            loss = backend.loss(name)
         except ProbeFailure as caught:
             first = caught.errors[0]
             raise _FailedAt(ProbeError(first.rank, first.error, step_multiple * lr, name,
                                        tuple(e.rank for e in caught.errors))) from caught
+        if not math.isfinite(loss):
+            # Which ranks' own part of the loss was non-finite, where the backend's reduction tells.
+            self._non_finite_ranks.setdefault(name, set()).update(getattr(backend, "non_finite_ranks", None) or ())
+        return loss
 
     @staticmethod
     def _skip_reason(backend: ProbeBackend, lr: float) -> str | None:
@@ -135,18 +147,20 @@ class SharpnessProbe:
                                     resolution_floor=floor, method=self.config.search)
         if search.critical_lr is not None:
             self._last_critical_lr[name] = search.critical_lr
-        return TaskMeasurement(search, baseline_reused)
+        ranks = self._non_finite_ranks.get(name)
+        return TaskMeasurement(search, baseline_reused, tuple(sorted(ranks)) if ranks else None)
 
     def close(self) -> None:
         for logger in self.loggers:
             logger.close()
 
 
-def _non_finite_baseline(baselines: dict[str | None, float]) -> str | None:
+def _non_finite_baseline(baselines: dict[str | None, float], ranks: Mapping[str | None, set[int]]) -> str | None:
     for name, loss in baselines.items():
         if not math.isfinite(loss):
             label = "the step's batch" if name is None else f"relative task {name!r}"
-            return f"loss of {label} is {loss} before the step"
+            where = f" (on rank {', '.join(map(str, sorted(ranks[name])))})" if ranks.get(name) else ""
+            return f"loss of {label} is {loss} before the step{where}"
     return None
 
 

@@ -9,6 +9,7 @@ ever leaves stale gathered weights behind (the ZeRO-3 pitfall).
 
 import json
 import os
+import time
 
 import pytest
 
@@ -160,3 +161,67 @@ def test_one_rank_oom_inside_a_probe_forward_fails_the_measurement_not_the_job(s
     assert (error["rank"], error["ranks"], error["task"]) == (1, [1], None)
     assert error["message"].startswith("OutOfMemoryError: injected on rank 1 at probe loss 4 of step 2")
     assert error["lr"] > 0  # a trial point of the search, not L(θ_t)
+
+
+RESUME_WORKER = os.path.join(os.path.dirname(__file__), "workers", "deepspeed_resume.py")
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_resume_through_save_and_load_checkpoint_measures_bitwise_as_uninterrupted(cold, tmp_path):
+    """ZeRO-2 bf16, 6 steps measured every 2nd (with a held-out task), against 3 steps,
+    engine.save_checkpoint(), a new engine, engine.load_checkpoint(), 3 more. cold: DeepSpeed's own
+    load_checkpoint, bypassing the probe's, loses the warm starts: the test must see that."""
+    run_ranks([RESUME_WORKER, "--out", str(tmp_path), *(["--cold"] if cold else [])], world_size=2,
+              timeout=400, env=ENV)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for result in ranks:
+        assert result["weights_equal"], f"rank {result['rank']}: training did not resume bitwise"
+        assert [r["step"] for r in result["whole"]] == [2, 4, 6]
+        assert [r["step"] for r in result["resumed"]] == [4, 6]
+        assert all(r["converged"] and r["relative"]["held-out"]["converged"] for r in result["whole"])
+        # The caller's client_state comes back, the probe's entry does not (unless bypassed).
+        keys = result["client_state_keys"]
+        assert "mine" in keys and ("critical_sharpness" in keys) == cold, keys
+    assert ranks[0]["resumed"] == ranks[1]["resumed"]
+    expected = ranks[0]["whole"][1:]
+    if not cold:
+        assert ranks[0]["resumed"] == expected  # same trial points, forwards and values, bitwise
+    else:
+        assert [r["evaluations"] for r in ranks[0]["resumed"]] != [r["evaluations"] for r in expected]
+
+
+@pytest.mark.parametrize("call, status", [(4, "non_finite"), (1, "skipped")])
+def test_one_rank_nan_in_a_probe_forward_names_that_rank(call, status, tmp_path):
+    """Rank 1's own loss is NaN once, at its `call`-th probe loss of step 2: a trial point of the
+    search (4th: after both baselines and s = 1), or L(θ_t) itself (1st). Every rank records the
+    same outcome and names rank 1; training is bitwise unchanged."""
+    results, ranks = launch(tmp_path, ["--stage", "2", "--fail-at", f"1:2:{call}:nan"])
+    for result in ranks:
+        assert all(result["bitwise_equal"].values()), f"rank {result['rank']}: {result['bitwise_equal']}"
+    first, second = (strip_timing(result["records"]) for result in ranks)
+    assert first == second
+    assert [r["status"] for r in first] == ["converged", status, "converged", "converged"]
+    record = first[1]
+    if status == "non_finite":
+        assert record["non_finite_ranks"] == [1] and record["critical_lr"] is None
+        assert sum(loss == "nan" for _, loss in record["evaluations"]) == 1  # once, then finite again
+        assert record["relative"]["held-out"]["converged"] and record["relative"]["held-out"]["non_finite_ranks"] is None
+    else:
+        assert record["skipped"] == "loss of the step's batch is nan before the step (on rank 1)"
+    assert all(r["non_finite_ranks"] is None for r in first if r is not record)
+
+
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_snapshot_that_does_not_fit_on_one_rank_skips_the_measurement_everywhere(stage, tmp_path):
+    """Rank 1 runs out of memory cloning its fp32 partition at step 2: every rank skips that
+    measurement and says why, training goes on bitwise, no hang."""
+    started = time.monotonic()
+    _, ranks = launch(tmp_path, ["--stage", stage, "--snapshot-oom", "1:2"])
+    print(f"snapshot OOM, DeepSpeed ZeRO-{stage}: {time.monotonic() - started:.1f} s")  # pytest -rP
+    for result in ranks:
+        assert all(result["bitwise_equal"].values()), f"rank {result['rank']}: {result['bitwise_equal']}"
+    first, second = (strip_timing(result["records"]) for result in ranks)
+    assert first == second
+    assert [r["status"] for r in first] == ["converged", "skipped", "converged", "converged"]
+    assert first[1]["skipped"] == ("the θ_t snapshot did not fit in memory (rank 1: OutOfMemoryError: "
+                                   "injected: no memory for the θ_t snapshot)")

@@ -154,3 +154,25 @@ def test_load_state_dict_rejects_what_is_not_a_probe_state():
         probe.load_state_dict({"step": 3})
     with pytest.raises(ValueError, match="bad warm start"):
         probe.load_state_dict({"iteration": 3, "probe": {"version": 1, "last_critical_lr": [[None, -1.0]]}})
+
+
+def test_ddp_one_rank_nan_at_a_trial_point_names_that_rank(tmp_path):
+    # Rank 1's 3rd loss_fn call of step 2: the first trial point after L(θ_t) and s = 1.
+    records = ddp_run(tmp_path, "--fail-at", "1:2:3:nan")
+    assert [r["status"] for r in records] == ["converged", "non_finite", "converged", "converged"]
+    assert [r["non_finite_ranks"] for r in records] == [None, [1], None, None]
+
+
+def test_non_finite_ranks_reach_the_log_line_and_jsonl():
+    from megatron_sharpness.measurement import TaskMeasurement
+    from megatron_sharpness.search import Outcome, SearchResult
+
+    search = SearchResult(lr=0.01, baseline_loss=2.0, outcome=Outcome.NON_FINITE, critical_step_multiple=None,
+                          bracket_step_multiple=(1.0, None), evaluations=((1.0, 1.9), (2.0, float("nan")), (2.0, 1.95)))
+    measurement = Measurement(step=3, lr=0.01, task=TaskMeasurement(search, non_finite_ranks=(1, 3)))
+    assert measurement.log_fields().startswith("critical sharpness: non-finite (once, at lr 2.0000E-02, on rank 1, 3) |")
+    record = measurement.to_dict()
+    assert record["non_finite_ranks"] == [1, 3] and record["status"] == "non_finite"
+    (from_line,) = parse_lines([f" iteration        3/     100 | {measurement.log_fields()}"])
+    (from_json,) = parse_lines([json.dumps(record)])
+    assert from_line.status == from_json.status == "non_finite"

@@ -9,6 +9,7 @@ and L(θ_t) of the probe is the step's own training loss.
 
 import json
 import os
+import time
 
 import pytest
 
@@ -99,3 +100,38 @@ def test_one_rank_oom_inside_a_probe_forward_fails_the_measurement_not_the_job(t
     assert error["message"].startswith("OutOfMemoryError: injected on rank 1 at probe loss 13 of step 2")
     assert error["lr"] > 0  # a trial point of the search, not L(θ_t)
     assert failed["critical_lr"] is None and failed["relative"] == {} and failed["skipped"] is None
+
+
+def test_one_rank_nan_in_a_probe_forward_names_that_rank(tmp_path):
+    """Rank 1's own loss is NaN once, in its 13th probe loss_func of step 2 (a trial point, after
+    both baselines and s = 1, 4 micro-batches each): the search ends non_finite on every rank, the
+    record names rank 1 (a count rides in the loss all-reduce, an all-gather only then names it)."""
+    run_ranks([WORKER, "--out", str(tmp_path), "--dist-opt", "--fail-at", "1:2:13:nan"], world_size=2, timeout=400,
+              env={"PYTHONWARNINGS": "ignore"})
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for result in ranks:
+        assert all(result["bitwise_equal"].values()), f"rank {result['rank']}: {result['bitwise_equal']}"
+    first = strip_timing(ranks[0]["records"])
+    assert strip_timing(ranks[1]["records"]) == first
+    assert [r["status"] for r in first] == ["converged", "non_finite", "converged"]
+    assert [r["non_finite_ranks"] for r in first] == [None, [1], None]
+    assert sum(loss == "nan" for _, loss in first[1]["evaluations"]) == 1
+
+
+def test_snapshot_that_does_not_fit_on_one_rank_skips_the_measurement_everywhere(tmp_path):
+    """Rank 1 runs out of memory cloning its θ_t shard at step 2 (distributed optimizer): one
+    all-reduce before the optimizer step tells every rank, all skip that measurement and say why,
+    training goes on bitwise, and the run ends well within its hard timeout."""
+    started = time.monotonic()
+    run_ranks([WORKER, "--out", str(tmp_path), "--dist-opt", "--snapshot-oom", "1:2"], world_size=2, timeout=400,
+              env={"PYTHONWARNINGS": "ignore"})
+    print(f"snapshot OOM, megatron-core DP2 dist-opt: {time.monotonic() - started:.1f} s")  # pytest -rP
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for result in ranks:
+        assert all(result["bitwise_equal"].values()), f"rank {result['rank']}: {result['bitwise_equal']}"
+        assert result["same_training_losses"]
+    first = strip_timing(ranks[0]["records"])
+    assert strip_timing(ranks[1]["records"]) == first
+    assert [r["status"] for r in first] == ["converged", "skipped", "converged"]
+    assert first[1]["skipped"] == ("the θ_t snapshot did not fit in memory (rank 1: OutOfMemoryError: "
+                                   "injected: no memory for the θ_t snapshot)")

@@ -90,3 +90,22 @@ def test_relative_dataset_is_read_in_windows_and_a_bad_path_is_a_clear_error(tmp
     args.seq_length, args.micro_batch_size = 9, 3
     with pytest.raises(ValueError, match="task name 'a' is given twice"):
         megatron_lm._relative_iterators(args, 1)
+
+
+@pytest.mark.parametrize("window_documents", [0.3, 2.5])  # windows shorter and longer than a document
+def test_relative_dataset_position_round_trips_through_its_state(tmp_path, window_documents):
+    corpus = bytes(i * 7 % 251 for i in range(5000))
+    prefix = write_indexed_dataset(str(tmp_path / "ramp"), corpus, document_bytes=700)
+    seq_length = int(700 * window_documents)
+    reference = megatron_lm.IndexedDatasetBatches(prefix, seq_length=seq_length, micro_batch_size=2)
+    for _ in range(5):
+        next(reference)
+    state = json.loads(json.dumps(reference.state_dict()))  # as the state file holds it
+    resumed = megatron_lm.IndexedDatasetBatches(prefix, seq_length=seq_length, micro_batch_size=2)
+    resumed.load_state_dict(state)
+    for _ in range(8):  # across the end of the dataset (it cycles)
+        assert torch.equal(next(resumed)["tokens"], next(reference)["tokens"])
+    with pytest.raises(ValueError, match="tokens left over from a document of 700"):
+        resumed.load_state_dict({"document": 1, "leftover": 700})
+    with pytest.raises(ValueError, match="document 99 is not in"):
+        resumed.load_state_dict({"document": 99, "leftover": 0})

@@ -108,7 +108,8 @@ def heldout(tmp_path_factory) -> str:
     return write_indexed_dataset(str(tmp_path_factory.mktemp("heldout") / "heldout"), corpus, document_bytes=2000)
 
 
-TINY_GPT = [*megatron_lm_check.TINY_GPT, "--train-iters", "3", "--log-params-norm"]
+TINY_GPT = [*megatron_lm_check.TINY_GPT, "--log-params-norm"]
+ITERATIONS = 3
 MEASURED = 2  # --critical-sharpness-interval: iteration 2 is measured, 1 and 3 are not
 
 
@@ -137,20 +138,22 @@ class Run:
     jsonl: list[dict]
 
 
-def _train(checkout: Checkout, out: Path, world_size: int, flags: list[str], probe: bool) -> Run:
+def _train(checkout: Checkout, out: Path, world_size: int, flags: list[str], probe: bool,
+           iterations: range = range(1, ITERATIONS + 1)) -> Run:
+    """Trains up to the last of `iterations` (those logged: a resumed run starts later)."""
     out.mkdir(parents=True)
     tensorboard_dir, jsonl = out / "tb", out / "sharpness.jsonl"
     probe_flags = ["--critical-sharpness-interval", str(MEASURED), "--critical-sharpness-log-file", str(jsonl)]
     started = time.monotonic()
     results = run_ranks(
         ["-m", "megatron_sharpness.testing.megatron_lm_cpu", str(checkout.path / "pretrain_gpt.py"), *TINY_GPT,
-         *flags, "--tensorboard-dir", str(tensorboard_dir), *(probe_flags if probe else [])],
+         "--train-iters", str(iterations[-1]), *flags, "--tensorboard-dir", str(tensorboard_dir), *(probe_flags if probe else [])],
         world_size, timeout=RUN_TIMEOUT, python=checkout.python,
         env={"PYTHONPATH": os.pathsep.join([str(checkout.path), str(ROOT)]), "CUDA_DEVICE_MAX_CONNECTIONS": "1"})
     print(f"{checkout.name} {out.name}: {time.monotonic() - started:.1f} s")  # shown by pytest -rP
     last = results[-1].output  # Megatron prints the iteration line on the last rank
     lines = _iteration_fields(last)
-    assert sorted(lines) == [1, 2, 3], last[-3000:]
+    assert sorted(lines) == list(iterations), last[-3000:]
     records = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
     return Run(lines, _scalars(tensorboard_dir), records)
 
@@ -231,3 +234,41 @@ def test_real_pretrain_gpt_measures_and_trains_bitwise_as_without_probe(checkout
     unmasked = _train(checkout, tmp_path / "on-no-mask", world_size,
                       [*flags, "--no-create-attention-mask-in-dataloader"], probe=True)
     assert unmasked.jsonl[0]["relative"]["heldout"]["loss"] == pytest.approx(task["loss"], rel=1e-6, abs=0)
+
+
+# Resume: 6 iterations measured every 2nd, uninterrupted, against 3 (--exit-interval: the same lr
+# schedule), saved, then --load and 3 more.
+RESUME_LAYOUT = "tp2-relative"
+RESUME_SNAPSHOT = "core_v0.16.1"  # runs on the suite's own Python; USER_CHECKOUT: the user's checkout
+
+
+@pytest.mark.parametrize("checkout", ["user" if USER_CHECKOUT else RESUME_SNAPSHOT], indirect=True)
+def test_real_pretrain_gpt_resumed_from_a_checkpoint_measures_bitwise_as_uninterrupted(checkout, heldout, tmp_path):
+    world_size, flags = LAYOUTS[RESUME_LAYOUT]
+    # No dropout: on CPU the harness's CUDA RNG tracker maps onto torch's CPU generator, which
+    # Megatron's checkpoint does not bring back (its dropout after a resume is not bitwise).
+    flags = [*flags, "--relative-sharpness-data-path", f"heldout={heldout}", "--hidden-dropout", "0",
+             "--attention-dropout", "0"]
+    saved = tmp_path / "checkpoints"
+    whole = _train(checkout, tmp_path / "whole", world_size, flags, probe=True, iterations=range(1, 7))
+    _train(checkout, tmp_path / "first", world_size,
+           [*flags, "--save", str(saved), "--save-interval", "3", "--train-iters", "6", "--exit-interval", "3"],
+           probe=True, iterations=range(1, 4))
+    assert (saved / "critical_sharpness" / "iter_0000003.json").is_file()
+    resumed = _train(checkout, tmp_path / "resumed", world_size,
+                     [*flags, "--save", str(saved), "--save-interval", "3", "--load", str(saved)],
+                     probe=True, iterations=range(4, 7))
+
+    # Training itself resumes bitwise (else the comparison below would say nothing about the probe):
+    # TensorBoard's per-iteration values. (The iteration line's lm loss averages over what the
+    # process has logged, so it can differ right after a resume, with or without the probe.)
+    for tag in TRAINING_TAGS:
+        assert resumed.scalars[tag] == {i: v for i, v in whole.scalars[tag].items() if i > 3}, tag
+    # The measurements after the resume: the same trial points and values (warm starts), the same
+    # held-out batches (data positions), bit for bit.
+    timing = {"probe_seconds"}
+    expected = [{k: v for k, v in r.items() if k not in timing} for r in whole.jsonl if r["step"] > 3]
+    got = [{k: v for k, v in r.items() if k not in timing} for r in resumed.jsonl]
+    assert [r["step"] for r in got] == [4, 6]
+    assert got == expected
+    assert (saved / "critical_sharpness" / "iter_0000006.json").is_file()

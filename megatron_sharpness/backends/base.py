@@ -3,6 +3,10 @@
 A backend knows where one framework keeps the parameters the optimizer updated (the fp32 master
 shard of this rank, the model's compute copy, the all-gather that spreads it) and how to run a
 forward-only loss on the step's recorded batch. It knows nothing of the search.
+
+Optionally a backend sets `non_finite_ranks` in loss(): the ranks whose own part of a non-finite
+loss was NaN/inf (None where the loss is finite or the reduction cannot tell); the probe puts them
+in the record.
 """
 
 from __future__ import annotations

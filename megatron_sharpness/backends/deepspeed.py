@@ -24,7 +24,8 @@ from torch._utils import _unflatten_dense_tensors
 from megatron_sharpness.backends.lerp import lerp_into
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
-from megatron_sharpness.faults import CAUGHT, OUT_OF_MEMORY, agree, any_rank_failed, snapshot_skip_reason
+from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, agree_loss, any_rank_failed, snapshot_skip_reason,
+                                       take_local_non_finite)
 
 SUPPORTED_OPTIMIZERS = ("DeepSpeedZeroOptimizer (ZeRO-1/2, with or without offload_optimizer)",
                         "DeepSpeedZeroOptimizer_Stage3 (ZeRO-3, with or without offload_optimizer)",
@@ -167,6 +168,8 @@ class DeepSpeedBackend:
         self._module_training = True
         self._floor = 0.0
         self._snapshot_skipped: str | None = None
+        # The ranks whose own part of the last loss was non-finite (None: finite, or not known).
+        self.non_finite_ranks: tuple[int, ...] | None = None
 
     @torch.no_grad()
     def snapshot(self) -> None:
@@ -213,14 +216,17 @@ class DeepSpeedBackend:
     def loss(self, task: str | None) -> float:
         batches = self.batches if task is None else self.relative_batches[task]
         value, error = math.nan, None
+        take_local_non_finite()  # nothing noted by an earlier forward may count for this one
         try:
             self._rng.restore()
             value = self.evaluate(batches, self.micro_batch_counts[task]).detach().reshape(1).double().item()
         except CAUGHT as caught:
             error = caught
         # Every rank must branch alike: rank 0's bits (rather than trust the transport's summation
-        # order to be the same everywhere), and whether any rank failed, in one all-reduce.
-        return agree([value], error)[0]
+        # order to be the same everywhere), whether any rank failed, and how many ranks' own part
+        # of the loss was non-finite, in one all-reduce.
+        value, self.non_finite_ranks = agree_loss(value, error, take_local_non_finite())
+        return value
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -17,7 +17,8 @@ from megatron.core.optimizer import (ChainedOptimizer, DistributedOptimizer, Flo
                                      FP32Optimizer)
 
 from megatron_sharpness.backends.lerp import lerp_into
-from megatron_sharpness.faults import CAUGHT, OUT_OF_MEMORY, agree, any_rank_failed, snapshot_skip_reason
+from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, agree_loss, any_rank_failed, note_local_loss,
+                                       snapshot_skip_reason, take_local_non_finite)
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
 
@@ -99,6 +100,8 @@ class MegatronBackend:
         self.relative_batches: dict[str, list[list[Any]]] = {}
         self.micro_batch_counts: dict[str | None, int] = {}
         self.step_applied = True
+        # The ranks whose own part of the last loss was non-finite (None: finite, or not known).
+        self.non_finite_ranks: tuple[int, ...] | None = None
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._theta_t: list[torch.Tensor] | None = None
         self._theta_next: list[torch.Tensor] | None = None
@@ -155,13 +158,16 @@ class MegatronBackend:
     def loss(self, task: str | None) -> float:
         batches = self.batches if task is None else self.relative_batches[task]
         value, error = math.nan, None
+        take_local_non_finite()  # nothing noted by an earlier forward may count for this one
         try:
             self._reset_random_state()
             value = self.evaluate(batches, self.micro_batch_counts[task]).detach().reshape(1).double().item()
         except CAUGHT as caught:
             error = caught
-        # Every rank must branch alike: rank 0's bits, and whether any rank failed, in one all-reduce.
-        return agree([value], error)[0]
+        # Every rank must branch alike: rank 0's bits, whether any rank failed, and how many ranks'
+        # own part of the loss was non-finite, in one all-reduce.
+        value, self.non_finite_ranks = agree_loss(value, error, take_local_non_finite())
+        return value
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -207,6 +213,7 @@ def reduce_lm_loss(forward_data_store: Sequence[dict] | None, key: str = "lm los
             raise ValueError(f"critical sharpness: loss_func must report {key!r} as [loss sum, token count] "
                              f"for every micro-batch (megatron-core's convention); got {forward_data_store[:1]!r}")
         totals += torch.stack([torch.as_tensor(value).double().reshape(2) for value in reported]).sum(0).to(totals.device)
+        note_local_loss(totals[0])
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),

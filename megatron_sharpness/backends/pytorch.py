@@ -39,6 +39,8 @@ class TorchBackend:
         self.compute_dtype = compute_dtype
         self.loss_fns: dict[str | None, LossFn] = {}
         self._floor = 0.0
+        # The ranks whose own loss was non-finite in the last reduction (None: none).
+        self.non_finite_ranks: tuple[int, ...] | None = None
         self._theta_t: list[torch.Tensor] | None = None
         self._theta_next: list[torch.Tensor] | None = None
         self._buffers: list[torch.Tensor] | None = None
@@ -156,9 +158,16 @@ class TorchBackend:
             if self._world_size() == 1:
                 raise ProbeFailure([RankError.of(0, error)], error)
             raise ProbeFailure(gather_errors(error, self.process_group), error)
+        non_finite = [index for index, (v, _) in enumerate(gathered) if not math.isfinite(v)]
+        self.non_finite_ranks = tuple(self._global_rank(index) for index in non_finite) or None
         # Summing the gathered values in rank order gives every rank the same float bits; an
         # all_reduce leaves the summation order to the transport.
         return sum(v for v, _ in gathered) / len(gathered)
+
+    def _global_rank(self, index: int) -> int:
+        if self._world_size() == 1:
+            return dist.get_rank() if dist.is_initialized() else 0
+        return index if self.process_group is None else dist.get_global_rank(self.process_group, index)
 
     def _gather(self, values: list[float]) -> list[list[float]]:
         """Every rank's values, in rank order (this rank's alone outside a process group)."""

@@ -8,7 +8,9 @@ plus one line after deepspeed.initialize():
     sharpness = attach(engine)
 
 The training loop is unchanged: the engine's own step() (or train_batch() for a PipelineEngine)
-runs the probe on measured steps, replaying the micro-batches the step trained on.
+runs the probe on measured steps, replaying the micro-batches the step trained on. The engine's
+save_checkpoint() / load_checkpoint() carry the probe's state (its warm starts) in the checkpoint's
+client_state, so a resumed run measures what the uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from megatron_sharpness.backends.deepspeed import DeepSpeedBackend, Evaluator
 from megatron_sharpness.checks import checked_loggers, require_callable
 from megatron_sharpness.config import ConfigError, SharpnessConfig, require_config
-from megatron_sharpness.faults import CAUGHT
+from megatron_sharpness.faults import CAUGHT, note_local_loss
 from megatron_sharpness.loggers import JsonlLogger, LogLineLogger, MeasurementLogger
 from megatron_sharpness.measurement import Measurement
 from megatron_sharpness.integrations.recording import RecordingIterator
 from megatron_sharpness.probe import SharpnessProbe
 
 CONFIG_SECTION = "critical_sharpness"
+# The probe's entry in the client_state of the engine's checkpoints.
+CLIENT_STATE_KEY = "critical_sharpness"
 
 
 def loss_of(output: Any) -> torch.Tensor:
@@ -80,6 +84,7 @@ def engine_forward_loss(engine, loss_from_output: Callable[[Any], torch.Tensor] 
         except CAUGHT as caught:
             # Join the reduction anyway: the peers are waiting in it (see faults.py).
             error = caught
+        note_local_loss(total)  # non-finite exactly where the mean is
         mean = data_parallel_mean(engine, total, count)
         if error is not None:
             raise error
@@ -171,6 +176,8 @@ class DeepSpeedSharpness:
                 self._hook = engine.module.register_forward_pre_hook(self._record, with_kwargs=True)
             if config.reuse_training_loss:
                 self._loss_hook = engine.module.register_forward_hook(self._record_loss)
+        self._save_checkpoint, self._load_checkpoint = engine.save_checkpoint, engine.load_checkpoint
+        engine.save_checkpoint, engine.load_checkpoint = self.save_checkpoint, self.load_checkpoint
 
     @property
     def micro_batches(self) -> int:
@@ -186,7 +193,25 @@ class DeepSpeedSharpness:
             del self.engine.train_batch
         else:
             del self.engine.step
+        del self.engine.save_checkpoint, self.engine.load_checkpoint
         self.probe.close()
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, *args, **kwargs):
+        """The engine's save_checkpoint, with the probe's state added to client_state."""
+        client_state = {**(client_state or {}), CLIENT_STATE_KEY: self.probe.state_dict()}
+        return self._save_checkpoint(save_dir, tag, client_state, *args, **kwargs)
+
+    def load_checkpoint(self, *args, **kwargs):
+        """The engine's load_checkpoint; restores the probe's state saved with the checkpoint and
+        returns (load_path, client_state) without it, as the engine's own would."""
+        load_path, client_state = self._load_checkpoint(*args, **kwargs)
+        state = client_state.pop(CLIENT_STATE_KEY, None) if isinstance(client_state, dict) else None
+        if state is not None:
+            self.probe.load_state_dict(state)
+        elif load_path is not None and self.config.enabled and ds_comm.get_rank() == 0:
+            print(f"critical sharpness: {load_path} holds no probe state (saved without the probe?): the first "
+                  "measurement after the resume starts cold", flush=True)
+        return load_path, client_state
 
     def record_batches(self, data_iterator: Iterator | None) -> Iterator | None:
         """Wrap the iterator a step's micro-batches are read from (only needed with a custom

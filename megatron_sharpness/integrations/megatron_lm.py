@@ -4,18 +4,28 @@
     data_iterator = record(data_iterator, ...)    in train_step, before forward_backward_func
     ... = optimizer_step(optimizer, iteration)    in train_step, instead of optimizer.step()
     log_string += log_fields(iteration)           in training_log, and write_scalars(...) beside it
+    save_state(save_dir, iteration)               in save_checkpoint (checkpointing.py)
 
 On measured iterations the probe runs right after the real optimizer.step(), with the script's own
 forward_step_func on the micro-batches the step read. Relative tasks read Megatron indexed datasets
 (.bin/.idx) given by --relative-sharpness-data-path NAME=PATH.
+
+Resume: whenever Megatron saves a checkpoint, rank 0 writes the probe's state (warm starts, the
+relative tasks' data positions) to SAVE_DIR/critical_sharpness/iter_NNNNNNN.json beside it; a run
+started with --load reads the file of the iteration it resumed from when the probe is built (every
+rank reads it: every rank holds the same state). A file beside the checkpoint, not an entry in its
+state dict: it works alike for every --ckpt-format, and loading needs no patch line.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+import json
+import os
+from typing import Any, Callable, Mapping
 
 import torch
+import torch.distributed as dist
 
 from megatron_sharpness.integrations.flags import add_critical_sharpness_args as add_probe_args
 from megatron_sharpness.integrations.flags import config_from_args, integer_at_least
@@ -23,6 +33,11 @@ from megatron_sharpness.integrations.megatron_core import MegatronSharpness
 from megatron_sharpness.measurement import Measurement
 
 _sharpness: MegatronSharpness | None = None
+_relative: dict[str, list[IndexedDatasetBatches]] = {}
+
+# Layout version of the state file; checked on load.
+STATE_FILE_VERSION = 1
+STATE_FOLDER = "critical_sharpness"
 
 
 def _name_and_path(text: str) -> tuple[str, str]:
@@ -84,6 +99,24 @@ class IndexedDatasetBatches:
         tokens, self._buffer = self._buffer[:count], self._buffer[count:]
         return tokens
 
+    def state_dict(self) -> dict[str, int]:
+        """The read position: the next document, and how many tokens of the one before it are left
+        over. (What is left over is always a tail of the last document read: a document is read only
+        while fewer tokens than needed are buffered.)"""
+        return {"document": self._document, "leftover": int(self._buffer.numel())}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        document, leftover = state.get("document"), state.get("leftover")
+        if not (isinstance(document, int) and 0 <= document < len(self.dataset)):
+            raise ValueError(f"relative task data position: document {document!r} is not in [0, {len(self.dataset)})")
+        previous = self.dataset[(document - 1) % len(self.dataset)]
+        if not (isinstance(leftover, int) and 0 <= leftover < max(len(previous), 1)):
+            raise ValueError(f"relative task data position: {leftover!r} tokens left over from a document of "
+                             f"{len(previous)}; allowed: 0 <= leftover < the document's length (another dataset?)")
+        self._document = document
+        tail = previous[len(previous) - leftover:] if leftover else previous[:0]
+        self._buffer = torch.from_numpy(tail.astype("int64"))
+
     def __next__(self) -> dict[str, torch.Tensor]:
         windows = self._tokens(self.window * self.micro_batch_size).view(self.micro_batch_size, self.window)
         return gpt_micro_batch(windows, self.attention_mask)
@@ -106,31 +139,77 @@ def gpt_micro_batch(tokens: torch.Tensor, attention_mask: bool = True) -> dict[s
     return micro_batch
 
 
-def _relative_iterators(args: argparse.Namespace, chunks: int) -> dict[str, Any]:
-    iterators = {}
+def _relative_iterators(args: argparse.Namespace, chunks: int) -> dict[str, list[IndexedDatasetBatches]]:
+    iterators: dict[str, list[IndexedDatasetBatches]] = {}
     for name, path in args.relative_sharpness_data_path:
         if name in iterators:
             raise ValueError(f"--relative-sharpness-data-path: task name {name!r} is given twice")
-        per_chunk = [IndexedDatasetBatches(path, args.seq_length, args.micro_batch_size,
-                                           getattr(args, "create_attention_mask_in_dataloader", True))
-                     for _ in range(chunks)]
-        iterators[name] = per_chunk if chunks > 1 else per_chunk[0]
+        iterators[name] = [IndexedDatasetBatches(path, args.seq_length, args.micro_batch_size,
+                                                 getattr(args, "create_attention_mask_in_dataloader", True))
+                           for _ in range(chunks)]
     return iterators
+
+
+def state_path(checkpoint_dir: str, iteration: int) -> str:
+    """Where the probe's state saved with Megatron's checkpoint of `iteration` lives."""
+    return os.path.join(checkpoint_dir, STATE_FOLDER, f"iter_{iteration:07d}.json")
+
+
+def save_state(save_dir: str, iteration: int) -> None:
+    """Called by Megatron-LM's save_checkpoint on every rank: rank 0 writes the probe's state."""
+    if _sharpness is None or dist.get_rank() != 0:
+        return
+    state = {"version": STATE_FILE_VERSION, "iteration": iteration, "probe": _sharpness.probe.state_dict(),
+             "relative_data": {name: [chunk.state_dict() for chunk in chunks] for name, chunks in _relative.items()}}
+    path = state_path(save_dir, iteration)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Written whole, then renamed: a job killed mid-write leaves no half file to resume from.
+    with open(f"{path}.tmp", "w") as file:
+        json.dump(state, file)
+    os.replace(f"{path}.tmp", path)
+
+
+def _restore_state(args: argparse.Namespace, iteration: int) -> None:
+    """After --load resumed at `iteration`: the probe's state saved with that checkpoint, if any."""
+    path = state_path(args.load, iteration)
+    if not os.path.isfile(path):
+        if dist.get_rank() == 0:
+            print(f"critical sharpness: no probe state at {path} (a checkpoint saved without the probe?): "
+                  "the first measurement after the resume starts cold", flush=True)
+        return
+    with open(path) as file:
+        state = json.load(file)
+    if not isinstance(state, dict) or state.get("version") != STATE_FILE_VERSION or state.get("iteration") != iteration:
+        raise ValueError(f"critical sharpness: {path} is not a probe state of version {STATE_FILE_VERSION} "
+                         f"for iteration {iteration}")
+    try:
+        _sharpness.probe.load_state_dict(state["probe"])
+        for name, chunks in _relative.items():
+            # A task added since the checkpoint starts at its first document.
+            for chunk, chunk_state in zip(chunks, state["relative_data"].get(name, [])):
+                chunk.load_state_dict(chunk_state)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"critical sharpness: cannot resume from {path}: {error}; delete the file to resume "
+                         "with a cold probe state") from None
 
 
 def record(data_iterator, model: list, optimizer, forward_step_func: Callable, args: argparse.Namespace,
            iteration: int, num_microbatches: int):
     """The step's data iterator(s), recorded on measured iterations (1-based `iteration`)."""
-    global _sharpness
+    global _sharpness, _relative
     if _sharpness is None:
         config = config_from_args(args)
         if not config.enabled:
             return data_iterator
+        _relative = _relative_iterators(args, len(model))
         _sharpness = MegatronSharpness(
             model, optimizer, forward_step_func, config, seq_length=args.seq_length,
             micro_batch_size=args.micro_batch_size, decoder_seq_length=getattr(args, "decoder_seq_length", None),
-            relative_data_iterators=_relative_iterators(args, len(model)),
+            relative_data_iterators={name: chunks if len(chunks) > 1 else chunks[0]
+                                     for name, chunks in _relative.items()},
             relative_micro_batches=args.relative_sharpness_micro_batches)
+        if getattr(args, "load", None) and iteration > 1:
+            _restore_state(args, iteration - 1)
     return _sharpness.record(data_iterator, num_microbatches, iteration)
 
 
@@ -170,5 +249,5 @@ def write_scalars(writer, wandb_writer, iteration: int, consumed_samples: int) -
 
 def reset() -> None:
     """Forget the attached probe (tests run several trainings in one process)."""
-    global _sharpness
-    _sharpness = None
+    global _sharpness, _relative
+    _sharpness, _relative = None, {}

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from megatron_sharpness import SharpnessConfig, TorchSharpnessProbe
 from megatron_sharpness.data import ByteBatches, embedded_corpus
-from megatron_sharpness.testing.faults import InjectedFault, clone_runs_out_of_memory
+from megatron_sharpness.testing.faults import InjectedFault, snapshot_runs_out_of_memory
 from megatron_sharpness.testing.tiny_gpt import TinyGPT, lm_loss
 
 
@@ -30,14 +30,7 @@ def train(probe_on, steps, rank, a=None):
         probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=1, on_error=a.on_error))
         probe.add_relative_task("held-out", lambda: lm_loss(model, *held_out))
         fault = InjectedFault(a.fail_at)
-        oom_rank, oom_step = (int(x) for x in a.snapshot_oom.split(":")) if a.snapshot_oom else (None, None)
-        snapshot = probe.backend.snapshot
-
-        def snapshot_that_may_not_fit():
-            with clone_runs_out_of_memory(rank == oom_rank and probe.iteration == oom_step):
-                snapshot()
-
-        probe.backend.snapshot = snapshot_that_may_not_fit
+        snapshot_runs_out_of_memory(probe.backend, a.snapshot_oom, lambda: probe.iteration)
     torch.manual_seed(1 + rank)  # dropout masks differ per rank, as in real data parallelism
     records, local_baselines = [], []
     for step in range(steps):

@@ -23,7 +23,7 @@ from megatron_sharpness.backends.deepspeed import DeepSpeedBackend, master_layou
 from megatron_sharpness.data import ByteBatches, embedded_corpus  # noqa: E402
 from megatron_sharpness.integrations import megatron_deepspeed  # noqa: E402
 from megatron_sharpness.integrations.deepspeed import attach, engine_forward_loss, loss_of  # noqa: E402
-from megatron_sharpness.testing.faults import InjectedFault  # noqa: E402
+from megatron_sharpness.testing.faults import InjectedFault, snapshot_runs_out_of_memory  # noqa: E402
 from megatron_sharpness.testing.tiny_gpt import Block, TinyGPT, lm_loss  # noqa: E402
 
 SEQ, WIDTH, HEADS = 16, 32, 2
@@ -245,6 +245,7 @@ def probe_run(a, rank):
     else:
         sharpness = attach(engine, loggers=None if a.csv_dir else [], relative_batches={"held-out": [held_out]},
                            loss_from_output=fault.wrap(loss_of))
+    snapshot_runs_out_of_memory(sharpness.backend, a.snapshot_oom, lambda: fault.current_step)
     data = batches(a, rank)
     records, training_losses = [], []
     for step in range(a.steps):
@@ -289,8 +290,10 @@ def main():
     parser.add_argument("--csv-dir", default=None, help="use the default loggers, with DeepSpeed's CSV monitor")
     parser.add_argument("--log-file", default=None)
     parser.add_argument("--interval", type=int, default=1)
-    parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL",
+    parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL[:nan]",
                         help="rank RANK raises torch.OutOfMemoryError in its CALL-th probe loss of step STEP")
+    parser.add_argument("--snapshot-oom", default=None, metavar="RANK:STEP",
+                        help="rank RANK runs out of memory while the probe snapshots θ_t at step STEP")
     a = parser.parse_args()
 
     torch.set_num_threads(1)

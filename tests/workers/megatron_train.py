@@ -22,7 +22,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker  # noqa: E
 from megatron_sharpness.backends.megatron import MegatronBackend, leaf_optimizers, master_pairs, reduce_lm_loss  # noqa: E402,E501
 from megatron_sharpness.config import SharpnessConfig  # noqa: E402
 from megatron_sharpness.integrations.megatron_core import MegatronSharpness  # noqa: E402
-from megatron_sharpness.testing.faults import InjectedFault  # noqa: E402
+from megatron_sharpness.testing.faults import InjectedFault, snapshot_runs_out_of_memory  # noqa: E402
 from megatron_sharpness.testing.megatron_gpt import (TinyGPTSetup, build_model_and_optimizer, forward_step,  # noqa: E402
                                                       init_gloo_model_parallel, shutdown_model_parallel,
                                                       synthetic_batch)
@@ -118,6 +118,7 @@ def probe_run(a):
     sharpness = MegatronSharpness(chunks, optimizer, probe_forward_step, config, seq_length=a.setup.seq_length,
                                   micro_batch_size=a.setup.micro_batch_size, loggers=[],
                                   relative_data_iterators={"held-out": held_out if a.vpp else held_out[0]})
+    snapshot_runs_out_of_memory(sharpness.backend, a.snapshot_oom, lambda: fault.current_step)
     records, training_losses, optimizer_names = [], [], [type(o).__name__ for o in leaf_optimizers(optimizer)]
     all_batch_losses = []
     for step in range(a.steps):
@@ -150,8 +151,10 @@ def main():
     parser.add_argument("--reuse-training-loss", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--first-iteration", type=int, default=None)
-    parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL",
+    parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL[:nan]",
                         help="rank RANK raises torch.OutOfMemoryError in its CALL-th probe loss_func of step STEP")
+    parser.add_argument("--snapshot-oom", default=None, metavar="RANK:STEP",
+                        help="rank RANK runs out of memory while the probe snapshots θ_t at step STEP")
     a = parser.parse_args()
     a.setup = setup_of(a)
 
