@@ -76,7 +76,9 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
         assert record["baseline_reused"] is (reused and index > 0)
         assert record["forwards"] == len(record["evaluations"]) + (0 if record["baseline_reused"] else 1)
         relative = record["relative"]["held-out"]
-        assert relative["converged"] or relative["bracket"][0] == 0.0
+        # a held-out update may go uphill (ascent) or, in bf16, cross where rounding decides (noisy)
+        assert relative["status"] in ("converged", "ascent", "unresolved", "noisy"), relative
+        assert relative["status"] != "noisy" or not 1 / 3 <= relative["bracket_slope_ratio"] <= 3
     first_iteration = int(args[args.index("--first-iteration") + 1]) if "--first-iteration" in args else 1
     assert [r["step"] for r in first] == [first_iteration, first_iteration + 1, first_iteration + 2]
 
