@@ -109,3 +109,14 @@ def test_relative_dataset_position_round_trips_through_its_state(tmp_path, windo
         resumed.load_state_dict({"document": 1, "leftover": 700})
     with pytest.raises(ValueError, match="document 99 is not in"):
         resumed.load_state_dict({"document": 99, "leftover": 0})
+
+
+def test_reusing_the_training_loss_with_dropout_is_refused_naming_the_flags():
+    parser = megatron_lm.add_critical_sharpness_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--critical-sharpness-interval", "1", "--critical-sharpness-reuse-training-loss"])
+    args.hidden_dropout, args.attention_dropout = 0.1, 0.0  # Megatron's defaults: 0.1 and 0.1
+    assert megatron_lm.config_from_args(args).reuse_training_loss is True
+    with pytest.raises(ValueError, match="needs --hidden-dropout 0 and --attention-dropout 0 "
+                                         r"\(got --hidden-dropout 0.1, --attention-dropout 0.0\)"):
+        megatron_lm.record(iter([]), [torch.nn.Linear(1, 1)], object(), lambda it, model: None, args, 1, 1)
+    megatron_lm.reset()

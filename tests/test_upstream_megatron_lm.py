@@ -272,3 +272,24 @@ def test_real_pretrain_gpt_resumed_from_a_checkpoint_measures_bitwise_as_uninter
     assert [r["step"] for r in got] == [4, 6]
     assert got == expected
     assert (saved / "critical_sharpness" / "iter_0000006.json").is_file()
+
+
+@pytest.mark.parametrize("checkout", ["user" if USER_CHECKOUT else RESUME_SNAPSHOT], indirect=True)
+def test_real_pretrain_gpt_reuses_its_training_loss_as_the_probes_baseline(checkout, tmp_path):
+    # --critical-sharpness-reuse-training-loss: Megatron's losses_reduced of the step, reduced as the
+    # probe reduces its own forwards, stands for L(θ_t) once the first measurement found it bitwise
+    # equal to a probe forward. Same trial points and values, one forward fewer from then on.
+    world_size, flags = LAYOUTS["tp2-relative"]
+    flags = [*flags, "--hidden-dropout", "0", "--attention-dropout", "0"]
+    iterations = range(1, 7)  # measured at 2, 4 and 6
+    plain = _train(checkout, tmp_path / "plain", world_size, flags, probe=True, iterations=iterations)
+    reused = _train(checkout, tmp_path / "reused", world_size, [*flags, "--critical-sharpness-reuse-training-loss"],
+                    probe=True, iterations=iterations)
+    assert [r["step"] for r in reused.jsonl] == [2, 4, 6]
+    assert [r["baseline_reused"] for r in reused.jsonl] == [False, True, True]
+    for with_reuse, without in zip(reused.jsonl, plain.jsonl):
+        assert with_reuse["loss"] == without["loss"] and with_reuse["evaluations"] == without["evaluations"]
+        assert with_reuse["critical_lr"] == without["critical_lr"]
+        assert with_reuse["forwards"] == without["forwards"] - with_reuse["baseline_reused"]
+    for tag in TRAINING_TAGS:
+        assert reused.scalars[tag] == plain.scalars[tag], tag

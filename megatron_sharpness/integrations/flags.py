@@ -19,6 +19,7 @@ FLAG_FIELDS = {
     "micro-batches": "micro_batches",
     "log-file": "log_file",
     "on-error": "on_error",
+    "reuse-training-loss": "reuse_training_loss",
 }
 
 
@@ -73,6 +74,9 @@ def add_critical_sharpness_args(parser: argparse.ArgumentParser) -> argparse.Arg
     group.add_argument("--critical-sharpness-on-error", type=_validated("on_error", str), default=defaults.on_error,
                        choices=ON_ERROR, help="a probe forward that raises on some rank: skip (record the "
                                               "measurement as failed, train on; default) or raise on every rank")
+    group.add_argument("--critical-sharpness-reuse-training-loss", action="store_true",
+                       help="take L(θ_t) from the step's training loss (one forward fewer per measurement); needs "
+                            "--hidden-dropout 0 --attention-dropout 0; checked bitwise at the first measurement")
     return parser
 
 

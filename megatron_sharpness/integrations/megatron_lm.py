@@ -2,7 +2,7 @@
 
     extra_args_provider(...)                      as pretrain's / parse_and_validate_args' extra_args_provider
     data_iterator = record(data_iterator, ...)    in train_step, before forward_backward_func
-    ... = optimizer_step(optimizer, iteration)    in train_step, instead of optimizer.step()
+    ... = optimizer_step(optimizer, iteration, losses_reduced)   in train_step, instead of optimizer.step()
     log_string += log_fields(iteration)           in training_log, and write_scalars(...) beside it
     save_state(save_dir, iteration)               in save_checkpoint (checkpointing.py)
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -201,6 +201,12 @@ def record(data_iterator, model: list, optimizer, forward_step_func: Callable, a
         config = config_from_args(args)
         if not config.enabled:
             return data_iterator
+        dropout = {flag: getattr(args, flag.lstrip("-").replace("-", "_"), 0.0) or 0.0
+                   for flag in ("--hidden-dropout", "--attention-dropout")}
+        if config.reuse_training_loss and any(dropout.values()):
+            raise ValueError("--critical-sharpness-reuse-training-loss needs --hidden-dropout 0 and --attention-dropout 0 "
+                             f"(got {', '.join(f'{flag} {value}' for flag, value in dropout.items())}): with dropout the "
+                             "training forward's loss is not the one a probe forward computes")
         _relative = _relative_iterators(args, len(model))
         _sharpness = MegatronSharpness(
             model, optimizer, forward_step_func, config, seq_length=args.seq_length,
@@ -213,11 +219,13 @@ def record(data_iterator, model: list, optimizer, forward_step_func: Callable, a
     return _sharpness.record(data_iterator, num_microbatches, iteration)
 
 
-def optimizer_step(optimizer, iteration: int):
-    """optimizer.step(), measured on due iterations; returns (update_successful, grad_norm, num_zeros)."""
+def optimizer_step(optimizer, iteration: int, losses_reduced: Sequence[dict] | None = None):
+    """optimizer.step(), measured on due iterations; returns (update_successful, grad_norm, num_zeros).
+    losses_reduced: what forward_backward_func returned for the step (read with
+    --critical-sharpness-reuse-training-loss)."""
     if _sharpness is None:
         return optimizer.step()
-    return _sharpness.step(iteration)
+    return _sharpness.step(iteration, training_losses=losses_reduced)
 
 
 def _measurement_at(iteration: int) -> Measurement | None:
