@@ -363,8 +363,8 @@ class _FastSearch(_Search):
     start is usually within a few percent, so a typical search is s = 1, the warm start and two
     points. While every resolvable point rises the slope is measured first: an ascent ends the
     search, and otherwise L(±h) is the quadratic through θ_t that places the next point. Points
-    that land on the wrong side escalate: the step away from the known end grows (×1.15, ×1.5,
-    ×3.7, ×50 at tol = 1/16), and inside a bracket two misses in a row bisect.
+    that land on the wrong side escalate: the step away from the known end grows (×1.19, ×1.7,
+    ×4.7, then ×108 at tol = 1/16), and inside a bracket two misses in a row bisect.
     """
 
     def run(self) -> Outcome:
@@ -391,6 +391,8 @@ class _FastSearch(_Search):
                     return Outcome.ASCENT
             crossing = self._crossing(lo, hi)
             following, expect_rise, kind = self._place(lo, hi, crossing, misses)
+            if not math.isfinite(following):
+                return Outcome.CAPPED  # no rise up to the float range
             if lo is not None and hi is not None and not lo < following < hi:
                 following, expect_rise, kind = 0.5 * (lo + hi), False, "bisect"  # tol below float steps
                 if not lo < following < hi:
@@ -450,8 +452,8 @@ class _FastSearch(_Search):
             return min(max(crossing * (1.0 - _AIM * tol), lo * span ** 0.05), lo * span ** 0.95), False, "aim"
         if lo is None and hi is None:
             return max(guess, floor), False, "guess"
-        # Escalation per miss: 1, then ~1.15, ~1.5, ~3.7, ~50 at tol = 1/16.
-        least = (1.0 / (1.0 - pair)) ** (3 ** misses) if misses else 1.0
+        # Escalation per miss: 1, then ~1.19, ~1.7, ~4.7, ~108 (from the 4th miss on) at tol = 1/16.
+        least = (1.0 / (1.0 - pair)) ** (3 ** min(misses, 4)) if misses else 1.0
         if hi is None:
             if crossing is None:
                 if guess > lo and guess not in self.trials.losses:

@@ -292,3 +292,15 @@ def test_a_crossing_placed_by_rounding_is_noisy_not_a_number():
     assert result.critical_lr is None and result.critical_sharpness is None and result.sharpness_bound() is None
     assert not 1 / 3 <= result.bracket_slope_ratio <= 3
     assert result.forwards <= 5  # the check costs no forward
+
+
+@pytest.mark.parametrize("loss", [lambda s: -s / (1 + s), lambda s: -0.1 * (1 - math.exp(-s)), lambda s: -math.log1p(s)],
+                         ids=["saturating", "exponential", "logarithmic"])
+def test_a_loss_that_never_rises_is_capped_however_long_the_search(loss):
+    # The model keeps predicting a crossing that is not there: every miss escalates the step,
+    # which must stay a finite float and end as a bound, not an OverflowError inside training.
+    for max_search in (40, 300, 2000):
+        result = critical_lr_search(loss, 0.0, lr=1e-3, max_search=max_search)
+        assert result.outcome is Outcome.CAPPED and result.critical_lr is None
+        assert math.isfinite(result.bracket_step_multiple[0]) and result.bracket_step_multiple[0] > 1
+        assert result.forwards <= max_search
