@@ -50,6 +50,17 @@ class TaskMeasurement:
             "evaluations": self.evaluations(),
         }
 
+    def module_dict(self) -> dict[str, Any]:
+        """A group's entry in the record's `modules`: the numbers without the trial points."""
+        search = self.search
+        ratio = ratio_of(self)
+        return {"status": self.status, "critical_lr": search.critical_lr, "critical_sharpness": search.critical_sharpness,
+                "lr_over_critical_lr": None if ratio is None or not math.isfinite(ratio) else ratio,
+                "step_raised_loss": search.step_raised_loss,
+                "slope": _json_float(search.slope) if search.slope is not None else None,
+                "resolution_floor_lr": search.resolution_floor_lr, "forwards": self.forwards,
+                "bracket": list(search.bracket)}
+
     def value_text(self, sharpness: bool) -> str:
         """The critical sharpness (or lr), or what the outcome says instead of a number."""
         search = self.search
@@ -120,6 +131,12 @@ class Measurement:
     probe_seconds: float = 0.0
     skipped: str | None = None
     error: ProbeError | None = None
+    # The per-module breakdown (empty where it did not run) and why it ran.
+    modules: dict[str, TaskMeasurement] = field(default_factory=dict)
+    modules_trigger: str | None = None
+    # The instability warning of this measurement, and how many the run has had so far.
+    warning: str | None = None
+    warnings: int = 0
 
     @property
     def status(self) -> str:
@@ -144,8 +161,18 @@ class Measurement:
 
     @property
     def forwards(self) -> int:
-        """Forward passes of the whole measurement, relative tasks included."""
-        return sum(task.forwards for task in self.tasks())
+        """Forward passes of the whole measurement, relative tasks and the breakdown included."""
+        return sum(task.forwards for task in self.tasks()) + self.modules_forwards
+
+    @property
+    def modules_forwards(self) -> int:
+        return sum(task.forwards for task in self.modules.values())
+
+    def worst_module(self) -> tuple[str, float] | None:
+        """The group with the highest lr/critical lr (an ascent counts as infinite), if any has one."""
+        ratios = [(name, ratio_of(task)) for name, task in self.modules.items()]
+        ratios = [(name, ratio) for name, ratio in ratios if ratio is not None]
+        return max(ratios, key=lambda item: item[1]) if ratios else None
 
     def tasks(self) -> list[TaskMeasurement]:
         return ([] if self.task is None else [self.task]) + list(self.relative.values())
@@ -173,6 +200,11 @@ class Measurement:
             "relative": {name: relative.to_dict() for name, relative in self.relative.items()},
             "skipped": self.skipped,
             "error": None if self.error is None else self.error.to_dict(),
+            "modules": {name: task.module_dict() for name, task in self.modules.items()},
+            "modules_trigger": self.modules_trigger,
+            "modules_forwards": self.modules_forwards,
+            "warning": self.warning,
+            "warnings": self.warnings,
         }
         if task is not None:
             record["evaluations"] = task.evaluations()
@@ -190,6 +222,13 @@ class Measurement:
             values["lr_over_critical_lr"] = self.lr_over_critical_lr
         for name, task in self.relative.items():
             values.update(task.scalars("relative_", f"/{name}"))
+        for name, task in self.modules.items():
+            ratio = ratio_of(task)
+            if ratio is not None and math.isfinite(ratio):
+                values[f"module_lr_over_critical_lr/{name}"] = ratio
+            if task.search.critical_sharpness is not None:
+                values[f"module_critical_sharpness/{name}"] = task.search.critical_sharpness
+        values["sharpness_warning"] = float(self.warning is not None)
         return values
 
     def log_fields(self) -> str:
@@ -208,7 +247,51 @@ class Measurement:
         parts.append(f"sharpness forwards: {self.forwards}")
         for name, task in self.relative.items():
             parts.append(f"relative sharpness {name}: {task.value_text(sharpness=True)}")
+        if self.modules:
+            worst = self.worst_module()
+            parts.append(f"modules: {len(self.modules)}" + ("" if worst is None else f" (worst {worst[0]} {_ratio_text(worst[1])})"))
+        if self.warnings:
+            parts.append(f"sharpness warnings: {self.warnings}")
         return " | ".join(parts) + " |"
+
+
+def ratio_of(task: TaskMeasurement) -> float | None:
+    """lr/critical lr of a search: exact where it converged; where the loss rose at every
+    resolvable point, lr/hi (a lower bound, as the crossing lies below hi); an ascent is infinite
+    (the update raises the loss at any step); None where the search says nothing finite."""
+    search = task.search
+    if search.critical_lr is not None:
+        return search.lr / search.critical_lr
+    if search.outcome is Outcome.ASCENT:
+        return math.inf
+    lo, hi = search.bracket
+    if search.outcome is Outcome.UNRESOLVED and hi:
+        return search.lr / hi
+    return None
+
+
+def _ratio_text(ratio: float) -> str:
+    return "ascent" if math.isinf(ratio) else f"{ratio:.2f}"
+
+
+def warning_text(step: int, lr: float, task: TaskMeasurement, modules: dict[str, TaskMeasurement],
+                 warn_ratio: float) -> str | None:
+    """The live warning of a measurement, or None: lr/critical lr of the step's batch above
+    warn_ratio, or the step raised its batch's loss; names the worst groups where a breakdown ran."""
+    ratio = ratio_of(task)
+    reasons = []
+    if ratio is not None and ratio > warn_ratio:
+        reasons.append(f"lr/critical lr {_ratio_text(ratio)} > {warn_ratio:g}")
+    if task.search.step_raised_loss:
+        reasons.append("the step raised its batch's loss")
+    if not reasons:
+        return None
+    text = f"critical sharpness at iteration {step}: {', '.join(reasons)}"
+    ranked = sorted(((name, r) for name, r in ((n, ratio_of(t)) for n, t in modules.items()) if r is not None),
+                    key=lambda item: -item[1])
+    if ranked:
+        text += "; highest lr/critical lr by module: " + ", ".join(f"{name} {_ratio_text(r)}" for name, r in ranked[:3])
+    return text
 
 
 def _json_float(value: float) -> float | str:

@@ -11,7 +11,8 @@ from megatron_sharpness.backends.base import ProbeBackend
 from megatron_sharpness.config import SharpnessConfig
 from megatron_sharpness.loggers import MeasurementLogger
 from megatron_sharpness.faults import ProbeFailure
-from megatron_sharpness.measurement import Measurement, ProbeError, TaskMeasurement
+from megatron_sharpness.measurement import Measurement, ProbeError, TaskMeasurement, warning_text
+from megatron_sharpness.modules import resolve_groups
 from megatron_sharpness.search import critical_lr_search
 
 # Version of state_dict()'s layout, checked on load.
@@ -26,12 +27,18 @@ class SharpnessProbe:
         # the warm start survives lr schedules. Only converged results: a bound or an ascent is
         # no place to start from.
         self._last_critical_lr: dict[str | None, float] = {}
+        # The same per module group (own key space: a group may be named like a relative task).
+        self._last_module_lr: dict[str, float] = {}
+        self.warnings = 0
+        self._groups: tuple[list[str], dict[str, list[str]]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to measure as the uninterrupted one would: the warm starts.
         Plain Python values (torch.save / JSON friendly); the step's batch is task None."""
         return {"version": STATE_VERSION,
-                "last_critical_lr": [[name, lr] for name, lr in self._last_critical_lr.items()]}
+                "last_critical_lr": [[name, lr] for name, lr in self._last_critical_lr.items()],
+                "modules": {"last_critical_lr": [[name, lr] for name, lr in self._last_module_lr.items()],
+                            "warnings": self.warnings}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
@@ -44,6 +51,18 @@ class SharpnessProbe:
                                  "allowed: [task name or None, finite lr > 0]")
             restored[name] = lr
         self._last_critical_lr = restored
+        # Written by versions without the breakdown: no module warm starts, no warnings yet.
+        modules = state.get("modules", {"last_critical_lr": [], "warnings": 0})
+        module_lrs: dict[str, float] = {}
+        for entry in modules["last_critical_lr"]:
+            name, lr = entry
+            if not isinstance(name, str) or not (isinstance(lr, float) and math.isfinite(lr) and lr > 0):
+                raise ValueError(f"critical sharpness: bad module warm start {entry!r} in the probe state; "
+                                 "allowed: [group name, finite lr > 0]")
+            module_lrs[name] = lr
+        if not (isinstance(modules["warnings"], int) and modules["warnings"] >= 0):
+            raise ValueError(f"critical sharpness: bad warning count {modules['warnings']!r} in the probe state")
+        self._last_module_lr, self.warnings = module_lrs, modules["warnings"]
 
     def is_due(self, step: int) -> bool:
         return self.config.enabled and step % self.config.interval == 0
@@ -55,7 +74,8 @@ class SharpnessProbe:
         a probe forward would (reduced like backend.loss); saves that forward."""
         started = time.perf_counter()
         searches: dict[str | None, TaskMeasurement] = {}
-        skipped = failure = error = None
+        modules: dict[str, TaskMeasurement] = {}
+        skipped = failure = error = trigger = None
         try:
             skipped = self._skip_reason(backend, lr)
             if skipped is None:
@@ -71,16 +91,23 @@ class SharpnessProbe:
                 searches = {name: self._search(backend, name, lr, baseline, floor,
                                                baseline_reused=name is None and training_loss is not None)
                             for name, baseline in baselines.items()}
+                trigger = self._breakdown_trigger(step, lr, searches[None])
+                if trigger is not None:
+                    modules = self._breakdown(backend, lr, baselines[None])
         except _FailedAt as caught:
             # Every rank raised this in the same collective: all of them restore below alike.
-            failure, error, searches = caught.error, caught.__cause__, {}
+            failure, error, searches, modules, trigger = caught.error, caught.__cause__, {}, {}, None
         finally:
             backend.restore()
         if isinstance(error, ProbeFailure) and error.usage:
             # A caller's mistake (e.g. a loss_fn returning a string) is no fault to skip over.
             raise error.local or RuntimeError(f"critical sharpness: {failure.text()}")
-        measurement = Measurement(step=step, lr=lr, task=searches.pop(None, None), relative=searches,
-                                  probe_seconds=time.perf_counter() - started, skipped=skipped, error=failure)
+        task = searches.pop(None, None)
+        warning = None if task is None else warning_text(step, lr, task, modules, self.config.warn_ratio)
+        self.warnings += warning is not None
+        measurement = Measurement(step=step, lr=lr, task=task, relative=searches,
+                                  probe_seconds=time.perf_counter() - started, skipped=skipped, error=failure,
+                                  modules=modules, modules_trigger=trigger, warning=warning, warnings=self.warnings)
         for logger in self.loggers:
             logger.log(measurement)
         if failure is not None and self.config.on_error == "raise":
@@ -103,11 +130,46 @@ class SharpnessProbe:
             return f"lr is {lr}"
         return backend.after_step()
 
+    def _breakdown_trigger(self, step: int, lr: float, task: TaskMeasurement) -> str | None:
+        """Why the per-module breakdown runs at this measurement, or None."""
+        config = self.config
+        if config.modules is None:
+            return None
+        if config.modules_on_warning:
+            search = task.search
+            if search.step_raised_loss:
+                return "step_raised_loss"
+            if search.critical_lr is not None and lr / search.critical_lr > config.warn_ratio:
+                return "warn_ratio"
+        # Counted from the step, not from a counter, so that a resumed run breaks down at the same steps.
+        if config.modules_interval > 0 and (step // config.interval) % config.modules_interval == 0:
+            return "interval"
+        return None
+
+    def _breakdown(self, backend: ProbeBackend, lr: float, baseline: float) -> dict[str, TaskMeasurement]:
+        """One search per parameter group along the group's part of the update; L(θ_t) is shared."""
+        names = backend.parameter_names()
+        if self._groups is None or self._groups[0] != names:
+            self._groups = (names, resolve_groups(self.config.modules, names))
+        results = {}
+        try:
+            for group, members in self._groups[1].items():
+                backend.select_group(members)
+                results[group] = self._search(backend, None, lr, baseline, backend.resolution_floor(),
+                                              baseline_reused=True, warm_starts=self._last_module_lr, key=group)
+        finally:
+            backend.select_group(None)
+        return results
+
     def _search(self, backend: ProbeBackend, name: str | None, lr: float, baseline: float,
-                floor: float, baseline_reused: bool = False) -> TaskMeasurement:
+                floor: float, baseline_reused: bool = False, warm_starts: dict | None = None,
+                key: str | None = None) -> TaskMeasurement:
+        """warm_starts, key: where this search's warm start lives (default: the task's own)."""
+        if warm_starts is None:
+            warm_starts, key = self._last_critical_lr, name
         guess = self.config.initial_guess
-        if self.config.warm_start and name in self._last_critical_lr:
-            guess = self._last_critical_lr[name] / lr
+        if self.config.warm_start and key in warm_starts:
+            guess = warm_starts[key] / lr
 
         def loss_at(step_multiple: float) -> float:
             backend.write(step_multiple)
@@ -117,7 +179,7 @@ class SharpnessProbe:
                                     tol=self.config.tol, max_search=self.config.max_search,
                                     resolution_floor=floor, method=self.config.search)
         if search.critical_lr is not None:
-            self._last_critical_lr[name] = search.critical_lr
+            warm_starts[key] = search.critical_lr
         return TaskMeasurement(search, baseline_reused)
 
     def close(self) -> None:
