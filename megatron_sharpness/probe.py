@@ -17,6 +17,14 @@ from megatron_sharpness.search import critical_lr_search
 
 # Version of state_dict()'s layout, checked on load.
 STATE_VERSION = 1
+# A module group's search: the paper's doubling, at most MODULE_MAX_SEARCH evaluations before the
+# crossing is bracketed. Along one group's part of the update the loss can stay below L(θ_t) at any
+# step (normalisation layers bound it along the embedding's direction). Doubling then ends as
+# capped (η_c^G > 2^7·η_t-ish: a group far from unstable) at a bounded cost, where the fast
+# search's escalating gallop reaches steps of 1e40 and beyond (and float overflow in its
+# step-size formula after about 9 misses).
+MODULE_MAX_SEARCH = 8
+MODULE_SEARCH = "paper"
 
 
 class SharpnessProbe:
@@ -93,7 +101,7 @@ class SharpnessProbe:
                             for name, baseline in baselines.items()}
                 trigger = self._breakdown_trigger(step, lr, searches[None])
                 if trigger is not None:
-                    modules = self._breakdown(backend, lr, baselines[None])
+                    modules = self._breakdown(backend, lr, baselines[None], searches[None].search.critical_lr)
         except _FailedAt as caught:
             # Every rank raised this in the same collective: all of them restore below alike.
             failure, error, searches, modules, trigger = caught.error, caught.__cause__, {}, {}, None
@@ -146,8 +154,12 @@ class SharpnessProbe:
             return "interval"
         return None
 
-    def _breakdown(self, backend: ProbeBackend, lr: float, baseline: float) -> dict[str, TaskMeasurement]:
-        """One search per parameter group along the group's part of the update; L(θ_t) is shared."""
+    def _breakdown(self, backend: ProbeBackend, lr: float, baseline: float,
+                   critical_lr: float | None) -> dict[str, TaskMeasurement]:
+        """One search per parameter group along the group's part of the update; L(θ_t) is shared.
+        A group without a warm start starts at the whole update's critical lr (its scale), so that
+        MODULE_MAX_SEARCH doublings reach 2^7 times beyond it."""
+        guess = None if critical_lr is None else critical_lr / lr
         names = backend.parameter_names()
         if self._groups is None or self._groups[0] != names:
             self._groups = (names, resolve_groups(self.config.modules, names))
@@ -156,18 +168,22 @@ class SharpnessProbe:
             for group, members in self._groups[1].items():
                 backend.select_group(members)
                 results[group] = self._search(backend, None, lr, baseline, backend.resolution_floor(),
-                                              baseline_reused=True, warm_starts=self._last_module_lr, key=group)
+                                              baseline_reused=True, warm_starts=self._last_module_lr, key=group,
+                                              max_search=min(self.config.max_search, MODULE_MAX_SEARCH),
+                                              method=MODULE_SEARCH, guess=guess)
         finally:
             backend.select_group(None)
         return results
 
     def _search(self, backend: ProbeBackend, name: str | None, lr: float, baseline: float,
                 floor: float, baseline_reused: bool = False, warm_starts: dict | None = None,
-                key: str | None = None) -> TaskMeasurement:
-        """warm_starts, key: where this search's warm start lives (default: the task's own)."""
+                key: str | None = None, max_search: int | None = None,
+                method: str | None = None, guess: float | None = None) -> TaskMeasurement:
+        """warm_starts, key: where this search's warm start lives (default: the task's own);
+        guess: the start without a warm start (default: the configured initial guess)."""
         if warm_starts is None:
             warm_starts, key = self._last_critical_lr, name
-        guess = self.config.initial_guess
+        guess = guess or self.config.initial_guess
         if self.config.warm_start and key in warm_starts:
             guess = warm_starts[key] / lr
 
@@ -176,8 +192,8 @@ class SharpnessProbe:
             return self._loss(backend, name, step_multiple, lr)
 
         search = critical_lr_search(loss_at, baseline, lr=lr, initial_step_multiple=guess,
-                                    tol=self.config.tol, max_search=self.config.max_search,
-                                    resolution_floor=floor, method=self.config.search)
+                                    tol=self.config.tol, max_search=max_search or self.config.max_search,
+                                    resolution_floor=floor, method=method or self.config.search)
         if search.critical_lr is not None:
             warm_starts[key] = search.critical_lr
         return TaskMeasurement(search, baseline_reused)

@@ -91,3 +91,27 @@ def test_one_rank_oom_inside_a_probe_forward_fails_the_measurement_not_the_job(t
     assert error["message"].startswith("OutOfMemoryError: injected on rank 1 at probe loss 13 of step 2")
     assert error["lr"] > 0  # a trial point of the search, not L(θ_t)
     assert failed["critical_lr"] is None and failed["relative"] == {} and failed["skipped"] is None
+
+
+@pytest.mark.parametrize("layout", [["--bf16", "--dist-opt"], ["--pp", "2", "--bf16", "--dist-opt"]],
+                         ids=["dp2-bf16-distributed-optimizer", "pp2-bf16-distributed-optimizer"])
+def test_module_breakdown_is_exact_per_shard_and_invisible_to_training(layout, tmp_path):
+    """The breakdown at every measurement: training still bitwise unchanged, the same records on
+    every rank, one group moved alone within the distributed-optimizer shards, and layers
+    numbered globally across pipeline stages (stage 0 holds layer_0, stage 1 layer_1)."""
+    run_ranks([WORKER, "--out", str(tmp_path), "--modules", *layout], world_size=2, timeout=400,
+              env={"PYTHONWARNINGS": "ignore"})
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for result in ranks:
+        assert all(result["bitwise_equal"].values()) and result["same_training_losses"]
+        assert result["checks"]["groups"] == ["embedding", "layer_0", "layer_1", "output"]
+        assert result["checks"]["group_moves_alone"] and result["checks"]["restored"]
+    # layer_1 lives on stage 1 only under PP2; on both DP ranks' shards otherwise.
+    assert [r["checks"]["group_nonempty_here"] for r in ranks] == ([False, True] if "--pp" in layout else [True, True])
+    first = strip_timing(ranks[0]["records"])
+    assert strip_timing(ranks[1]["records"]) == first
+    for record in first:
+        assert record["modules_trigger"] == "interval" and list(record["modules"]) == ["embedding", "layer_0", "layer_1", "output"]
+        assert record["modules_forwards"] == sum(m["forwards"] for m in record["modules"].values())
+        assert all(m["status"] in ("converged", "capped") for m in record["modules"].values())
+        assert record["modules"]["output"]["status"] == "converged"
