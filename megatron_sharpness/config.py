@@ -51,6 +51,9 @@ class SharpnessConfig:
     modules_interval: run the breakdown at every modules_interval-th measurement (0: only when a
         warning triggers it).
     modules_on_warning: also run it at a measurement that warns (see warn_ratio).
+    modules_max_search: at most this many evaluations of a group's search before its crossing is
+        bracketed (doubling from the whole update's critical lr): a group that has not crossed by
+        then is reported as capped, far from unstable; bounds the breakdown's cost.
     warn_ratio: warn when lr/critical lr of the step's batch exceeds this, or the step raised its
         batch's loss. 1.0 is where the step passes the batch's own critical lr along its direction:
         a step beyond it overshoots, and the paper's mini-batch runs sit below it until they spike.
@@ -69,6 +72,7 @@ class SharpnessConfig:
     modules: str | Mapping[str, Any] | None = None
     modules_interval: int = 10
     modules_on_warning: bool = True
+    modules_max_search: int = 8
     warn_ratio: float = 1.0
 
     def __post_init__(self) -> None:
@@ -94,6 +98,8 @@ class SharpnessConfig:
                  self.modules_interval, "an integer >= 0 (every k-th measurement; 0: only on warnings)")
         _require(isinstance(self.modules_on_warning, bool), "modules_on_warning", self.modules_on_warning,
                  "true or false")
+        _require(_is_int(self.modules_max_search) and self.modules_max_search >= 1, "modules_max_search",
+                 self.modules_max_search, "an integer >= 1 (evaluations of a group's search before a bracket)")
         _require(_is_real(self.warn_ratio) and math.isfinite(self.warn_ratio) and self.warn_ratio > 0,
                  "warn_ratio", self.warn_ratio, "a finite number > 0 (lr/critical lr above which to warn)")
 

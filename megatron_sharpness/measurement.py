@@ -170,9 +170,8 @@ class Measurement:
 
     def worst_module(self) -> tuple[str, float] | None:
         """The group with the highest lr/critical lr (an ascent counts as infinite), if any has one."""
-        ratios = [(name, ratio_of(task)) for name, task in self.modules.items()]
-        ratios = [(name, ratio) for name, ratio in ratios if ratio is not None]
-        return max(ratios, key=lambda item: item[1]) if ratios else None
+        ranked = ranked_modules(self.modules)
+        return ranked[0] if ranked else None
 
     def tasks(self) -> list[TaskMeasurement]:
         return ([] if self.task is None else [self.task]) + list(self.relative.values())
@@ -270,6 +269,17 @@ def ratio_of(task: TaskMeasurement) -> float | None:
     return None
 
 
+def ranked_modules(modules: dict[str, TaskMeasurement]) -> list[tuple[str, float]]:
+    """(group, lr/critical lr) for the groups that have one, highest first; ascents (infinite)
+    among themselves by the steeper rise of the loss at the start of the step."""
+    def key(item: tuple[str, TaskMeasurement, float]) -> tuple[float, float]:
+        slope = item[1].search.slope
+        return item[2], slope if slope is not None and math.isinf(item[2]) and math.isfinite(slope) else 0.0
+
+    rated = [(name, task, ratio) for name, task in modules.items() if (ratio := ratio_of(task)) is not None]
+    return [(name, ratio) for name, _, ratio in sorted(rated, key=key, reverse=True)]
+
+
 def _ratio_text(ratio: float) -> str:
     return "ascent" if math.isinf(ratio) else f"{ratio:.2f}"
 
@@ -287,8 +297,7 @@ def warning_text(step: int, lr: float, task: TaskMeasurement, modules: dict[str,
     if not reasons:
         return None
     text = f"critical sharpness at iteration {step}: {', '.join(reasons)}"
-    ranked = sorted(((name, r) for name, r in ((n, ratio_of(t)) for n, t in modules.items()) if r is not None),
-                    key=lambda item: -item[1])
+    ranked = ranked_modules(modules)
     if ranked:
         text += "; highest lr/critical lr by module: " + ", ".join(f"{name} {_ratio_text(r)}" for name, r in ranked[:3])
     return text

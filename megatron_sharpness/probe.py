@@ -17,13 +17,12 @@ from megatron_sharpness.search import critical_lr_search
 
 # Version of state_dict()'s layout, checked on load.
 STATE_VERSION = 1
-# A module group's search: the paper's doubling, at most MODULE_MAX_SEARCH evaluations before the
-# crossing is bracketed. Along one group's part of the update the loss can stay below L(θ_t) at any
-# step (normalisation layers bound it along the embedding's direction). Doubling then ends as
-# capped (η_c^G > 2^7·η_t-ish: a group far from unstable) at a bounded cost, where the fast
-# search's escalating gallop reaches steps of 1e40 and beyond (and float overflow in its
-# step-size formula after about 9 misses).
-MODULE_MAX_SEARCH = 8
+# A module group's search is the paper's doubling, at most config.modules_max_search evaluations
+# before the crossing is bracketed. Along one group's part of the update the loss can stay below
+# L(θ_t) at any step (normalisation layers bound it along the embedding's direction). Doubling then
+# ends as capped (a group far from unstable) at a bounded cost, where the fast search's escalating
+# gallop reaches steps of 1e40 and beyond (and float overflow in its step-size formula after about
+# 9 misses).
 MODULE_SEARCH = "paper"
 
 
@@ -157,8 +156,8 @@ class SharpnessProbe:
     def _breakdown(self, backend: ProbeBackend, lr: float, baseline: float,
                    critical_lr: float | None) -> dict[str, TaskMeasurement]:
         """One search per parameter group along the group's part of the update; L(θ_t) is shared.
-        A group without a warm start starts at the whole update's critical lr (its scale), so that
-        MODULE_MAX_SEARCH doublings reach 2^7 times beyond it."""
+        A group without a warm start starts at the whole update's critical lr (its scale): a group
+        that does not cross within modules_max_search doublings of it is far from unstable."""
         guess = None if critical_lr is None else critical_lr / lr
         names = backend.parameter_names()
         if self._groups is None or self._groups[0] != names:
@@ -169,7 +168,7 @@ class SharpnessProbe:
                 backend.select_group(members)
                 results[group] = self._search(backend, None, lr, baseline, backend.resolution_floor(),
                                               baseline_reused=True, warm_starts=self._last_module_lr, key=group,
-                                              max_search=min(self.config.max_search, MODULE_MAX_SEARCH),
+                                              max_search=self.config.modules_max_search,
                                               method=MODULE_SEARCH, guess=guess)
         finally:
             backend.select_group(None)

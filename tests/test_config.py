@@ -35,6 +35,7 @@ def test_defaults_follow_the_paper():
     ("modules", {"emb": []}, "pattern or [patterns]"),
     ("modules", {"emb": ["re:["]}, "valid regular expressions after re:"),
     ("modules_interval", -1, "integer >= 0"),
+    ("modules_max_search", 0, "integer >= 1"),
     ("modules_on_warning", "yes", "true or false"),
     ("warn_ratio", 0.0, "finite number > 0"),
     ("warn_ratio", math.inf, "finite number > 0"),

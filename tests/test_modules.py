@@ -131,7 +131,7 @@ def test_probe_breakdown_of_the_block_quadratic_through_the_config():
     model, hessian, loss_fn = block_quadratic(seed=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.004)
     config = SharpnessConfig(interval=1, modules={"first": "block0", "rest": ["block1", "re:^block2$"]},
-                             modules_interval=2, modules_on_warning=False, tol=1 / 64)
+                             modules_interval=2, modules_on_warning=False, tol=1 / 64, modules_max_search=40)
     printed = []
     from megatron_sharpness.loggers import LogLineLogger
     probe = TorchSharpnessProbe(model, optimizer, config, loggers=[LogLineLogger(printed.append)])
