@@ -160,7 +160,8 @@ def _torch_demo(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from megatron_sharpness import report
-    from megatron_sharpness.logs import LogError, read_logs
+    from megatron_sharpness.logs import LogError, read_logs, read_losses
+    from megatron_sharpness.spikes import detect_spikes
 
     def warn(message: str) -> None:
         print(f"megatron-sharpness {args.command}: warning: {message}", file=sys.stderr)
@@ -170,10 +171,12 @@ def _report(args: argparse.Namespace) -> int:
         if args.command == "parse":
             _print(report.render(records, args.format))
         elif args.command == "summary":
-            _print(report.summary(records, args.phases))
+            losses = read_losses(args.logs)
+            _print(report.summary(records, args.phases) + "\n" +
+                   report.spike_report(records, detect_spikes(losses), bool(losses)))
         else:
             output, changed = plot_path(args.output)
-            report.plot(records, output)
+            report.plot(records, output, detect_spikes(read_losses(args.logs)))
             _print(f"wrote {output}" + (f" ({changed})" if changed else ""))
     except (LogError, report.ReportError) as error:
         print(f"megatron-sharpness {args.command}: error: {error}", file=sys.stderr)

@@ -166,7 +166,12 @@ class Measurement:
 
     @property
     def modules_forwards(self) -> int:
+        """Forward passes of the breakdown (its groups share L(θ_t) with the step's search)."""
         return sum(task.forwards for task in self.modules.values())
+
+    def _worst_text(self) -> str:
+        worst = self.worst_module()
+        return "" if worst is None else f" (worst {worst[0]} {_ratio_text(worst[1], self.modules[worst[0]])})"
 
     def worst_module(self) -> tuple[str, float] | None:
         """The group with the highest lr/critical lr (an ascent counts as infinite), if any has one."""
@@ -247,8 +252,7 @@ class Measurement:
         for name, task in self.relative.items():
             parts.append(f"relative sharpness {name}: {task.value_text(sharpness=True)}")
         if self.modules:
-            worst = self.worst_module()
-            parts.append(f"modules: {len(self.modules)}" + ("" if worst is None else f" (worst {worst[0]} {_ratio_text(worst[1])})"))
+            parts.append(f"modules: {len(self.modules)}{self._worst_text()}")
         if self.warnings:
             parts.append(f"sharpness warnings: {self.warnings}")
         return " | ".join(parts) + " |"
@@ -280,8 +284,12 @@ def ranked_modules(modules: dict[str, TaskMeasurement]) -> list[tuple[str, float
     return [(name, ratio) for name, _, ratio in sorted(rated, key=key, reverse=True)]
 
 
-def _ratio_text(ratio: float) -> str:
-    return "ascent" if math.isinf(ratio) else f"{ratio:.2f}"
+def _ratio_text(ratio: float, task: TaskMeasurement | None = None) -> str:
+    """'ascent', '>1.00' where the ratio is a lower bound (unresolved), else the number."""
+    if math.isinf(ratio):
+        return "ascent"
+    bound = task is not None and task.search.outcome is Outcome.UNRESOLVED
+    return f"{'>' if bound else ''}{ratio:.2f}"
 
 
 def warning_text(step: int, lr: float, task: TaskMeasurement, modules: dict[str, TaskMeasurement],
@@ -291,7 +299,7 @@ def warning_text(step: int, lr: float, task: TaskMeasurement, modules: dict[str,
     ratio = ratio_of(task)
     reasons = []
     if ratio is not None and ratio > warn_ratio:
-        reasons.append(f"lr/critical lr {_ratio_text(ratio)} > {warn_ratio:g}")
+        reasons.append(f"lr/critical lr {_ratio_text(ratio, task)} > {warn_ratio:g}")
     if task.search.step_raised_loss:
         reasons.append("the step raised its batch's loss")
     if not reasons:
@@ -299,7 +307,8 @@ def warning_text(step: int, lr: float, task: TaskMeasurement, modules: dict[str,
     text = f"critical sharpness at iteration {step}: {', '.join(reasons)}"
     ranked = ranked_modules(modules)
     if ranked:
-        text += "; highest lr/critical lr by module: " + ", ".join(f"{name} {_ratio_text(r)}" for name, r in ranked[:3])
+        text += "; highest lr/critical lr by module: " + ", ".join(f"{name} {_ratio_text(r, modules[name])}"
+                                                                   for name, r in ranked[:3])
     return text
 
 
