@@ -121,3 +121,13 @@ def test_plot_marks_the_spike_and_the_warnings(runs):
     vertical = [line for line in built.axes[0].get_lines() if line.get_label() == "loss spike"]
     assert list(vertical[0].get_xdata()) == [spikes[0].step, spikes[0].step]
     plt.close(built)
+
+
+def test_demo_spike_command_writes_the_log_the_jsonl_and_the_picture(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert main(["demo-spike", "--steps", "5", "--provoke-at", "9", "--output-dir", str(tmp_path)]) == 2
+    assert "--provoke-at 9 is after the last iteration (5); allowed: <= --steps" in capsys.readouterr().err
+    assert main(["demo-spike", "--steps", "24", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: critical sharpness at iteration" in out and "first warning" in out
+    assert {p.name for p in tmp_path.iterdir()} == {"train.log", "critical_sharpness.jsonl", "critical_sharpness.png"}
