@@ -8,7 +8,8 @@ Default groups:
 - `embedding`: names with an `embedding`/`embed` component (Megatron `embedding.*`, nanoGPT-like
   `token_embedding`, `wte`, `wpe`);
 - one group per transformer block, from the first `<container>.<N>.` in the name (Megatron
-  `decoder.layers.N.*`, `blocks.N.*`, `h.N.*`), named `layer_N`; deeper models than
+  `decoder.layers.N.*`, `blocks.N.*`, `h.N.*`; DeepSpeed's PipelineModule and nn.Sequential
+  `N.*`, where N counts every layer, the embedding's included), named `layer_N`; deeper models than
   MAX_LAYER_GROUPS blocks get contiguous runs of blocks (`layers_0-3`), so that every parameter
   is still in a group and the breakdown costs at most MAX_LAYER_GROUPS + 2 searches;
 - `output`: everything else (final norm and output layer).
@@ -27,7 +28,7 @@ from typing import Mapping, Sequence
 MAX_LAYER_GROUPS = 16
 DEFAULT = "default"
 
-_LAYER = re.compile(r"^(.*?)\.(\d+)\.")
+_LAYER = re.compile(r"^(?:(.*?)\.)?(\d+)\.")
 _EMBEDDING = re.compile(r"(^|[._])(embedding|embeddings|embed|wte|wpe)([._]|$)|_embedding([._]|$)")
 
 Patterns = Mapping[str, Sequence[str]]

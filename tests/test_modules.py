@@ -34,6 +34,9 @@ def test_default_groups_of_the_tiny_gpt_and_of_a_deep_model():
     deep = default_groups([f"blocks.{i}.w" for i in range(40)])
     assert list(deep)[:2] == ["layers_0-2", "layers_3-5"] and len(deep) == 14  # ceil(40/3) runs of 3
     assert sum(len(members) for members in deep.values()) == 40  # every parameter in a group
+    # DeepSpeed's PipelineModule (and nn.Sequential) name parameters by their layer's index.
+    assert list(default_groups(["0.token.weight", "1.qkv.weight", "2.qkv.weight", "3.norm.weight"])) == [
+        "layer_0", "layer_1", "layer_2", "layer_3"]
 
 
 def test_configured_groups_fnmatch_regex_and_a_pattern_matching_nothing():
@@ -189,3 +192,25 @@ def test_warning_and_automatic_breakdown_when_the_step_overshoots():
     measurement = quiet.step(loss_fn)
     assert measurement.warning is None and measurement.modules == {} and measurement.modules_trigger is None
     assert "sharpness warnings" not in measurement.log_fields()
+
+
+def test_warn_ratio_triggers_the_breakdown_without_a_raised_loss():
+    from megatron_sharpness import SharpnessConfig, TorchSharpnessProbe
+
+    model, _, loss_fn = block_quadratic(seed=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    config = SharpnessConfig(interval=1, modules={"b0": "block0", "b12": ["block1", "block2"]}, modules_interval=0,
+                             warn_ratio=1e-3)
+    probe = TorchSharpnessProbe(model, optimizer, config, loggers=[])
+    optimizer.zero_grad()
+    loss_fn().backward()
+    measurement = probe.step(loss_fn)
+    assert not measurement.task.search.step_raised_loss and measurement.lr_over_critical_lr > 1e-3
+    assert measurement.modules_trigger == "warn_ratio" and set(measurement.modules) == {"b0", "b12"}
+    assert measurement.warning.startswith(f"critical sharpness at iteration 1: lr/critical lr "
+                                          f"{measurement.lr_over_critical_lr:.2f} > 0.001; highest lr/critical lr by module: b12 ")
+    # The stiff blocks cross near the whole update's η_c; the soft block, hundreds of times further
+    # out, does not within 8 doublings: capped, far from unstable, no ratio to rank.
+    assert measurement.worst_module() == ("b12", pytest.approx(measurement.modules["b12"].search.lr /
+                                                                measurement.modules["b12"].search.critical_lr))
+    assert measurement.modules["b0"].status == "capped" and measurement.modules["b0"].forwards == 9
