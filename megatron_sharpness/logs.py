@@ -256,7 +256,7 @@ def parse_lines(lines: Iterable[str]) -> list[StepRecord]:
             record = _from_fields(int(match.group(1)), line[match.end():end])
             if record is not None:
                 records[record.step] = record
-    return [records[step] for step in sorted(records)]
+    return _mark_warnings([records[step] for step in sorted(records)])
 
 
 def _mark_warnings(records: list[StepRecord]) -> list[StepRecord]:
