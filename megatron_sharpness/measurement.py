@@ -292,16 +292,20 @@ def _ratio_text(ratio: float, task: TaskMeasurement | None = None) -> str:
     return f"{'>' if bound else ''}{ratio:.2f}"
 
 
-def warning_text(step: int, lr: float, task: TaskMeasurement, modules: dict[str, TaskMeasurement],
-                 warn_ratio: float) -> str | None:
-    """The live warning of a measurement, or None: lr/critical lr of the step's batch above
-    warn_ratio, or the step raised its batch's loss; names the worst groups where a breakdown ran."""
+def warning_reasons(task: TaskMeasurement, warn_ratio: float) -> list[str]:
+    """Why a measurement warns (empty: it does not): lr/critical lr of the step's batch above
+    warn_ratio (an ascent, or a lower bound above it, included), or the step raised its batch's loss."""
     ratio = ratio_of(task)
     reasons = []
     if ratio is not None and ratio > warn_ratio:
         reasons.append(f"lr/critical lr {_ratio_text(ratio, task)} > {warn_ratio:g}")
     if task.search.step_raised_loss:
         reasons.append("the step raised its batch's loss")
+    return reasons
+
+
+def warning_text(step: int, reasons: list[str], modules: dict[str, TaskMeasurement]) -> str | None:
+    """The live warning of a measurement, or None; names the worst groups where a breakdown ran."""
     if not reasons:
         return None
     text = f"critical sharpness at iteration {step}: {', '.join(reasons)}"

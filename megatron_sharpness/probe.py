@@ -11,7 +11,7 @@ from megatron_sharpness.backends.base import ProbeBackend
 from megatron_sharpness.config import SharpnessConfig
 from megatron_sharpness.loggers import MeasurementLogger
 from megatron_sharpness.faults import ProbeFailure
-from megatron_sharpness.measurement import Measurement, ProbeError, TaskMeasurement, warning_text
+from megatron_sharpness.measurement import Measurement, ProbeError, TaskMeasurement, warning_reasons, warning_text
 from megatron_sharpness.modules import resolve_groups
 from megatron_sharpness.search import critical_lr_search
 
@@ -82,6 +82,7 @@ class SharpnessProbe:
         started = time.perf_counter()
         searches: dict[str | None, TaskMeasurement] = {}
         modules: dict[str, TaskMeasurement] = {}
+        reasons: list[str] = []
         skipped = failure = error = trigger = None
         try:
             skipped = self._skip_reason(backend, lr)
@@ -98,19 +99,20 @@ class SharpnessProbe:
                 searches = {name: self._search(backend, name, lr, baseline, floor,
                                                baseline_reused=name is None and training_loss is not None)
                             for name, baseline in baselines.items()}
-                trigger = self._breakdown_trigger(step, lr, searches[None])
+                reasons = warning_reasons(searches[None], self.config.warn_ratio)
+                trigger = self._breakdown_trigger(step, searches[None], bool(reasons))
                 if trigger is not None:
                     modules = self._breakdown(backend, lr, baselines[None], searches[None].search.critical_lr)
         except _FailedAt as caught:
             # Every rank raised this in the same collective: all of them restore below alike.
-            failure, error, searches, modules, trigger = caught.error, caught.__cause__, {}, {}, None
+            failure, error, searches, modules, trigger, reasons = caught.error, caught.__cause__, {}, {}, None, []
         finally:
             backend.restore()
         if isinstance(error, ProbeFailure) and error.usage:
             # A caller's mistake (e.g. a loss_fn returning a string) is no fault to skip over.
             raise error.local or RuntimeError(f"critical sharpness: {failure.text()}")
         task = searches.pop(None, None)
-        warning = None if task is None else warning_text(step, lr, task, modules, self.config.warn_ratio)
+        warning = warning_text(step, reasons, modules)
         self.warnings += warning is not None
         measurement = Measurement(step=step, lr=lr, task=task, relative=searches,
                                   probe_seconds=time.perf_counter() - started, skipped=skipped, error=failure,
@@ -137,17 +139,13 @@ class SharpnessProbe:
             return f"lr is {lr}"
         return backend.after_step()
 
-    def _breakdown_trigger(self, step: int, lr: float, task: TaskMeasurement) -> str | None:
+    def _breakdown_trigger(self, step: int, task: TaskMeasurement, warns: bool) -> str | None:
         """Why the per-module breakdown runs at this measurement, or None."""
         config = self.config
         if config.modules is None:
             return None
-        if config.modules_on_warning:
-            search = task.search
-            if search.step_raised_loss:
-                return "step_raised_loss"
-            if search.critical_lr is not None and lr / search.critical_lr > config.warn_ratio:
-                return "warn_ratio"
+        if config.modules_on_warning and warns:
+            return "step_raised_loss" if task.search.step_raised_loss else "warn_ratio"
         # Counted from the step, not from a counter, so that a resumed run breaks down at the same steps.
         if config.modules_interval > 0 and (step // config.interval) % config.modules_interval == 0:
             return "interval"
