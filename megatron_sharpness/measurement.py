@@ -232,7 +232,8 @@ class Measurement:
                 values[f"module_lr_over_critical_lr/{name}"] = ratio
             if task.search.critical_sharpness is not None:
                 values[f"module_critical_sharpness/{name}"] = task.search.critical_sharpness
-        values["sharpness_warning"] = float(self.warning is not None)
+        if self.warning is not None:  # an event: a point where a measurement warned, none elsewhere
+            values["sharpness_warning"] = 1.0
         return values
 
     def log_fields(self) -> str:

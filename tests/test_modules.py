@@ -183,6 +183,7 @@ def test_warning_and_automatic_breakdown_when_the_step_overshoots():
     assert "critical sharpness at iteration 1: lr/critical lr" in warnings[0] and "raised its batch's loss" in warnings[0]
     assert measurement.warnings == 1 and "sharpness warnings: 1" in measurement.log_fields()
     assert probe.probe.state_dict()["modules"]["warnings"] == 1
+    assert measurement.scalars()["sharpness_warning"] == 1.0
     calm = SharpnessConfig(interval=1, modules="default", modules_interval=0, warn_ratio=1e6)
     model, _, loss_fn = block_quadratic(seed=2)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -191,6 +192,7 @@ def test_warning_and_automatic_breakdown_when_the_step_overshoots():
     loss_fn().backward()
     measurement = quiet.step(loss_fn)
     assert measurement.warning is None and measurement.modules == {} and measurement.modules_trigger is None
+    assert "sharpness_warning" not in measurement.scalars()  # an event: no point without a warning
     assert "sharpness warnings" not in measurement.log_fields()
 
 
