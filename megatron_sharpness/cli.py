@@ -39,6 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(default sharpness-demo-torch)")
     torch_demo.add_argument("--seed", type=int, default=0, help="seed of the model and the batches (default 0)")
 
+    spike_demo = commands.add_parser("demo-spike", help="a tiny GPT where one group's lr is multiplied at a known "
+                                                        "iteration: the warning fires before the loss spikes")
+    spike_demo.add_argument("--steps", type=positive_int, default=30, help="iterations (default 30)")
+    spike_demo.add_argument("--provoke-at", type=positive_int, default=16,
+                            help="first iteration with the group's lr multiplied (default 16)")
+    spike_demo.add_argument("--factor", type=float, default=30.0, help="the lr multiplier (default 30)")
+    spike_demo.add_argument("--group", default="output", choices=("embedding", "layer_0", "layer_1", "output"),
+                            help="the default module group whose lr is multiplied (default output)")
+    spike_demo.add_argument("--calm", action="store_true", help="the same run without the provocation")
+    spike_demo.add_argument("--output-dir", default="sharpness-demo-spike",
+                            help="train.log, critical_sharpness.jsonl and .png go here (default sharpness-demo-spike)")
+
     log_help = ("training logs (Megatron-LM, Megatron-DeepSpeed, DeepSpeed, SLURM output) or JSONL files from "
                 "--critical-sharpness-log-file / log_file; where a step appears more than once (a resumed "
                 "run), the last record wins, so give the files in run order")
@@ -158,9 +170,38 @@ def _torch_demo(args: argparse.Namespace) -> int:
     return main(["plot", log_file, "-o", os.path.join(args.output_dir, "critical_sharpness.png")])
 
 
+def _spike_demo(args: argparse.Namespace) -> int:
+    from megatron_sharpness.demo_megatron import output_dir_problem
+    from megatron_sharpness.demo_spike import run_spike_demo
+
+    problem = output_dir_problem(args.output_dir)
+    if problem is None and args.provoke_at > args.steps and not args.calm:
+        problem = f"--provoke-at {args.provoke_at} is after the last iteration ({args.steps}); allowed: <= --steps"
+    if problem:
+        print(f"megatron-sharpness demo-spike: error: {problem}", file=sys.stderr)
+        return 2
+    log_file = os.path.join(args.output_dir, "critical_sharpness.jsonl")
+    if os.path.exists(log_file):
+        os.remove(log_file)
+    lines: list[str] = []
+
+    def show(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+
+    run_spike_demo(steps=args.steps, provoke_at=None if args.calm else args.provoke_at, factor=args.factor,
+                   group=args.group, log_file=log_file, print_fn=show)
+    train_log = os.path.join(args.output_dir, "train.log")
+    with open(train_log, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    code = main(["summary", train_log])
+    return code or main(["plot", train_log, log_file, "-o", os.path.join(args.output_dir, "critical_sharpness.png")])
+
+
 def _report(args: argparse.Namespace) -> int:
     from megatron_sharpness import report
-    from megatron_sharpness.logs import LogError, read_logs
+    from megatron_sharpness.logs import LogError, read_logs, read_losses
+    from megatron_sharpness.spikes import detect_spikes
 
     def warn(message: str) -> None:
         print(f"megatron-sharpness {args.command}: warning: {message}", file=sys.stderr)
@@ -170,10 +211,12 @@ def _report(args: argparse.Namespace) -> int:
         if args.command == "parse":
             _print(report.render(records, args.format))
         elif args.command == "summary":
-            _print(report.summary(records, args.phases))
+            losses = read_losses(args.logs)
+            _print(report.summary(records, args.phases) + "\n" +
+                   report.spike_report(records, detect_spikes(losses), bool(losses)))
         else:
             output, changed = plot_path(args.output)
-            report.plot(records, output)
+            report.plot(records, output, detect_spikes(read_losses(args.logs)))
             _print(f"wrote {output}" + (f" ({changed})" if changed else ""))
     except (LogError, report.ReportError) as error:
         print(f"megatron-sharpness {args.command}: error: {error}", file=sys.stderr)
@@ -191,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                         tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel)
     if args.command == "demo-torch":
         return _torch_demo(args)
+    if args.command == "demo-spike":
+        return _spike_demo(args)
     if args.command == "check":
         from megatron_sharpness.testing.megatron_lm_check import CheckError, check
         from pathlib import Path

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from megatron_sharpness.modules import DEFAULT as DEFAULT_MODULES
+from megatron_sharpness.modules import validate_patterns
 from megatron_sharpness.search import DEFAULT_MAX_SEARCH, DEFAULT_TOL, SEARCH_METHODS
 
 
@@ -46,6 +48,19 @@ class SharpnessConfig:
         probe forward (one forward fewer per measurement). Only right where the training forward
         computes bitwise the loss a probe forward would: no dropout, same micro-batches. The first
         measurement checks it with one extra forward and stops reusing, with a warning, if not.
+    modules: the per-module breakdown (each parameter group searched along its own part of the
+        update): None = off; "default" = embedding, each transformer block, output (final norm and
+        output layer), from parameter names (megatron_sharpness/modules.py); or {group name:
+        pattern or [patterns]}, fnmatch on parameter names, `re:` for a regular expression.
+    modules_interval: run the breakdown at every modules_interval-th measurement (0: only when a
+        warning triggers it).
+    modules_on_warning: also run it at a measurement that warns (see warn_ratio).
+    modules_max_search: at most this many evaluations of a group's search before its crossing is
+        bracketed (doubling from the whole update's critical lr): a group that has not crossed by
+        then is reported as capped, far from unstable; bounds the breakdown's cost.
+    warn_ratio: warn when lr/critical lr of the step's batch exceeds this, or the step raised its
+        batch's loss. 1.0 is where the step passes the batch's own critical lr along its direction:
+        a step beyond it overshoots, and the paper's mini-batch runs sit below it until they spike.
     """
 
     enabled: bool = True
@@ -59,6 +74,11 @@ class SharpnessConfig:
     log_file: str | None = None
     on_error: str = "skip"
     reuse_training_loss: bool = False
+    modules: str | Mapping[str, Any] | None = None
+    modules_interval: int = 10
+    modules_on_warning: bool = True
+    modules_max_search: int = 8
+    warn_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         _require(isinstance(self.enabled, bool), "enabled", self.enabled, "true or false")
@@ -80,6 +100,15 @@ class SharpnessConfig:
         _require(self.on_error in ON_ERROR, "on_error", self.on_error, " or ".join(ON_ERROR))
         _require(isinstance(self.reuse_training_loss, bool), "reuse_training_loss", self.reuse_training_loss,
                  "true or false")
+        object.__setattr__(self, "modules", _modules(self.modules))
+        _require(_is_int(self.modules_interval) and self.modules_interval >= 0, "modules_interval",
+                 self.modules_interval, "an integer >= 0 (every k-th measurement; 0: only on warnings)")
+        _require(isinstance(self.modules_on_warning, bool), "modules_on_warning", self.modules_on_warning,
+                 "true or false")
+        _require(_is_int(self.modules_max_search) and self.modules_max_search >= 1, "modules_max_search",
+                 self.modules_max_search, "an integer >= 1 (evaluations of a group's search before a bracket)")
+        _require(_is_real(self.warn_ratio) and math.isfinite(self.warn_ratio) and self.warn_ratio > 0,
+                 "warn_ratio", self.warn_ratio, "a finite number > 0 (lr/critical lr above which to warn)")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -111,6 +140,29 @@ def require_config(config: Any, argument: str = "config") -> SharpnessConfig:
             if isinstance(config, Mapping) else "; build one with SharpnessConfig(interval=..., ...)")
     raise ConfigError(f"critical sharpness: {argument} must be a SharpnessConfig, got "
                       f"{type(config).__name__}{hint}")
+
+
+_MODULES_ALLOWED = ("null (off), \"default\", or a mapping {group name: pattern or [patterns]} "
+                    "(fnmatch on parameter names, \"re:...\" for a regular expression)")
+
+
+def _modules(value: Any) -> str | dict[str, list[str]] | None:
+    """The modules field normalised to None, "default" or {name: [patterns]} (a copy: the config
+    stays frozen), or a ConfigError."""
+    if value is None or value == DEFAULT_MODULES:
+        return value
+    _require(isinstance(value, Mapping) and len(value) > 0, "modules", value, _MODULES_ALLOWED)
+    groups = {}
+    for name, patterns in value.items():
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        ok = (isinstance(name, str) and name != "" and isinstance(patterns, (list, tuple)) and len(patterns) > 0
+              and all(isinstance(p, str) and p != "" for p in patterns))
+        _require(ok, "modules", value, _MODULES_ALLOWED)
+        bad = validate_patterns(patterns)
+        _require(bad is None, "modules", value, f"valid regular expressions after re:, not {bad}")
+        groups[name] = list(patterns)
+    return groups
 
 
 def _is_int(value: Any) -> bool:

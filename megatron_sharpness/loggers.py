@@ -56,3 +56,18 @@ class LogLineLogger:
 
     def close(self) -> None:
         pass
+
+
+class WarningLogger:
+    """Prints a measurement's instability warning as a Megatron-style `WARNING:` line (attach it on
+    the rank that prints the log, as the integrations do)."""
+
+    def __init__(self, print_fn: Callable[[str], None] = print):
+        self._print = print_fn
+
+    def log(self, measurement: Measurement) -> None:
+        if measurement.warning is not None:
+            self._print(f"WARNING: {measurement.warning}")
+
+    def close(self) -> None:
+        pass

@@ -18,6 +18,8 @@ _ITERATION = re.compile(r"iteration\s+(\d+)(?:\s*/\s*\d+)?\s*\|")
 _FIELD = re.compile(r"\s*([A-Za-z][A-Za-z0-9 /_\-.()]*?):\s*([^|]*?)\s*\|")
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _VALUE = re.compile(rf"^({_NUMBER})$")
+# "modules: 14 (worst output 0.83)", "modules: 4 (worst layer_0 ascent)", or "modules: 4"
+_MODULES = re.compile(rf"^(\d+)(?:\s+\(worst\s+(\S+)\s+(>?{_NUMBER}|ascent)\))?$")
 
 
 class LogError(ValueError):
@@ -50,6 +52,13 @@ class StepRecord:
     relative_bound: dict[str, tuple[str, float]] = field(default_factory=dict)
     # A failed measurement: "rank 1, lr 3.0000E-02: OutOfMemoryError: ..."
     error: str | None = None
+    # The per-module breakdown: lr/critical lr per group (inf: ascent; None: no number), from a
+    # JSONL record, worst first; a log line gives the worst group only.
+    modules: dict[str, float | str | None] = field(default_factory=dict)
+    worst_module: tuple[str, float | str | None] | None = None
+    # Whether this measurement warned, and the run's warning count so far.
+    warning: bool | None = None
+    warnings: int | None = None
 
     def as_row(self, relative_names: list[str]) -> dict[str, object]:
         row: dict[str, object] = {"step": self.step, "status": self.status, "lr": self.lr,
@@ -82,6 +91,15 @@ def _from_json(record: dict) -> StepRecord | None:
     bracket = record.get("bracket")
     raised = record.get("step_raised_loss")
     relative_status = {name: _json_status(task, None, real(task.get("critical_sharpness"))) for name, task in tasks.items()}
+    entries = {name: entry for name, entry in (record.get("modules") or {}).items() if isinstance(entry, dict)}
+    # Worst first, as the probe ranks them: ascents among themselves by the steeper slope.
+    ranked = sorted(((name, ratio) for name, entry in entries.items() if (ratio := _module_ratio(entry)) is not None),
+                    key=lambda item: (item[1], _ascent_slope(entries[item[0]]) if math.isinf(item[1]) else 0.0),
+                    reverse=True)
+    # An unresolved group's ratio is a lower bound: kept as the text the log line shows (">1.00").
+    modules = {name: f">{ratio:.2f}" if entries[name].get("status") == "unresolved" else ratio for name, ratio in ranked}
+    modules |= {name: None for name in entries if name not in modules}
+    warnings = record.get("warnings")
     return StepRecord(step=record["step"], critical_sharpness=sharpness,
                       critical_lr=real(record.get("critical_lr")), lr=real(record.get("lr")),
                       lr_over_critical_lr=real(record.get("lr_over_critical_lr")), probe_loss=real(record.get("loss")),
@@ -90,7 +108,23 @@ def _from_json(record: dict) -> StepRecord | None:
                       bound=_bound(status, bracket), error=_json_error(record.get("error")),
                       relative_status=relative_status,
                       relative_bound={name: bound for name, task in tasks.items()
-                                      if (bound := _bound(relative_status[name], task.get("bracket")))})
+                                      if (bound := _bound(relative_status[name], task.get("bracket")))},
+                      modules=modules, worst_module=next(iter(modules.items())) if ranked else None,
+                      warning=("warning" in record and record["warning"] is not None) if "warning" in record else None,
+                      warnings=warnings if isinstance(warnings, int) and not isinstance(warnings, bool) else None)
+
+
+def _ascent_slope(entry: dict) -> float:
+    slope = entry.get("slope")
+    return float(slope) if isinstance(slope, (int, float)) and not isinstance(slope, bool) else 0.0
+
+
+def _module_ratio(entry: dict) -> float | None:
+    """lr/critical lr of a module group's JSON entry; an ascent is infinite."""
+    if entry.get("status") == "ascent":
+        return math.inf
+    ratio = entry.get("lr_over_critical_lr")
+    return float(ratio) if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else None
 
 
 def _json_error(error: object) -> str | None:
@@ -160,6 +194,13 @@ def _from_fields(step: int, text: str) -> StepRecord | None:
                       if key.startswith("relative sharpness ")}
     loss = fields.get("lm loss", fields.get("loss"))
     raised = fields.get("step raised loss")
+    modules = _MODULES.match(fields.get("modules", ""))
+    worst = None
+    if modules and modules.group(2):
+        text = modules.group(3)
+        # A '>' bound stays text: the report shows it as the line did.
+        worst = (modules.group(2), math.inf if text == "ascent" else (text if text.startswith(">") else _number(text)))
+    warnings = fields.get("sharpness warnings")
     return StepRecord(step=step, critical_sharpness=_number(sharpness_text), critical_lr=_number(fields.get("critical lr", "")),
                       lr=_number(fields.get("learning rate", "")),
                       lr_over_critical_lr=_number(fields.get("lr/critical lr", "")),
@@ -169,7 +210,8 @@ def _from_fields(step: int, text: str) -> StepRecord | None:
                       relative_status={name: _text_status(text)[0] for name, text in relative_texts.items()},
                       relative_bound={name: bound for name, text in relative_texts.items()
                                       if (bound := _text_status(text)[1])},
-                      error=error)
+                      error=error, worst_module=worst,
+                      warnings=int(warnings) if warnings is not None and warnings.isdigit() else None)
 
 
 def _parenthesised(text: str) -> str:
@@ -216,7 +258,55 @@ def parse_lines(lines: Iterable[str]) -> list[StepRecord]:
             record = _from_fields(int(match.group(1)), line[match.end():end])
             if record is not None:
                 records[record.step] = record
-    return [records[step] for step in sorted(records)]
+    return _mark_warnings([records[step] for step in sorted(records)])
+
+
+def _mark_warnings(records: list[StepRecord]) -> list[StepRecord]:
+    """A log line carries the run's warning count: a measurement warned where the count grew
+    (the first counted one: where it is above 0)."""
+    previous = 0
+    for record in records:
+        if record.warnings is not None:
+            if record.warning is None:
+                record.warning = record.warnings > previous
+            previous = record.warnings
+    return records
+
+
+def parse_losses(lines: Iterable[str]) -> dict[int, float]:
+    """iteration -> training loss: `lm loss` of every iteration line (measured or not); where a log
+    has none, the JSONL `loss` (L(θ_t) on the step's batch) of the measured steps."""
+    printed: dict[int, float] = {}
+    probed: dict[int, float] = {}
+    for line in lines:
+        start = line.find("{")
+        if start >= 0 and '"critical_sharpness"' in line:
+            record = _json_record(line)
+            if record is not None and record.probe_loss is not None:
+                probed[record.step] = record.probe_loss
+            continue
+        matches = list(_ITERATION.finditer(line))
+        for index, match in enumerate(matches):
+            end = matches[index + 1].start() if index + 1 < len(matches) else len(line)
+            fields = {key.strip().lower(): value for key, value in _FIELD.findall(line[match.end():end])}
+            value = _number(fields.get("lm loss", "")) if "lm loss" in fields else None
+            if value is None and fields.get("lm loss", "").strip().lower() in ("nan", "inf"):
+                value = float(fields["lm loss"])
+            if value is not None:
+                printed[int(match.group(1))] = value
+    return printed or probed
+
+
+def read_losses(paths: Iterable[str]) -> dict[int, float]:
+    """The training loss per iteration over all files (later files win), for spike detection."""
+    losses: dict[int, float] = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as handle:
+                losses.update(parse_losses(handle.read().decode("utf-8", errors="replace").splitlines()))
+        except OSError as error:
+            raise LogError(f"cannot read {path}: {error.strerror or error}") from None
+    return losses
 
 
 def read_logs(paths: Iterable[str], warn: Callable[[str], None] | None = None) -> list[StepRecord]:
@@ -239,7 +329,7 @@ def read_logs(paths: Iterable[str], warn: Callable[[str], None] | None = None) -
             raise LogError(f"{path}: no critical sharpness measurement found (expected JSONL records from "
                            "--critical-sharpness-log-file or iteration lines with '| critical sharpness: ... |')")
         merged.update((record.step, record) for record in found)
-    return [merged[step] for step in sorted(merged)]
+    return _mark_warnings([merged[step] for step in sorted(merged)])
 
 
 def relative_names(records: Iterable[StepRecord]) -> list[str]:

@@ -55,6 +55,17 @@ class TaskMeasurement:
             "non_finite_ranks": _ranks(self.non_finite_ranks),
         }
 
+    def module_dict(self) -> dict[str, Any]:
+        """A group's entry in the record's `modules`: the numbers without the trial points."""
+        search = self.search
+        ratio = ratio_of(self)
+        return {"status": self.status, "critical_lr": search.critical_lr, "critical_sharpness": search.critical_sharpness,
+                "lr_over_critical_lr": None if ratio is None or not math.isfinite(ratio) else ratio,
+                "step_raised_loss": search.step_raised_loss,
+                "slope": _json_float(search.slope) if search.slope is not None else None,
+                "resolution_floor_lr": search.resolution_floor_lr, "forwards": self.forwards,
+                "bracket": list(search.bracket)}
+
     def value_text(self, sharpness: bool) -> str:
         """The critical sharpness (or lr), or what the outcome says instead of a number."""
         search = self.search
@@ -128,6 +139,12 @@ class Measurement:
     probe_seconds: float = 0.0
     skipped: str | None = None
     error: ProbeError | None = None
+    # The per-module breakdown (empty where it did not run) and why it ran.
+    modules: dict[str, TaskMeasurement] = field(default_factory=dict)
+    modules_trigger: str | None = None
+    # The instability warning of this measurement, and how many the run has had so far.
+    warning: str | None = None
+    warnings: int = 0
 
     @property
     def status(self) -> str:
@@ -152,8 +169,22 @@ class Measurement:
 
     @property
     def forwards(self) -> int:
-        """Forward passes of the whole measurement, relative tasks included."""
-        return sum(task.forwards for task in self.tasks())
+        """Forward passes of the whole measurement, relative tasks and the breakdown included."""
+        return sum(task.forwards for task in self.tasks()) + self.modules_forwards
+
+    @property
+    def modules_forwards(self) -> int:
+        """Forward passes of the breakdown (its groups share L(θ_t) with the step's search)."""
+        return sum(task.forwards for task in self.modules.values())
+
+    def _worst_text(self) -> str:
+        worst = self.worst_module()
+        return "" if worst is None else f" (worst {worst[0]} {_ratio_text(worst[1], self.modules[worst[0]])})"
+
+    def worst_module(self) -> tuple[str, float] | None:
+        """The group with the highest lr/critical lr (an ascent counts as infinite), if any has one."""
+        ranked = ranked_modules(self.modules)
+        return ranked[0] if ranked else None
 
     def tasks(self) -> list[TaskMeasurement]:
         return ([] if self.task is None else [self.task]) + list(self.relative.values())
@@ -182,6 +213,11 @@ class Measurement:
             "relative": {name: relative.to_dict() for name, relative in self.relative.items()},
             "skipped": self.skipped,
             "error": None if self.error is None else self.error.to_dict(),
+            "modules": {name: task.module_dict() for name, task in self.modules.items()},
+            "modules_trigger": self.modules_trigger,
+            "modules_forwards": self.modules_forwards,
+            "warning": self.warning,
+            "warnings": self.warnings,
         }
         if task is not None:
             record["evaluations"] = task.evaluations()
@@ -199,6 +235,14 @@ class Measurement:
             values["lr_over_critical_lr"] = self.lr_over_critical_lr
         for name, task in self.relative.items():
             values.update(task.scalars("relative_", f"/{name}"))
+        for name, task in self.modules.items():
+            ratio = ratio_of(task)
+            if ratio is not None and math.isfinite(ratio):
+                values[f"module_lr_over_critical_lr/{name}"] = ratio
+            if task.search.critical_sharpness is not None:
+                values[f"module_critical_sharpness/{name}"] = task.search.critical_sharpness
+        if self.warning is not None:  # an event: a point where a measurement warned, none elsewhere
+            values["sharpness_warning"] = 1.0
         return values
 
     def log_fields(self) -> str:
@@ -217,11 +261,73 @@ class Measurement:
         parts.append(f"sharpness forwards: {self.forwards}")
         for name, task in self.relative.items():
             parts.append(f"relative sharpness {name}: {task.value_text(sharpness=True)}")
+        if self.modules:
+            parts.append(f"modules: {len(self.modules)}{self._worst_text()}")
+        if self.warnings:
+            parts.append(f"sharpness warnings: {self.warnings}")
         return " | ".join(parts) + " |"
 
 
 def _ranks(ranks: tuple[int, ...] | None) -> list[int] | None:
     return None if ranks is None else list(ranks)
+
+
+def ratio_of(task: TaskMeasurement) -> float | None:
+    """lr/critical lr of a search: exact where it converged; where the loss rose at every
+    resolvable point, lr/hi (a lower bound, as the crossing lies below hi); an ascent is infinite
+    (the update raises the loss at any step); None where the search says nothing finite."""
+    search = task.search
+    if search.critical_lr is not None:
+        return search.lr / search.critical_lr
+    if search.outcome is Outcome.ASCENT:
+        return math.inf
+    lo, hi = search.bracket
+    if search.outcome is Outcome.UNRESOLVED and hi:
+        return search.lr / hi
+    return None
+
+
+def ranked_modules(modules: dict[str, TaskMeasurement]) -> list[tuple[str, float]]:
+    """(group, lr/critical lr) for the groups that have one, highest first; ascents (infinite)
+    among themselves by the steeper rise of the loss at the start of the step."""
+    def key(item: tuple[str, TaskMeasurement, float]) -> tuple[float, float]:
+        slope = item[1].search.slope
+        return item[2], slope if slope is not None and math.isinf(item[2]) and math.isfinite(slope) else 0.0
+
+    rated = [(name, task, ratio) for name, task in modules.items() if (ratio := ratio_of(task)) is not None]
+    return [(name, ratio) for name, _, ratio in sorted(rated, key=key, reverse=True)]
+
+
+def _ratio_text(ratio: float, task: TaskMeasurement | None = None) -> str:
+    """'ascent', '>1.00' where the ratio is a lower bound (unresolved), else the number."""
+    if math.isinf(ratio):
+        return "ascent"
+    bound = task is not None and task.search.outcome is Outcome.UNRESOLVED
+    return f"{'>' if bound else ''}{ratio:.2f}"
+
+
+def warning_reasons(task: TaskMeasurement, warn_ratio: float) -> list[str]:
+    """Why a measurement warns (empty: it does not): lr/critical lr of the step's batch above
+    warn_ratio (an ascent, or a lower bound above it, included), or the step raised its batch's loss."""
+    ratio = ratio_of(task)
+    reasons = []
+    if ratio is not None and ratio > warn_ratio:
+        reasons.append(f"lr/critical lr {_ratio_text(ratio, task)} > {warn_ratio:g}")
+    if task.search.step_raised_loss:
+        reasons.append("the step raised its batch's loss")
+    return reasons
+
+
+def warning_text(step: int, reasons: list[str], modules: dict[str, TaskMeasurement]) -> str | None:
+    """The live warning of a measurement, or None; names the worst groups where a breakdown ran."""
+    if not reasons:
+        return None
+    text = f"critical sharpness at iteration {step}: {', '.join(reasons)}"
+    ranked = ranked_modules(modules)
+    if ranked:
+        text += "; highest lr/critical lr by module: " + ", ".join(f"{name} {_ratio_text(r, modules[name])}"
+                                                                   for name, r in ranked[:3])
+    return text
 
 
 def _json_float(value: float) -> float | str:

@@ -12,11 +12,19 @@ from megatron_sharpness.backends.base import ProbeBackend
 from megatron_sharpness.config import SharpnessConfig
 from megatron_sharpness.loggers import MeasurementLogger
 from megatron_sharpness.faults import ProbeFailure
-from megatron_sharpness.measurement import Measurement, ProbeError, TaskMeasurement
+from megatron_sharpness.measurement import Measurement, ProbeError, TaskMeasurement, warning_reasons, warning_text
+from megatron_sharpness.modules import resolve_groups
 from megatron_sharpness.search import critical_lr_search
 
 # Version of state_dict()'s layout, checked on load.
 STATE_VERSION = 1
+# A module group's search is the paper's doubling, at most config.modules_max_search evaluations
+# before the crossing is bracketed. Along one group's part of the update the loss can stay below
+# L(θ_t) at any step (normalisation layers bound it along the embedding's direction). Doubling then
+# ends as capped (a group far from unstable) at a bounded cost, where the fast search's escalating
+# gallop reaches steps of 1e40 and beyond (and float overflow in its step-size formula after about
+# 9 misses).
+MODULE_SEARCH = "paper"
 
 
 class SharpnessProbe:
@@ -32,6 +40,10 @@ class SharpnessProbe:
         self.training_loss_matches: bool | None = None
         # Per task of the current measurement: the ranks whose own part of a non-finite loss was.
         self._non_finite_ranks: dict[str | None, set[int]] = {}
+        # The same per module group (own key space: a group may be named like a relative task).
+        self._last_module_lr: dict[str, float] = {}
+        self.warnings = 0
+        self._groups: tuple[list[str], dict[str, list[str]]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to measure as the uninterrupted one would: the warm starts and
@@ -39,7 +51,9 @@ class SharpnessProbe:
         friendly); the step's batch is task None."""
         return {"version": STATE_VERSION,
                 "last_critical_lr": [[name, lr] for name, lr in self._last_critical_lr.items()],
-                "training_loss_matches": self.training_loss_matches}
+                "training_loss_matches": self.training_loss_matches,
+                "modules": {"last_critical_lr": [[name, lr] for name, lr in self._last_module_lr.items()],
+                            "warnings": self.warnings}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
@@ -56,6 +70,18 @@ class SharpnessProbe:
             raise ValueError(f"critical sharpness: bad training_loss_matches {matches!r} in the probe state; "
                              "allowed: true, false or null")
         self._last_critical_lr, self.training_loss_matches = restored, matches
+        # Written by versions without the breakdown: no module warm starts, no warnings yet.
+        modules = state.get("modules", {"last_critical_lr": [], "warnings": 0})
+        module_lrs: dict[str, float] = {}
+        for entry in modules["last_critical_lr"]:
+            name, lr = entry
+            if not isinstance(name, str) or not (isinstance(lr, float) and math.isfinite(lr) and lr > 0):
+                raise ValueError(f"critical sharpness: bad module warm start {entry!r} in the probe state; "
+                                 "allowed: [group name, finite lr > 0]")
+            module_lrs[name] = lr
+        if not (isinstance(modules["warnings"], int) and modules["warnings"] >= 0):
+            raise ValueError(f"critical sharpness: bad warning count {modules['warnings']!r} in the probe state")
+        self._last_module_lr, self.warnings = module_lrs, modules["warnings"]
 
     def is_due(self, step: int) -> bool:
         return self.config.enabled and step % self.config.interval == 0
@@ -69,7 +95,9 @@ class SharpnessProbe:
         started = time.perf_counter()
         self._non_finite_ranks = {}
         searches: dict[str | None, TaskMeasurement] = {}
-        skipped = failure = error = None
+        modules: dict[str, TaskMeasurement] = {}
+        reasons: list[str] = []
+        skipped = failure = error = trigger = None
         reuse = training_loss is not None and self.training_loss_matches is True
         try:
             skipped = self._skip_reason(backend, lr)
@@ -88,16 +116,24 @@ class SharpnessProbe:
                 searches = {name: self._search(backend, name, lr, baseline, floor,
                                                baseline_reused=name is None and reuse)
                             for name, baseline in baselines.items()}
+                reasons = warning_reasons(searches[None], self.config.warn_ratio)
+                trigger = self._breakdown_trigger(step, searches[None], bool(reasons))
+                if trigger is not None:
+                    modules = self._breakdown(backend, lr, baselines[None], searches[None].search.critical_lr)
         except _FailedAt as caught:
             # Every rank raised this in the same collective: all of them restore below alike.
-            failure, error, searches = caught.error, caught.__cause__, {}
+            failure, error, searches, modules, trigger, reasons = caught.error, caught.__cause__, {}, {}, None, []
         finally:
             backend.restore()
         if isinstance(error, ProbeFailure) and error.usage:
             # A caller's mistake (e.g. a loss_fn returning a string) is no fault to skip over.
             raise error.local or RuntimeError(f"critical sharpness: {failure.text()}")
-        measurement = Measurement(step=step, lr=lr, task=searches.pop(None, None), relative=searches,
-                                  probe_seconds=time.perf_counter() - started, skipped=skipped, error=failure)
+        task = searches.pop(None, None)
+        warning = warning_text(step, reasons, modules)
+        self.warnings += warning is not None
+        measurement = Measurement(step=step, lr=lr, task=task, relative=searches,
+                                  probe_seconds=time.perf_counter() - started, skipped=skipped, error=failure,
+                                  modules=modules, modules_trigger=trigger, warning=warning, warnings=self.warnings)
         for logger in self.loggers:
             logger.log(measurement)
         if failure is not None and self.config.on_error == "raise":
@@ -132,21 +168,60 @@ class SharpnessProbe:
             return f"lr is {lr}"
         return backend.after_step()
 
+    def _breakdown_trigger(self, step: int, task: TaskMeasurement, warns: bool) -> str | None:
+        """Why the per-module breakdown runs at this measurement, or None."""
+        config = self.config
+        if config.modules is None:
+            return None
+        if config.modules_on_warning and warns:
+            return "step_raised_loss" if task.search.step_raised_loss else "warn_ratio"
+        # Counted from the step, not from a counter, so that a resumed run breaks down at the same steps.
+        if config.modules_interval > 0 and (step // config.interval) % config.modules_interval == 0:
+            return "interval"
+        return None
+
+    def _breakdown(self, backend: ProbeBackend, lr: float, baseline: float,
+                   critical_lr: float | None) -> dict[str, TaskMeasurement]:
+        """One search per parameter group along the group's part of the update; L(θ_t) is shared.
+        A group without a warm start starts at the whole update's critical lr (its scale): a group
+        that does not cross within modules_max_search doublings of it is far from unstable."""
+        guess = None if critical_lr is None else critical_lr / lr
+        names = backend.parameter_names()
+        if self._groups is None or self._groups[0] != names:
+            self._groups = (names, resolve_groups(self.config.modules, names))
+        results = {}
+        try:
+            for group, members in self._groups[1].items():
+                backend.select_group(members)
+                results[group] = self._search(backend, None, lr, baseline, backend.resolution_floor(),
+                                              baseline_reused=True, warm_starts=self._last_module_lr, key=group,
+                                              max_search=self.config.modules_max_search,
+                                              method=MODULE_SEARCH, guess=guess)
+        finally:
+            backend.select_group(None)
+        return results
+
     def _search(self, backend: ProbeBackend, name: str | None, lr: float, baseline: float,
-                floor: float, baseline_reused: bool = False) -> TaskMeasurement:
-        guess = self.config.initial_guess
-        if self.config.warm_start and name in self._last_critical_lr:
-            guess = self._last_critical_lr[name] / lr
+                floor: float, baseline_reused: bool = False, warm_starts: dict | None = None,
+                key: str | None = None, max_search: int | None = None,
+                method: str | None = None, guess: float | None = None) -> TaskMeasurement:
+        """warm_starts, key: where this search's warm start lives (default: the task's own);
+        guess: the start without a warm start (default: the configured initial guess)."""
+        if warm_starts is None:
+            warm_starts, key = self._last_critical_lr, name
+        guess = guess or self.config.initial_guess
+        if self.config.warm_start and key in warm_starts:
+            guess = warm_starts[key] / lr
 
         def loss_at(step_multiple: float) -> float:
             backend.write(step_multiple)
             return self._loss(backend, name, step_multiple, lr)
 
         search = critical_lr_search(loss_at, baseline, lr=lr, initial_step_multiple=guess,
-                                    tol=self.config.tol, max_search=self.config.max_search,
-                                    resolution_floor=floor, method=self.config.search)
+                                    tol=self.config.tol, max_search=max_search or self.config.max_search,
+                                    resolution_floor=floor, method=method or self.config.search)
         if search.critical_lr is not None:
-            self._last_critical_lr[name] = search.critical_lr
+            warm_starts[key] = search.critical_lr
         ranks = self._non_finite_ranks.get(name)
         return TaskMeasurement(search, baseline_reused, tuple(sorted(ranks)) if ranks else None)
 

@@ -9,6 +9,7 @@ import json
 import statistics
 
 from megatron_sharpness.logs import STATUSES, StepRecord, is_finite, relative_names
+from megatron_sharpness.spikes import THRESHOLD, WINDOW, Spike
 
 
 class ReportError(ValueError):
@@ -90,14 +91,66 @@ def summary(records: list[StepRecord], phases: int) -> str:
     return "\n".join(outcomes) + "\n" + table
 
 
+def spike_report(records: list[StepRecord], spikes: list[Spike], losses_found: bool, lookback: int = WINDOW,
+                 shown: int = 4) -> str:
+    """Each loss spike with the measurements of the `lookback` iterations before it: lead time,
+    lr/critical lr, whether the step raised its batch's loss, the warning, the module readings."""
+    if not losses_found:
+        return "loss spikes: no training loss in the logs (iteration lines with 'lm loss: ...', or JSONL records)"
+    title = (f"loss spikes (a loss > {THRESHOLD:g} robust spreads above the trend of the {WINDOW} iterations "
+             f"before it): {len(spikes)}")
+    lines = [title]
+    for spike in spikes:
+        peak = "" if spike.peak_step == spike.step else f"; peak {spike.peak_loss:.4g} at iteration {spike.peak_step}"
+        lines.append(f"  iteration {spike.step}: loss {spike.loss:.4g} (trend {spike.trend:.4g}, "
+                     f"+{spike.sigmas:.1f} spreads{peak})")
+        before = [r for r in records if spike.step - lookback <= r.step < spike.step]
+        warned = [r for r in before if r.warning]
+        if not before:
+            lines.append(f"    no measurement in the {lookback} iterations before it")
+            continue
+        lines.append(f"    first warning {spike.step - warned[0].step} iterations before it (iteration {warned[0].step})"
+                     if warned else f"    no warning in the {lookback} iterations before it")
+        # The warnings first, then the latest measurements, in step order.
+        picked = sorted({r.step: r for r in (warned[:shown] + before[-shown:])}.values(), key=lambda r: r.step)
+        for record in picked[-2 * shown:]:
+            lines.append("    " + _reading(record, spike.step))
+    return "\n".join(lines)
+
+
+def _reading(record: StepRecord, spike_step: int) -> str:
+    ratio = _edge_ratio(record)
+    parts = [f"iteration {record.step} (lead {spike_step - record.step})",
+             f"lr/critical lr {'-' if ratio is None else f'{ratio:.3g}'}" + ("" if record.status == "converged" else f" ({record.status})")]
+    if record.step_raised_loss is not None:
+        parts.append(f"step raised loss: {'yes' if record.step_raised_loss else 'no'}")
+    if record.warning:
+        parts.append("WARNING")
+    if record.modules:
+        ranked = [(name, r) for name, r in record.modules.items() if r is not None]  # worst first already
+        parts.append("modules: " + (", ".join(f"{name} {_ratio(r)}" for name, r in ranked[:3]) or
+                                    f"{len(record.modules)} without a number"))
+    elif record.worst_module is not None:
+        parts.append(f"worst module: {record.worst_module[0]} {_ratio(record.worst_module[1])}")
+    return " | ".join(parts)
+
+
+def _ratio(value: float | str | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):  # a bound as the log line wrote it, e.g. ">1.00"
+        return value
+    return "ascent" if value == float("inf") else f"{value:.3g}"
+
+
 def _outcome_counts(statuses: list[str]) -> str:
     """'12 converged, 3 ascent, ...' in the order of STATUSES, outcomes that occur only."""
     return ", ".join(f"{statuses.count(status)} {status}" for status in STATUSES if status in statuses) or "none"
 
 
-def plot(records: list[StepRecord], output: str) -> None:
-    """Writes figure(records) to output."""
-    built = figure(records)
+def plot(records: list[StepRecord], output: str, spikes: list[Spike] = ()) -> None:
+    """Writes figure(records, spikes) to output."""
+    built = figure(records, spikes)
     import matplotlib.pyplot as plt
 
     try:
@@ -108,8 +161,9 @@ def plot(records: list[StepRecord], output: str) -> None:
         plt.close(built)
 
 
-def figure(records: list[StepRecord]):
-    """λ_c per step on a log scale, relative tasks beside it, the lr in a panel of its own.
+def figure(records: list[StepRecord], spikes: list[Spike] = ()):
+    """λ_c per step on a log scale, relative tasks beside it, the lr in a panel of its own; loss
+    spikes as red vertical lines, measurements that warned as red dots on the top edge.
 
     Only converged values are drawn as lines, broken where a step has no number. Bounds are
     triangles pointing where λ_c lies (unresolved: λ_c above the marker; never rose: below); an
@@ -151,6 +205,13 @@ def figure(records: list[StepRecord]):
             if steps:
                 axis.plot(steps, [0.98] * len(steps), marker, ms=5, color=color, mfc="none", transform=top_edge,
                           label=f"{label}: {text}")
+    warned = [r.step for r in records if r.warning]
+    if warned:
+        axis.plot(warned, [0.94] * len(warned), "o", ms=4, color="tab:red", transform=top_edge, label="warning")
+    for index, spike in enumerate(spikes):
+        for row, panel in enumerate(axes):
+            panel[0].axvline(spike.step, color="tab:red", lw=1, alpha=0.6,
+                             label="loss spike" if index == 0 and row == 0 else None)
     if with_lr:
         steps = [r.step for r in with_lr]
         axis.plot(steps, [2 / r.lr for r in with_lr], "k--", lw=1, label="2/η (edge of stability)")

@@ -31,6 +31,14 @@ def test_defaults_follow_the_paper():
     ("micro_batches", 1.5, "integer >= 1"),
     ("log_file", "", "file path"),
     ("log_file", 3, "file path"),
+    ("modules", "all", "\"default\", or a mapping"),
+    ("modules", {"emb": []}, "pattern or [patterns]"),
+    ("modules", {"emb": ["re:["]}, "valid regular expressions after re:"),
+    ("modules_interval", -1, "integer >= 0"),
+    ("modules_max_search", 0, "integer >= 1"),
+    ("modules_on_warning", "yes", "true or false"),
+    ("warn_ratio", 0.0, "finite number > 0"),
+    ("warn_ratio", math.inf, "finite number > 0"),
 ])
 def test_each_bad_value_names_the_field_and_what_is_allowed(field, value, allowed):
     with pytest.raises(ConfigError) as error:
@@ -58,3 +66,11 @@ def test_from_dict_round_trip():
     config = SharpnessConfig.from_dict({"interval": 7, "tol": 0.125, "log_file": "x.jsonl"})
     assert config == SharpnessConfig(interval=7, tol=0.125, log_file="x.jsonl")
     assert SharpnessConfig.from_dict(config.to_dict()) == config
+
+
+def test_modules_from_a_ds_config_section_normalise_to_pattern_lists():
+    config = SharpnessConfig.from_dict({"modules": {"emb": "embedding.*", "out": ["output_layer.*", "re:final"]},
+                                        "modules_interval": 0, "warn_ratio": 2})
+    assert config.modules == {"emb": ["embedding.*"], "out": ["output_layer.*", "re:final"]}
+    assert config.to_dict()["modules"] == config.modules and config.warn_ratio == 2
+    assert SharpnessConfig().modules is None and SharpnessConfig(modules="default").modules == "default"

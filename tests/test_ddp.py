@@ -33,3 +33,18 @@ def test_fsdp_sharded_model_is_rejected_with_a_clear_error():
         assert ("REJECTED nested-fsdp1: FullyShardedDataParallel (inside Sequential) with sharded (FSDP/DTensor) "
                 "parameters is not supported") in result.output
         assert "ACCEPTED" not in result.output and "torch DistributedDataParallel" in result.output
+
+
+def test_two_rank_ddp_with_the_module_breakdown_is_bitwise_neutral_and_identical_on_every_rank(tmp_path):
+    steps = 6
+    run_ranks([os.path.join(WORKERS, "ddp_train.py"), str(tmp_path), str(steps), "--modules"], world_size=2, timeout=240)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for result in ranks:
+        assert result["bitwise_equal"] and result["rng_equal"], f"rank {result['rank']}"
+    for first, second in zip(*(result["records"] for result in ranks)):
+        for record in (first, second):
+            record.pop("local_baseline"), record.pop("probe_seconds")
+        assert first == second
+        # DDP's `module.` prefix is not part of the group's parameter names: the default groups hold.
+        assert list(first["modules"]) == ["embedding", "layer_0", "output"]
+        assert first["modules_forwards"] == sum(m["forwards"] for m in first["modules"].values()) > 0

@@ -225,3 +225,23 @@ def test_snapshot_that_does_not_fit_on_one_rank_skips_the_measurement_everywhere
     assert [r["status"] for r in first] == ["converged", "skipped", "converged", "converged"]
     assert first[1]["skipped"] == ("the θ_t snapshot did not fit in memory (rank 1: OutOfMemoryError: "
                                    "injected: no memory for the θ_t snapshot)")
+
+
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_module_breakdown_through_zero_partitions_is_exact_and_invisible(stage, tmp_path):
+    """The breakdown at every measurement from the ds_config (modules: default): training bitwise
+    unchanged, the same records on both ranks, and one group moved alone through the ZeRO
+    partitions (a parameter split across ranks' partitions included)."""
+    _, ranks = launch(tmp_path, ["--stage", stage, "--modules"])
+    for result in ranks:
+        assert all(result["bitwise_equal"].values()), f"rank {result['rank']}: {result['bitwise_equal']}"
+        assert result["checks"]["groups"] == ["embedding", "layer_0", "layer_1", "output"]
+        assert result["checks"]["group_moves_alone"] and result["checks"]["restored"]
+    first, second = (strip_timing(result["records"]) for result in ranks)
+    assert first == second
+    for record in first:
+        assert record["modules_trigger"] == "interval"
+        assert list(record["modules"]) == ["embedding", "layer_0", "layer_1", "output"]
+        assert record["modules"]["output"]["status"] == "converged"
+        assert record["forwards_total"] == (record["forwards"] + sum(r["forwards"] for r in record["relative"].values())
+                                            + record["modules_forwards"])

@@ -42,3 +42,29 @@ def test_bad_values_fail_at_parsing_naming_the_flag(flag, value, message):
     assert result.returncode == 2
     assert f"argument {flag}: {message}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_module_flags_map_onto_the_config():
+    args = parse("--critical-sharpness-interval", "5", "--critical-sharpness-modules", "default",
+                 "--critical-sharpness-modules-interval", "3", "--no-critical-sharpness-modules-on-warning",
+                 "--critical-sharpness-warn-ratio", "2.5")
+    assert config_from_args(args) == SharpnessConfig(interval=5, modules="default", modules_interval=3,
+                                                     modules_on_warning=False, warn_ratio=2.5)
+    args = parse("--critical-sharpness-interval", "5", "--critical-sharpness-modules", "emb=embedding.*",
+                 "attn=*.self_attention.*,re:linear_proj")
+    assert config_from_args(args).modules == {"emb": ["embedding.*"], "attn": ["*.self_attention.*", "re:linear_proj"]}
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--critical-sharpness-modules", "embedding", "'embedding' is invalid; allowed: default, or NAME=PATTERN"),
+    ("--critical-sharpness-modules", "x=re:(", "modules={'x': ['re:(']} is invalid; allowed: valid regular expressions after re:"),
+    ("--critical-sharpness-modules-interval", "-1", "modules_interval=-1 is invalid"),
+    ("--critical-sharpness-warn-ratio", "0", "warn_ratio=0.0 is invalid"),
+])
+def test_bad_module_flags_fail_at_parsing(flag, value, message):
+    with pytest.raises(SystemExit):
+        parse(flag, value)
+    code = ("import argparse; from megatron_sharpness.integrations.flags import add_critical_sharpness_args;"
+            f"add_critical_sharpness_args(argparse.ArgumentParser(prog='pretrain_gpt.py')).parse_args({[flag, value]!r})")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and f"argument {flag}: {message}" in result.stderr, result.stderr

@@ -137,3 +137,25 @@ def test_snapshot_that_does_not_fit_on_one_rank_skips_the_measurement_everywhere
     assert [r["status"] for r in first] == ["converged", "skipped", "converged"]
     assert first[1]["skipped"] == ("the θ_t snapshot did not fit in memory (rank 1: OutOfMemoryError: "
                                    "injected: no memory for the θ_t snapshot)")
+
+
+def test_module_breakdown_is_exact_per_shard_and_invisible_to_training(tmp_path):
+    """DP2 bf16 distributed optimizer, the breakdown at every measurement: training still bitwise
+    unchanged, the same records on every rank, one group moved alone within the shards. Layers
+    numbered globally across pipeline stages: tests/test_megatron_lm.py (PP2)."""
+    layout = ["--bf16", "--dist-opt"]
+    run_ranks([WORKER, "--out", str(tmp_path), "--modules", *layout], world_size=2, timeout=400,
+              env={"PYTHONWARNINGS": "ignore"})
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for result in ranks:
+        assert all(result["bitwise_equal"].values()) and result["same_training_losses"]
+        assert result["checks"]["groups"] == ["embedding", "layer_0", "layer_1", "output"]
+        assert result["checks"]["group_moves_alone"] and result["checks"]["restored"]
+    assert [r["checks"]["group_nonempty_here"] for r in ranks] == [True, True]  # both ranks' shards hold layer_1
+    first = strip_timing(ranks[0]["records"])
+    assert strip_timing(ranks[1]["records"]) == first
+    for record in first:
+        assert record["modules_trigger"] == "interval" and list(record["modules"]) == ["embedding", "layer_0", "layer_1", "output"]
+        assert record["modules_forwards"] == sum(m["forwards"] for m in record["modules"].values())
+        assert all(m["status"] in ("converged", "capped") for m in record["modules"].values())
+        assert record["modules"]["output"]["status"] == "converged"

@@ -26,10 +26,17 @@ def test_hook_log_line_tensorboard_wandb_and_jsonl_agree(tmp_path):
     results = run_ranks([WORKER, "--out", str(tmp_path), "--pipeline-model-parallel-size", "2",
                          "--critical-sharpness-interval", "2", "--critical-sharpness-micro-batches", "2",
                          "--relative-sharpness-data-path", f"heldout={heldout}", "--relative-sharpness-micro-batches", "2",
-                         "--critical-sharpness-log-file", str(log_file)],
+                         "--critical-sharpness-log-file", str(log_file),
+                         # A threshold every step passes: each measurement warns and is broken down.
+                         "--critical-sharpness-modules", "default", "--critical-sharpness-modules-interval", "0",
+                         "--critical-sharpness-warn-ratio", "1e-9"],
                         world_size=2, timeout=300, env={"PYTHONWARNINGS": "ignore"})
     assert "iteration" not in results[0].output  # Megatron prints from the last rank only
-    lines = [line for line in results[1].output.splitlines() if " iteration " in line]
+    assert "WARNING: critical sharpness" not in results[0].output
+    warnings = [line for line in results[1].output.splitlines() if line.startswith("WARNING: critical sharpness")]
+    assert [w.split(":")[1] for w in warnings] == [" critical sharpness at iteration 2", " critical sharpness at iteration 4",
+                                                   " critical sharpness at iteration 6"]
+    lines = [line for line in results[1].output.splitlines() if " iteration " in line and line not in warnings]
     assert len(lines) == 6
     assert all("critical sharpness:" in line for line in lines[1::2])
     assert not any("critical sharpness:" in line for line in lines[0::2])
@@ -38,7 +45,11 @@ def test_hook_log_line_tensorboard_wandb_and_jsonl_agree(tmp_path):
     assert [r["step"] for r in records] == [2, 4, 6]
     parsed = parse_lines(results[1].output.splitlines())
     assert [r.step for r in parsed] == [2, 4, 6]
-    for record, from_log in zip(records, parsed):
+    for count, (record, from_log) in enumerate(zip(records, parsed), 1):
+        assert record["warnings"] == from_log.warnings == count and from_log.warning
+        # Pipeline stage 0 holds the embedding and layer 0, stage 1 layer 1 and the output layer.
+        assert list(record["modules"]) == ["embedding", "layer_0", "layer_1", "output"]
+        assert record["modules_trigger"] == "warn_ratio" and from_log.worst_module[0] in record["modules"]
         assert record["converged"]
         assert from_log.critical_sharpness == pytest.approx(record["critical_sharpness"], rel=1e-4)
         assert from_log.lr == pytest.approx(record["lr"], rel=1e-6)
@@ -53,6 +64,10 @@ def test_hook_log_line_tensorboard_wandb_and_jsonl_agree(tmp_path):
         assert scalars[("tb", "critical sharpness vs samples", samples)] == record["critical_sharpness"]
         assert scalars[("tb", "lr over critical lr", record["step"])] == record["lr_over_critical_lr"]
         assert scalars[("wandb", "critical lr", record["step"])] == record["critical_lr"]
+        assert scalars[("tb", "sharpness warning", record["step"])] == 1.0
+        for group, entry in record["modules"].items():
+            if entry["lr_over_critical_lr"] is not None:
+                assert scalars[("tb", f"module lr over critical lr {group}", record["step"])] == entry["lr_over_critical_lr"]
         relative = record["relative"]["heldout"]["critical_sharpness"]
         if relative is not None:
             assert scalars[("tb", "relative critical sharpness heldout", record["step"])] == relative

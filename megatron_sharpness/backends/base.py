@@ -11,7 +11,7 @@ in the record.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Collection, Protocol
 
 
 class ProbeBackend(Protocol):
@@ -29,7 +29,18 @@ class ProbeBackend(Protocol):
 
     def write(self, step_multiple: float) -> None:
         """Put θ(s) = lerp(θ_t, θ_{t+1}, s) into the parameters the forward pass reads (s may be
-        negative: the slope is measured on both sides of θ_t)."""
+        negative: the slope is measured on both sides of θ_t); with a group selected, only the
+        group's parameters move and every other one is θ_t."""
+
+    def parameter_names(self) -> list[str]:
+        """After after_step(): the names of the parameters the optimizer updates, the same list on
+        every rank (the union over ranks that hold different ones, in rank order). Names are the
+        model's own, wrapper prefixes removed; Megatron layers are numbered globally."""
+
+    def select_group(self, names: Collection[str] | None) -> None:
+        """Restrict write() and resolution_floor() to the named parameters: θ(s) = θ_t + s·Δθ_G.
+        None selects every parameter again. A collective: every rank passes the same names.
+        restore() selects None."""
 
     def loss(self, task: str | None) -> float:
         """Forward-only loss at the current parameters, reduced so that every rank gets the same

@@ -9,7 +9,7 @@ deepspeed==0.19.8 (verified bitwise on CPU, see DESIGN.md §3).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 from deepspeed import comm as ds_comm
@@ -21,7 +21,8 @@ from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch._utils import _unflatten_dense_tensors
 
-from megatron_sharpness.backends.lerp import lerp_into
+from megatron_sharpness.backends.groups import (GroupSelection, Segment, local_names, union_in_rank_order,
+                                                view_segments, whole, write_group)
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
 from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, agree_loss, any_rank_failed, snapshot_skip_reason,
@@ -42,6 +43,10 @@ class _MasterLayout:
     def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
+    def segments(self, names: dict[int, str]) -> list[list[Segment]]:
+        """Per pair, which parameter (by id -> name) owns which elements of the master."""
+        raise NotImplementedError
+
     def before_write(self) -> None:
         pass
 
@@ -54,12 +59,19 @@ class _PartitionedLayout(_MasterLayout):
     low-precision partition and all-gathered over the data-parallel group (as update_lp_params)."""
 
     def __init__(self, optimizer, masters: list[torch.Tensor], partitions: list[list[torch.Tensor]],
-                 groups_flat: list[torch.Tensor]):
+                 groups_flat: list[torch.Tensor], params: list[list[torch.Tensor]]):
         self.optimizer, self.masters, self.partitions, self.groups_flat = optimizer, masters, partitions, groups_flat
+        self.params = params
 
     def pairs(self):
         ranks = [ds_comm.get_rank(group=group) for group in self.optimizer.real_dp_process_group]
         return [(master, partition[rank]) for master, partition, rank in zip(self.masters, self.partitions, ranks)]
+
+    def segments(self, names):
+        # The low-precision params are views into the flat group; this rank's partition is a
+        # slice of it, and the fp32 master partition has the same element layout.
+        return [view_segments(partition, [(names[id(p)], p.data) for p in params])
+                for (_, partition), params in zip(self.pairs(), self.params)]
 
     def after_write(self):
         optimizer = self.optimizer
@@ -75,6 +87,12 @@ class _Zero3Layout(_MasterLayout):
 
     def pairs(self):
         return list(zip(self.optimizer.fp32_partitioned_groups_flat, self.optimizer.fp16_partitioned_groups_flat))
+
+    def segments(self, names):
+        # Each param's partition (ds_tensor) is a view into its sub-group's flat partition.
+        optimizer = self.optimizer
+        return [view_segments(flat, [(names[id(p)], p.ds_tensor) for p in params])
+                for flat, params in zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp16_groups)]
 
     def before_write(self):
         # Gathered params (persistent ones, and ones kept alive after a forward) are skipped by the
@@ -97,6 +115,10 @@ class _FusedFp16Layout(_MasterLayout):
     def pairs(self):
         return list(zip(self.optimizer.fp32_groups_flat, self.optimizer.fp16_groups_flat))
 
+    def segments(self, names):
+        return [view_segments(flat, [(names[id(p)], p.data) for p in params])
+                for flat, params in zip(self.optimizer.fp16_groups_flat, self.optimizer.fp16_groups)]
+
     def after_write(self):
         for flat, group in zip(self.optimizer.fp16_groups_flat, self.optimizer.fp16_groups):
             for param, view in zip(group, _unflatten_dense_tensors(flat, group)):
@@ -111,6 +133,9 @@ class _UnfusedFp16Layout(_MasterLayout):
         return [(master, param.data) for masters, params in zip(self.optimizer.fp32_groups, self.optimizer.fp16_groups)
                 for master, param in zip(masters, params)]
 
+    def segments(self, names):
+        return [whole(names[id(param)], param) for params in self.optimizer.fp16_groups for param in params]
+
 
 class _PlainLayout(_MasterLayout):
     master_is_model = True
@@ -121,6 +146,9 @@ class _PlainLayout(_MasterLayout):
     def pairs(self):
         return [(param.data, param.data) for param in self.params]
 
+    def segments(self, names):
+        return [whole(names[id(param)], param) for param in self.params]
+
 
 def master_layout(engine) -> _MasterLayout:
     optimizer = engine.optimizer
@@ -129,10 +157,11 @@ def master_layout(engine) -> _MasterLayout:
         return _Zero3Layout(optimizer)
     if kind is DeepSpeedZeroOptimizer:
         return _PartitionedLayout(optimizer, optimizer.single_partition_of_fp32_groups,
-                                  optimizer.parallel_partitioned_bit16_groups, optimizer.bit16_groups_flat)
+                                  optimizer.parallel_partitioned_bit16_groups, optimizer.bit16_groups_flat,
+                                  optimizer.round_robin_bit16_groups)
     if kind is BF16_Optimizer:
         return _PartitionedLayout(optimizer, optimizer.fp32_groups_flat_partition,
-                                  optimizer.bf16_partitioned_groups, optimizer.bf16_groups_flat)
+                                  optimizer.bf16_partitioned_groups, optimizer.bf16_groups_flat, optimizer.bf16_groups)
     if kind is FP16_Optimizer:
         return _FusedFp16Layout(optimizer)
     if kind is FP16_UnfusedOptimizer:
@@ -170,6 +199,9 @@ class DeepSpeedBackend:
         self._snapshot_skipped: str | None = None
         # The ranks whose own part of the last loss was non-finite (None: finite, or not known).
         self.non_finite_ranks: tuple[int, ...] | None = None
+        self._segments: list[list[Segment]] | None = None
+        self._all_names: list[str] | None = None
+        self._group = GroupSelection(ds_comm.all_reduce)  # partitions differ across the world
 
     @torch.no_grad()
     def snapshot(self) -> None:
@@ -202,14 +234,35 @@ class DeepSpeedBackend:
         return None if histogram.counts.sum().item() > 0 else "the step changed no parameter (zero update)"
 
     def resolution_floor(self) -> float:
-        return self._floor
+        return self._floor if self._group.floor is None else self._group.floor
+
+    def _segments_of_pairs(self) -> list[list[Segment]]:
+        # The layout of partitions is fixed once the engine is built: computed once.
+        if self._segments is None:
+            module = self.engine.module
+            names = {id(param): _canonical(name) for name, param in module.named_parameters()}
+            self._segments = self.layout.segments(names)
+        return self._segments
+
+    def parameter_names(self) -> list[str]:
+        if self._all_names is None:
+            gathered: list[list[str] | None] = [None] * ds_comm.get_world_size()
+            ds_comm.all_gather_object(gathered, local_names(self._segments_of_pairs()))
+            self._all_names = union_in_rank_order(gathered)
+        return self._all_names
+
+    @torch.no_grad()
+    def select_group(self, names: Collection[str] | None) -> None:
+        assert self._theta_t is not None and self._theta_next is not None
+        self._group.select(self._segments_of_pairs(), names, [target.dtype for _, target in self.layout.pairs()],
+                           self._theta_t, self._theta_next, self.engine.device)
 
     @torch.no_grad()
     def write(self, step_multiple: float) -> None:
         assert self._theta_t is not None and self._theta_next is not None
         self.layout.before_write()
-        for (_, target), old, new in zip(self.layout.pairs(), self._theta_t, self._theta_next):
-            lerp_into(target, old, new, step_multiple)
+        for index, ((_, target), old, new) in enumerate(zip(self.layout.pairs(), self._theta_t, self._theta_next)):
+            write_group(target, old, new, step_multiple, self._group.pair(index))
         self.layout.after_write()
 
     @torch.no_grad()
@@ -238,3 +291,11 @@ class DeepSpeedBackend:
             self._rng.restore()
             self.engine.module.train(self._module_training)
         self._theta_t = self._theta_next = self._rng = None
+        self._group.clear()
+
+
+def _canonical(name: str) -> str:
+    # Megatron-DeepSpeed and user wrappers put the model under `module.`.
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name

@@ -8,7 +8,8 @@ DESIGN.md §3); they are unchanged on Megatron-LM main.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+import re
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 import torch.distributed as dist
@@ -16,7 +17,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import (ChainedOptimizer, DistributedOptimizer, Float16OptimizerWithFloat16Params,
                                      FP32Optimizer)
 
-from megatron_sharpness.backends.lerp import lerp_into
+from megatron_sharpness.backends.groups import GroupSelection, Segment, local_names, union_in_rank_order, whole, write_group
 from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, agree_loss, any_rank_failed, note_local_loss,
                                        snapshot_skip_reason, take_local_non_finite)
 from megatron_sharpness.backends.resolution import ResolutionHistogram
@@ -54,6 +55,12 @@ def leaf_optimizers(optimizer) -> list:
 def master_pairs(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(fp32 master tensor of this rank, the model-side tensor the optimizer copies it into),
     following each class's own _copy_main_params_to_model_params."""
+    return [(main, target) for main, target, _ in master_triples(optimizer)]
+
+
+def master_triples(optimizer) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """master_pairs with the model parameter each pair belongs to (a distributed-optimizer shard
+    holds a range of one parameter)."""
     if getattr(optimizer, "is_stub_optimizer", False):
         return []
     if isinstance(optimizer, DistributedOptimizer):
@@ -65,12 +72,34 @@ def master_pairs(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
         groups = list(zip(optimizer.model_float16_groups, optimizer.shard_fp32_from_float16_groups))
         groups += list(zip(optimizer.model_fp32_groups, optimizer.shard_fp32_groups))
-        return [(main, shard_of(model)) for models, mains in groups for model, main in zip(models, mains)]
+        return [(main, shard_of(model), model) for models, mains in groups for model, main in zip(models, mains)]
     if isinstance(optimizer, Float16OptimizerWithFloat16Params):
-        pairs = [(main, model.data) for models, mains in zip(optimizer.float16_groups, optimizer.fp32_from_float16_groups)
+        pairs = [(main, model.data, model) for models, mains in zip(optimizer.float16_groups, optimizer.fp32_from_float16_groups)
                  for model, main in zip(models, mains)]
-        return pairs + [(param.data, param.data) for group in optimizer.fp32_from_fp32_groups for param in group]
-    return [(param.data, param.data) for group in optimizer.optimizer.param_groups for param in group["params"]]
+        return pairs + [(param.data, param.data, param) for group in optimizer.fp32_from_fp32_groups for param in group]
+    return [(param.data, param.data, param) for group in optimizer.optimizer.param_groups for param in group["params"]]
+
+
+_LAYER = re.compile(r"^(.*?decoder\.layers\.)(\d+)(\..*)$")
+
+
+def canonical_names(model_chunks: Sequence[torch.nn.Module]) -> dict[int, str]:
+    """id(model parameter) -> its name without wrapper prefixes (DDP's and Float16Module's
+    `module.`), with `decoder.layers.N` numbered globally: a pipeline stage (and each virtual
+    chunk) numbers its layers from 0, its TransformerLayers know their global layer_number."""
+    names = {}
+    for chunk in model_chunks:
+        for name, param in chunk.named_parameters():
+            layer = _LAYER.match(name)
+            if layer is not None:
+                module = chunk.get_submodule(layer.group(1) + layer.group(2))
+                number = getattr(module, "layer_number", None)
+                if isinstance(number, int):
+                    name = f"{layer.group(1)}{number - 1}{layer.group(3)}"
+            while name.startswith("module."):
+                name = name[len("module."):]
+            names[id(param)] = name
+    return names
 
 
 def reject_unsupported_model(model_chunks: Sequence[torch.nn.Module]) -> None:
@@ -103,6 +132,9 @@ class MegatronBackend:
         # The ranks whose own part of the last loss was non-finite (None: finite, or not known).
         self.non_finite_ranks: tuple[int, ...] | None = None
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._segments: list[list[Segment]] = []
+        self._all_names: list[str] | None = None
+        self._group = GroupSelection(dist.all_reduce)  # shards differ across the world
         self._theta_t: list[torch.Tensor] | None = None
         self._theta_next: list[torch.Tensor] | None = None
         self._rng: RngState | None = None
@@ -112,7 +144,11 @@ class MegatronBackend:
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        self._pairs = [pair for leaf in self.leaves for pair in master_pairs(leaf)]
+        triples = [triple for leaf in self.leaves for triple in master_triples(leaf)]
+        self._pairs = [(main, target) for main, target, _ in triples]
+        names = canonical_names(self.model_chunks)
+        self._segments = [whole(names.get(id(model), f"unnamed_{index}"), main)
+                          for index, (main, _, model) in enumerate(triples)]
         error = None
         try:
             self._theta_t = [main.detach().clone() for main, _ in self._pairs]
@@ -145,13 +181,26 @@ class MegatronBackend:
         return None if histogram.counts.sum().item() > 0 else "the step changed no parameter (zero update)"
 
     def resolution_floor(self) -> float:
-        return self._floor
+        return self._floor if self._group.floor is None else self._group.floor
+
+    def parameter_names(self) -> list[str]:
+        if self._all_names is None:  # the model's parameters do not change: gathered once
+            gathered: list[list[str] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, local_names(self._segments))
+            self._all_names = union_in_rank_order(gathered)
+        return self._all_names
+
+    @torch.no_grad()
+    def select_group(self, names: Collection[str] | None) -> None:
+        assert self._theta_t is not None and self._theta_next is not None
+        self._group.select(self._segments, names, [target.dtype for _, target in self._pairs],
+                           self._theta_t, self._theta_next, _device())
 
     @torch.no_grad()
     def write(self, step_multiple: float) -> None:
         assert self._theta_t is not None and self._theta_next is not None
-        for (_, target), old, new in zip(self._pairs, self._theta_t, self._theta_next):
-            lerp_into(target, old, new, step_multiple)
+        for index, ((_, target), old, new) in enumerate(zip(self._pairs, self._theta_t, self._theta_next)):
+            write_group(target, old, new, step_multiple, self._group.pair(index))
         self._sync_params()
 
     @torch.no_grad()
@@ -180,7 +229,8 @@ class MegatronBackend:
             for chunk, training in zip(self.model_chunks, self._modes):
                 chunk.train(training)
         self._theta_t = self._theta_next = self._rng = None
-        self._pairs = []
+        self._pairs, self._segments = [], []
+        self._group.clear()
 
     def _sync_params(self) -> None:
         if self.uses_param_gather:

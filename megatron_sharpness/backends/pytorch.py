@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from megatron_sharpness.backends.groups import GroupSelection, Segment, local_names, whole, write_group
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
 from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, ProbeFailure, RankError, UsageError, describe,
@@ -46,6 +47,8 @@ class TorchBackend:
         self._buffers: list[torch.Tensor] | None = None
         self._rng: RngState | None = None
         self._snapshot_skipped: str | None = None
+        # Every rank holds the same parameters: a group's histogram needs no reduction.
+        self._group = GroupSelection(lambda counts: None)
 
     def _trainable_params(self) -> list[torch.Tensor]:
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
@@ -92,13 +95,33 @@ class TorchBackend:
         return None
 
     def resolution_floor(self) -> float:
-        return self._floor
+        return self._floor if self._group.floor is None else self._group.floor
+
+    def parameter_names(self) -> list[str]:
+        # Every rank holds every parameter (plain or DDP): no union over ranks needed.
+        return local_names(self._segments())
+
+    def _segments(self) -> list[list[Segment]]:
+        names = {id(param): name for name, param in _unwrapped(self.model).named_parameters()}
+        # A parameter the optimizer holds but the model does not (rare) still gets a stable name.
+        return [whole(names.get(id(param), f"optimizer_param_{index}"), param)
+                for index, param in enumerate(self.params)]
+
+    @torch.no_grad()
+    def select_group(self, names) -> None:
+        assert self._theta_t is not None and self._theta_next is not None
+        dtypes = [self.compute_dtype or param.dtype for param in self.params]
+        self._group.select(self._segments(), names, dtypes, self._theta_t, self._theta_next)
 
     @torch.no_grad()
     def write(self, step_multiple: float) -> None:
         assert self._theta_t is not None and self._theta_next is not None
-        for param, old, new in zip(self.params, self._theta_t, self._theta_next):
-            torch.lerp(old, new, step_multiple, out=param.detach())
+        for index, (param, old, new) in enumerate(zip(self.params, self._theta_t, self._theta_next)):
+            ranges = self._group.pair(index)
+            if ranges is None:
+                torch.lerp(old, new, step_multiple, out=param.detach())
+            else:
+                write_group(param.detach(), old, new, step_multiple, ranges)
 
     def loss(self, task: str | None) -> float:
         label = "the step's loss_fn" if task is None else f"the loss_fn of relative task {task!r}"
@@ -135,6 +158,7 @@ class TorchBackend:
                 param.detach().copy_(new)
             self._reset_forward_state()
         self._theta_t = self._theta_next = self._buffers = self._rng = None
+        self._group.clear()
 
     def _reset_forward_state(self) -> None:
         assert self._buffers is not None and self._rng is not None
@@ -177,6 +201,11 @@ class TorchBackend:
         gathered = [torch.empty_like(local) for _ in range(self._world_size())]
         dist.all_gather(gathered, local, group=self.process_group)
         return [t.tolist() for t in gathered]
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    # DDP's `module.` prefix is not part of the parameter's name in the user's model.
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 class _BadLoss(UsageError, ValueError):

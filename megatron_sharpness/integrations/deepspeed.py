@@ -25,7 +25,7 @@ from megatron_sharpness.backends.deepspeed import DeepSpeedBackend, Evaluator
 from megatron_sharpness.checks import checked_loggers, require_callable
 from megatron_sharpness.config import ConfigError, SharpnessConfig, require_config
 from megatron_sharpness.faults import CAUGHT, note_local_loss
-from megatron_sharpness.loggers import JsonlLogger, LogLineLogger, MeasurementLogger
+from megatron_sharpness.loggers import JsonlLogger, LogLineLogger, MeasurementLogger, WarningLogger
 from megatron_sharpness.measurement import Measurement
 from megatron_sharpness.integrations.recording import RecordingIterator
 from megatron_sharpness.probe import SharpnessProbe
@@ -332,7 +332,7 @@ def _as_call(batch: Any) -> tuple[tuple, dict]:
 def _default_loggers(engine, config: SharpnessConfig) -> list[MeasurementLogger]:
     if ds_comm.get_rank() != 0:
         return []
-    loggers: list[MeasurementLogger] = [LogLineLogger()]
+    loggers: list[MeasurementLogger] = [LogLineLogger(), WarningLogger()]
     if config.log_file is not None:
         loggers.append(JsonlLogger(config.log_file))
     if engine.monitor.enabled:

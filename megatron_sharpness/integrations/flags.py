@@ -20,6 +20,8 @@ FLAG_FIELDS = {
     "log-file": "log_file",
     "on-error": "on_error",
     "reuse-training-loss": "reuse_training_loss",
+    "modules-interval": "modules_interval",
+    "warn-ratio": "warn_ratio",
 }
 
 
@@ -36,6 +38,38 @@ def _validated(field: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
         return value
 
     return convert
+
+
+def parse_modules(text: str) -> str | tuple[str, list[str]]:
+    """One --critical-sharpness-modules item: `default`, or NAME=PATTERN[,PATTERN...]."""
+    if text == "default":
+        return text
+    name, equals, patterns = text.partition("=")
+    if not equals or not name or not patterns:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: default, or NAME=PATTERN[,PATTERN...] "
+                                         "(fnmatch on parameter names, re:REGEX for a regular expression)")
+    group = (name, patterns.split(","))
+    try:
+        SharpnessConfig(modules=dict([group]))
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error).split(": ", 1)[1]) from None
+    return group
+
+
+def _modules_of(items: list | None) -> str | dict[str, list[str]] | None:
+    if not items:
+        return None
+    if "default" in items:
+        if len(items) > 1:
+            raise ConfigError("critical sharpness: --critical-sharpness-modules takes `default` alone or "
+                              f"NAME=PATTERN items, not both: {items!r}")
+        return "default"
+    groups: dict[str, list[str]] = {}
+    for name, patterns in items:
+        if name in groups:
+            raise ConfigError(f"critical sharpness: --critical-sharpness-modules names group {name!r} twice")
+        groups[name] = patterns
+    return groups
 
 
 def integer_at_least(minimum: int, allowed: str) -> Callable[[str], int]:
@@ -77,6 +111,17 @@ def add_critical_sharpness_args(parser: argparse.ArgumentParser) -> argparse.Arg
     group.add_argument("--critical-sharpness-reuse-training-loss", action="store_true",
                        help="take L(θ_t) from the step's training loss (one forward fewer per measurement); needs "
                             "--hidden-dropout 0 --attention-dropout 0; checked bitwise at the first measurement")
+    group.add_argument("--critical-sharpness-modules", type=parse_modules, nargs="+", default=None,
+                       metavar="GROUP", help="per-module breakdown: `default` (embedding, each layer, output) or "
+                                             "NAME=PATTERN[,PATTERN...] items (fnmatch on parameter names, re:REGEX)")
+    group.add_argument("--critical-sharpness-modules-interval", type=_validated("modules_interval", int),
+                       default=defaults.modules_interval, metavar="K",
+                       help=f"break down every K-th measurement (0: only on warnings; default {defaults.modules_interval})")
+    group.add_argument("--no-critical-sharpness-modules-on-warning", dest="critical_sharpness_modules_on_warning",
+                       action="store_false", help="do not break down a measurement because it warns")
+    group.add_argument("--critical-sharpness-warn-ratio", type=_validated("warn_ratio", float),
+                       default=defaults.warn_ratio, metavar="R",
+                       help=f"warn when lr/critical lr exceeds R or the step raised its batch's loss (default {defaults.warn_ratio})")
     return parser
 
 
@@ -84,4 +129,5 @@ def config_from_args(args: argparse.Namespace) -> SharpnessConfig:
     interval = args.critical_sharpness_interval
     fields = {field: getattr(args, "critical_sharpness_" + flag.replace("-", "_"))
               for flag, field in FLAG_FIELDS.items()}
-    return SharpnessConfig(enabled=interval > 0, interval=max(interval, 1), **fields)
+    return SharpnessConfig(enabled=interval > 0, interval=max(interval, 1), modules=_modules_of(args.critical_sharpness_modules),
+                           modules_on_warning=args.critical_sharpness_modules_on_warning, **fields)

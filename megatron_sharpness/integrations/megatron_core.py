@@ -27,7 +27,7 @@ from megatron_sharpness.checks import (checked_loggers, require_callable, requir
                                        require_positive_int)
 from megatron_sharpness.config import SharpnessConfig, require_config
 from megatron_sharpness.faults import CAUGHT
-from megatron_sharpness.loggers import JsonlLogger, MeasurementLogger
+from megatron_sharpness.loggers import JsonlLogger, MeasurementLogger, WarningLogger
 from megatron_sharpness.measurement import Measurement
 from megatron_sharpness.integrations.recording import RecordingIterator
 from megatron_sharpness.probe import SharpnessProbe
@@ -212,7 +212,7 @@ def _rerun_state_machine_disabled() -> Iterator[None]:
 
 
 def _default_loggers(config: SharpnessConfig) -> list[MeasurementLogger]:
-    # Megatron prints and writes TensorBoard from the last rank; the JSONL file follows it.
-    if config.log_file is None or dist.get_rank() != dist.get_world_size() - 1:
+    # Megatron prints and writes TensorBoard from the last rank; the JSONL file and the warning follow it.
+    if dist.get_rank() != dist.get_world_size() - 1:
         return []
-    return [JsonlLogger(config.log_file)]
+    return [WarningLogger()] + ([] if config.log_file is None else [JsonlLogger(config.log_file)])

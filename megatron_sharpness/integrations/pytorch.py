@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron_sharpness.backends.pytorch import LossFn, TorchBackend
 from megatron_sharpness.checks import checked_loggers, require_callable, require_optimizer
 from megatron_sharpness.config import SharpnessConfig, require_config
-from megatron_sharpness.loggers import JsonlLogger, MeasurementLogger
+from megatron_sharpness.loggers import JsonlLogger, MeasurementLogger, WarningLogger
 from megatron_sharpness.measurement import Measurement
 from megatron_sharpness.probe import SharpnessProbe
 
@@ -107,6 +107,6 @@ _LOSS_FN_ALLOWED = ("a callable without arguments that recomputes the step's mea
 
 def _default_loggers(config: SharpnessConfig) -> list[MeasurementLogger]:
     is_writer = not dist.is_initialized() or dist.get_rank() == 0
-    if config.log_file is None or not is_writer:
+    if not is_writer:
         return []
-    return [JsonlLogger(config.log_file)]
+    return [WarningLogger()] + ([] if config.log_file is None else [JsonlLogger(config.log_file)])

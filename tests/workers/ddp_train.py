@@ -1,7 +1,7 @@
 """One rank of a DDP run: train a tiny GPT with dropout for N steps without the probe, then again
 with the probe on every step, and write what the test compares to OUT/rank{R}.json.
 
-    ddp_train.py OUT STEPS [--fail-at RANK:STEP:CALL] [--snapshot-oom RANK:STEP] [--on-error raise]
+    ddp_train.py OUT STEPS [--fail-at RANK:STEP:CALL] [--snapshot-oom RANK:STEP] [--on-error raise] [--modules]
 """
 
 import argparse
@@ -27,7 +27,8 @@ def train(probe_on, steps, rank, a=None):
     held_out = next(ByteBatches(embedded_corpus(), batch_size=4, seq_len=16, seed=7 + rank))
     probe = None
     if probe_on:
-        probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=1, on_error=a.on_error))
+        modules = {"modules": "default", "modules_interval": 1} if a.modules else {}
+        probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=1, on_error=a.on_error, **modules))
         probe.add_relative_task("held-out", lambda: lm_loss(model, *held_out))
         fault = InjectedFault(a.fail_at)
         snapshot_runs_out_of_memory(probe.backend, a.snapshot_oom, lambda: probe.iteration)
@@ -67,6 +68,7 @@ def main():
     parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL")
     parser.add_argument("--snapshot-oom", default=None, metavar="RANK:STEP")
     parser.add_argument("--on-error", default="skip")
+    parser.add_argument("--modules", action="store_true", help="the per-module breakdown at every measurement")
     a = parser.parse_args()
     out_dir, steps = a.out_dir, a.steps
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))

@@ -23,6 +23,7 @@ from megatron_sharpness.backends.deepspeed import DeepSpeedBackend, master_layou
 from megatron_sharpness.data import ByteBatches, embedded_corpus  # noqa: E402
 from megatron_sharpness.integrations import megatron_deepspeed  # noqa: E402
 from megatron_sharpness.integrations.deepspeed import attach, engine_forward_loss, loss_of  # noqa: E402
+from megatron_sharpness.modules import default_groups  # noqa: E402
 from megatron_sharpness.testing.faults import InjectedFault, snapshot_runs_out_of_memory  # noqa: E402
 from megatron_sharpness.testing.tiny_gpt import Block, TinyGPT, lm_loss  # noqa: E402
 
@@ -70,7 +71,8 @@ def ds_config(a):
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": True,
         "critical_sharpness": {"enabled": True, "interval": a.interval, "micro_batches": a.micro_batches,
-                               "log_file": a.log_file, "reuse_training_loss": a.reuse_training_loss},
+                               "log_file": a.log_file, "reuse_training_loss": a.reuse_training_loss,
+                               **({"modules": "default", "modules_interval": 1} if a.modules else {})},
     }
     if a.dtype == "bf16":
         config["bf16"] = {"enabled": True}
@@ -223,6 +225,17 @@ def reference_run(a, rank):
         checks["repeatable_loss"] = backend.loss(None) == backend.loss(None)  # same dropout masks
         backend.write(0.5)
         checks["s_half_moves"] = not all(torch.equal(p, q) for p, q in zip(full_params(engine), after))
+        if a.modules:
+            # One group at s = 1, every other parameter exactly at θ_t, through the partitions.
+            names = backend.parameter_names()
+            checks["groups"] = list(default_groups(names))
+            group = default_groups(names)["layer_1"]
+            backend.select_group(group)
+            backend.write(1.0)
+            in_group = [name in group for name, _ in engine.module.named_parameters()]
+            checks["group_moves_alone"] = all(torch.equal(p, q if moved else r) for p, q, r, moved in
+                                              zip(full_params(engine), after, before, in_group))
+            backend.select_group(None)
         backend.restore()
         checks["restored"] = all(torch.equal(p, q) for p, q in zip(full_params(engine), after))
     engine.destroy()
@@ -290,6 +303,7 @@ def main():
     parser.add_argument("--csv-dir", default=None, help="use the default loggers, with DeepSpeed's CSV monitor")
     parser.add_argument("--log-file", default=None)
     parser.add_argument("--interval", type=int, default=1)
+    parser.add_argument("--modules", action="store_true", help="the per-module breakdown at every measurement")
     parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL[:nan]",
                         help="rank RANK raises torch.OutOfMemoryError in its CALL-th probe loss of step STEP")
     parser.add_argument("--snapshot-oom", default=None, metavar="RANK:STEP",

@@ -19,7 +19,9 @@ from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker  # noqa: E402
 
-from megatron_sharpness.backends.megatron import MegatronBackend, leaf_optimizers, master_pairs, reduce_lm_loss  # noqa: E402,E501
+from megatron_sharpness.backends.megatron import (MegatronBackend, canonical_names, leaf_optimizers,  # noqa: E402
+                                                  master_pairs, reduce_lm_loss)
+from megatron_sharpness.modules import default_groups  # noqa: E402
 from megatron_sharpness.config import SharpnessConfig  # noqa: E402
 from megatron_sharpness.integrations.megatron_core import MegatronSharpness  # noqa: E402
 from megatron_sharpness.testing.faults import InjectedFault, snapshot_runs_out_of_memory  # noqa: E402
@@ -99,6 +101,19 @@ def reference_run(a):
     checks["s0_is_before"] = all(torch.equal(p, q) for p, q in zip(params(), before))
     backend.write(0.5)
     checks["s_half_moves"] = not all(torch.equal(p, q) for p, q in zip(params(), after))
+    if a.modules:
+        # One group moved to s = 1, every other parameter exactly at θ_t, on every rank's shard.
+        names = backend.parameter_names()
+        checks["groups"] = list(default_groups(names))
+        group = default_groups(names)["layer_1"]
+        backend.select_group(group)
+        backend.write(1.0)
+        by_id = canonical_names(chunks)
+        in_group = [by_id[id(p)] in group for c in chunks for p in c.parameters()]
+        checks["group_moves_alone"] = all(torch.equal(p, q if moved else r) for p, q, r, moved in
+                                          zip(params(), after, before, in_group))
+        checks["group_nonempty_here"] = any(in_group)
+        backend.select_group(None)
     backend.restore()
     checks["restored"] = all(torch.equal(p, q) for p, q in zip(params(), after))
     return reference, checks, losses
@@ -108,7 +123,8 @@ def probe_run(a):
     chunks, optimizer = build_model_and_optimizer(a.setup)
     iterators = data_iterators(a, 0, a.steps + 1)
     held_out = data_iterators(a, 777_000, 64)
-    config = SharpnessConfig(interval=1, micro_batches=a.micro_batches, reuse_training_loss=a.reuse_training_loss)
+    config = SharpnessConfig(interval=1, micro_batches=a.micro_batches, reuse_training_loss=a.reuse_training_loss,
+                             **({"modules": "default", "modules_interval": 1} if a.modules else {}))
     fault = InjectedFault(a.fail_at)
 
     def probe_forward_step(data_iterator, model):
@@ -150,6 +166,7 @@ def main():
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--reuse-training-loss", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--modules", action="store_true", help="the per-module breakdown at every measurement")
     parser.add_argument("--first-iteration", type=int, default=None)
     parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL[:nan]",
                         help="rank RANK raises torch.OutOfMemoryError in its CALL-th probe loss_func of step STEP")
