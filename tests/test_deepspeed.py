@@ -66,6 +66,9 @@ CONFIGS = {
                                                      "DeepSpeedZeroOptimizer"),
     "pipeline-fp32": (["--pipeline", "--stage", "0", "--dtype", "fp32", "--gas", "4"], "AdamW"),
     "pipeline-bf16-zero1": (["--pipeline", "--stage", "1", "--bf16-optimizer", "--gas", "4"], "BF16_Optimizer"),
+    "pipeline-bf16-zero1-module-breakdown": (["--pipeline", "--stage", "1", "--bf16-optimizer", "--gas", "4", "--modules"],
+                                             "BF16_Optimizer"),
+    "zero1-bf16-fp32-accumulation-module-breakdown": (["--stage", "1", "--bf16-optimizer", "--modules"], "BF16_Optimizer"),
     "pipeline-fp32-first-2": (["--pipeline", "--stage", "0", "--dtype", "fp32", "--gas", "4",
                                "--micro-batches", "2"], "AdamW"),
 }
@@ -88,7 +91,9 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
     for result in ranks:
         assert result["optimizer"] == optimizer
         assert all(result["bitwise_equal"].values()), f"rank {result['rank']}: {result['bitwise_equal']}"
-        checks = result["checks"]
+        checks = dict(result["checks"])
+        if "--modules" in args and "--pipeline" not in args:  # one group moved alone through the partitions
+            assert checks.pop("groups")[-1] == "output" and checks.pop("group_moves_alone")
         if "--pipeline" not in args:
             assert checks == {"after_step": None, "s1_is_step": True, "s0_is_before": True,
                               "repeatable_loss": True, "s_half_moves": True, "restored": True}
@@ -106,6 +111,10 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
         reused = "--reuse-training-loss" in args and exact_baseline and record["step"] > 1
         assert record["baseline_reused"] is reused
         assert record["forwards"] == len(record["evaluations"]) + (0 if reused else 1)
+        if "--modules" in args:  # a PipelineModule's groups are its layers: layer_0 … layer_3
+            assert record["modules_trigger"] == "interval" and list(record["modules"]) == list(first[0]["modules"])
+            assert len(record["modules"]) >= 4
+            assert record["modules_forwards"] == sum(m["forwards"] for m in record["modules"].values())
     assert len(first) == 4 and [r["step"] for r in first] == [1, 2, 3, 4]
 
 

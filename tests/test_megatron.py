@@ -40,6 +40,10 @@ LAYOUTS = {
                                             "DistributedOptimizer"),
     "tp2xpp2-bf16-distributed-optimizer": (4, ["--tp", "2", "--pp", "2", "--bf16", "--dist-opt"],
                                            "DistributedOptimizer"),
+    # the module breakdown at every measurement, through TP shards, pipeline stages and virtual chunks
+    "tp2xpp2-bf16-distributed-optimizer-module-breakdown": (4, ["--tp", "2", "--pp", "2", "--bf16", "--dist-opt",
+                                                                "--modules"], "DistributedOptimizer"),
+    "pp2-vpp2-fp32-module-breakdown": (2, ["--pp", "2", "--vpp", "2", "--layers", "4", "--modules"], "FP32Optimizer"),
     "tp2xdp2-fp32": (4, ["--tp", "2"], "FP32Optimizer"),
     "tp2xdp2-bf16-distributed-optimizer-overlap-param-gather": (4, ["--tp", "2", "--bf16", "--dist-opt", "--overlap"],
                                                                 "DistributedOptimizer"),
@@ -62,8 +66,12 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
         assert all(result["bitwise_equal"].values()), f"rank {result['rank']}: {result['bitwise_equal']}"
         assert result["same_training_losses"]
         assert result["micro_batches_left"] == [4] * chunks  # exactly the unused last step's micro-batches
-        assert result["checks"] == {"after_step": None, "s1_is_step": True, "s0_is_before": True,
-                                    "s_half_moves": True, "restored": True}
+        checks = dict(result["checks"])
+        if "--modules" in args:  # one group moved alone within this rank's shards
+            assert checks.pop("groups")[-1] == "output" and checks.pop("group_moves_alone")
+            checks.pop("group_nonempty_here")
+        assert checks == {"after_step": None, "s1_is_step": True, "s0_is_before": True,
+                          "s_half_moves": True, "restored": True}
     first = strip_timing(ranks[0]["records"])
     for result in ranks[1:]:
         assert strip_timing(result["records"]) == first, f"rank {result['rank']} disagrees with rank 0"
@@ -75,6 +83,9 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
         # the first measurement checks the training loss against its own forward before trusting it
         assert record["baseline_reused"] is (reused and index > 0)
         assert record["forwards"] == len(record["evaluations"]) + (0 if record["baseline_reused"] else 1)
+        if "--modules" in args:
+            assert record["modules_trigger"] == "interval" and list(record["modules"])[-1] == "output"
+            assert record["modules_forwards"] == sum(m["forwards"] for m in record["modules"].values())
         relative = record["relative"]["held-out"]
         # a held-out update may go uphill (ascent) or, in bf16, cross where rounding decides (noisy)
         assert relative["status"] in ("converged", "ascent", "unresolved", "noisy"), relative
