@@ -26,24 +26,22 @@ LAYOUTS = {
                                                      "DistributedOptimizer"),
     "dp2-bf16-distributed-optimizer-overlap-param-gather": (2, ["--bf16", "--dist-opt", "--overlap"],
                                                             "DistributedOptimizer"),
-    "dp2-bf16-first-2-micro-batches": (2, ["--bf16", "--micro-batches", "2"], "Float16OptimizerWithFloat16Params"),
-    "dp2-bf16-dropout": (2, ["--bf16", "--dropout", "0.1"], "Float16OptimizerWithFloat16Params"),
+    "dp2-bf16-first-2-micro-batches-reusing-the-training-loss": (2, ["--bf16", "--micro-batches", "2",
+                                                                     "--reuse-training-loss"],
+                                                                 "Float16OptimizerWithFloat16Params"),
+    # reuse asked for, but dropout: the first measurement finds the losses differ and stops reusing
     "dp2-bf16-dropout-reusing-the-training-loss": (2, ["--bf16", "--dropout", "0.1", "--reuse-training-loss"],
                                                    "Float16OptimizerWithFloat16Params"),
-    "tp2-bf16": (2, ["--tp", "2", "--bf16"], "Float16OptimizerWithFloat16Params"),
+    # the module breakdown at every measurement, through TP shards, pipeline stages and virtual chunks
+    "tp2-bf16-module-breakdown": (2, ["--tp", "2", "--bf16", "--modules"], "Float16OptimizerWithFloat16Params"),
     "pp2-fp32": (2, ["--pp", "2"], "FP32Optimizer"),
     "pp2-bf16-distributed-optimizer": (2, ["--pp", "2", "--bf16", "--dist-opt"], "DistributedOptimizer"),
-    "pp2-bf16-distributed-optimizer-first-2-reusing-the-training-loss": (
-        2, ["--pp", "2", "--bf16", "--dist-opt", "--micro-batches", "2", "--reuse-training-loss"], "DistributedOptimizer"),
-    "pp2-vpp2-fp32": (2, ["--pp", "2", "--vpp", "2", "--layers", "4"], "FP32Optimizer"),
+    "pp2-vpp2-fp32-module-breakdown": (2, ["--pp", "2", "--vpp", "2", "--layers", "4", "--modules"], "FP32Optimizer"),
     "pp2-vpp2-bf16-distributed-optimizer": (2, ["--pp", "2", "--vpp", "2", "--layers", "4", "--bf16", "--dist-opt"],
                                             "DistributedOptimizer"),
     "tp2xpp2-bf16-distributed-optimizer": (4, ["--tp", "2", "--pp", "2", "--bf16", "--dist-opt"],
                                            "DistributedOptimizer"),
-    # the module breakdown at every measurement, through TP shards, pipeline stages and virtual chunks
-    "tp2xpp2-bf16-distributed-optimizer-module-breakdown": (4, ["--tp", "2", "--pp", "2", "--bf16", "--dist-opt",
-                                                                "--modules"], "DistributedOptimizer"),
-    "pp2-vpp2-fp32-module-breakdown": (2, ["--pp", "2", "--vpp", "2", "--layers", "4", "--modules"], "FP32Optimizer"),
+
     "tp2xdp2-fp32": (4, ["--tp", "2"], "FP32Optimizer"),
     "tp2xdp2-bf16-distributed-optimizer-overlap-param-gather": (4, ["--tp", "2", "--bf16", "--dist-opt", "--overlap"],
                                                                 "DistributedOptimizer"),
