@@ -159,7 +159,7 @@ def _bound(status: str, bracket: object) -> tuple[str, float] | None:
 
 def _text_status(text: str) -> tuple[str, tuple[str, float] | None]:
     """The outcome of a log-line value: a number, 'ascent (...)', '> b (unresolved)',
-    '< b (never rose)' or, from older versions, '< b (capped)'."""
+    'unresolved (...)', '< b (never rose)' or, from older versions, '< b (capped)'."""
     if _number(text) is not None:
         return "converged", None
     if text.startswith("ascent"):
@@ -175,6 +175,8 @@ def _text_status(text: str) -> tuple[str, tuple[str, float] | None]:
     match = re.match(rf"^([<>])\s*({_NUMBER})\s*\((unresolved|never rose|capped)\)", text)
     if match:
         return ("unresolved" if match.group(3) == "unresolved" else "capped"), (match.group(1), float(match.group(2)))
+    if text.startswith("unresolved"):  # no bound: the loss did not resolve the update at all
+        return "unresolved", None
     return "unknown", None
 
 

@@ -9,22 +9,24 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from megatron_sharpness.search import Outcome, SearchResult
+from megatron_sharpness.search import TRUSTED_SLOPE_RATIO, Outcome, SearchResult
 
 
 @dataclass(frozen=True)
 class TaskMeasurement:
     """The search along the step's direction for one loss. baseline_reused: L(θ_t) is the training
     forward's own loss, not a forward of the probe. non_finite_ranks: where a trial loss was
-    non-finite, the ranks whose own part of it was (None: no such loss, or the reduction cannot tell)."""
+    non-finite, the ranks whose own part of it was (None: no such loss, or the reduction cannot tell).
+    noise_forwards: forwards spent sampling the loss's rounding noise for this task."""
 
     search: SearchResult
     baseline_reused: bool = False
     non_finite_ranks: tuple[int, ...] | None = None
+    noise_forwards: int = 0
 
     @property
     def forwards(self) -> int:
-        return self.search.forwards + (0 if self.baseline_reused else 1)
+        return self.search.forwards + (0 if self.baseline_reused else 1) + self.noise_forwards
 
     @property
     def status(self) -> str:
@@ -43,10 +45,12 @@ class TaskMeasurement:
             "critical_sharpness": search.critical_sharpness,
             "step_raised_loss": search.step_raised_loss,
             "slope": _json_float(search.slope) if search.slope is not None else None,
-            "bracket_slope_ratio": _json_float(search.bracket_slope_ratio)
-            if search.bracket_slope_ratio is not None else None,
+            "bracket_slope_ratio": _optional_float(search.bracket_slope_ratio),
+            "loss_noise": search.loss_noise,
+            "crossing_uncertainty": _optional_float(search.crossing_uncertainty),
             "resolution_floor_lr": search.resolution_floor_lr,
             "forwards": self.forwards,
+            "noise_forwards": self.noise_forwards,
             "baseline_reused": self.baseline_reused,
             "bracket": list(search.bracket),
             "converged": search.converged,
@@ -78,8 +82,13 @@ class TaskMeasurement:
             where = "" if self.non_finite_ranks is None else f", on rank {', '.join(map(str, self.non_finite_ranks))}"
             return f"non-finite (once, at lr {search.non_finite_at:.4E}{where})"
         if search.outcome is Outcome.NOISY:
-            return f"noisy (loss rounding: slope ×{search.bracket_slope_ratio:.3g} its trend)"
+            ratio = search.bracket_slope_ratio
+            if ratio is not None and not TRUSTED_SLOPE_RATIO[0] <= ratio <= TRUSTED_SLOPE_RATIO[1]:
+                return f"noisy (loss rounding: slope ×{ratio:.3g} its trend)"
+            return f"noisy (loss noise moves the crossing ±{100 * search.crossing_uncertainty:.0f}%)"
         lo, hi = search.bracket
+        if search.outcome is Outcome.UNRESOLVED and hi is None:
+            return "unresolved (the loss changed by no more than its noise)"
         # where η_c lies; λ_c = 2/η_c turns the inequality around
         above, bound = (True, lo) if search.outcome is Outcome.CAPPED else (False, hi)
         if sharpness:
@@ -201,8 +210,12 @@ class Measurement:
             "lr_over_critical_lr": self.lr_over_critical_lr,
             "step_raised_loss": None if search is None else search.step_raised_loss,
             "slope": None if search is None or search.slope is None else _json_float(search.slope),
+            "bracket_slope_ratio": None if search is None else _optional_float(search.bracket_slope_ratio),
+            "loss_noise": None if search is None else search.loss_noise,
+            "crossing_uncertainty": None if search is None else _optional_float(search.crossing_uncertainty),
             "resolution_floor_lr": None if search is None else search.resolution_floor_lr,
             "forwards": None if task is None else task.forwards,
+            "noise_forwards": None if task is None else task.noise_forwards,
             "forwards_total": self.forwards,
             "baseline_reused": None if task is None else task.baseline_reused,
             "bracket": None if search is None else list(search.bracket),
@@ -308,12 +321,13 @@ def _ratio_text(ratio: float, task: TaskMeasurement | None = None) -> str:
 
 def warning_reasons(task: TaskMeasurement, warn_ratio: float) -> list[str]:
     """Why a measurement warns (empty: it does not): lr/critical lr of the step's batch above
-    warn_ratio (an ascent, or a lower bound above it, included), or the step raised its batch's loss."""
+    warn_ratio (an ascent, or a lower bound above it, included), or the step raised its batch's loss
+    by more than the loss's rounding noise."""
     ratio = ratio_of(task)
     reasons = []
     if ratio is not None and ratio > warn_ratio:
         reasons.append(f"lr/critical lr {_ratio_text(ratio, task)} > {warn_ratio:g}")
-    if task.search.step_raised_loss:
+    if task.search.step_raised_loss_beyond_noise:
         reasons.append("the step raised its batch's loss")
     return reasons
 
@@ -328,6 +342,10 @@ def warning_text(step: int, reasons: list[str], modules: dict[str, TaskMeasureme
         text += "; highest lr/critical lr by module: " + ", ".join(f"{name} {_ratio_text(r, modules[name])}"
                                                                    for name, r in ranked[:3])
     return text
+
+
+def _optional_float(value: float | None) -> float | str | None:
+    return None if value is None else _json_float(value)
 
 
 def _json_float(value: float) -> float | str:

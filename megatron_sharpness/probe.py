@@ -14,7 +14,7 @@ from megatron_sharpness.loggers import MeasurementLogger
 from megatron_sharpness.faults import ProbeFailure
 from megatron_sharpness.measurement import Measurement, ProbeError, TaskMeasurement, warning_reasons, warning_text
 from megatron_sharpness.modules import resolve_groups
-from megatron_sharpness.search import critical_lr_search
+from megatron_sharpness.search import Outcome, critical_lr_search
 
 # Version of state_dict()'s layout, checked on load.
 STATE_VERSION = 1
@@ -25,6 +25,12 @@ STATE_VERSION = 1
 # gallop reaches steps of 1e40 and beyond (and float overflow in its step-size formula after about
 # 9 misses).
 MODULE_SEARCH = "paper"
+# A task's loss noise ν is the rms of |L(θ_t, changed elements moved one compute-dtype ulp) −
+# L(θ_t)| over its last NOISE_WINDOW measurements, one sample each; the first measurement takes
+# NOISE_FIRST_SAMPLES (one sample of a zero-mean change can come out arbitrarily small: measured
+# 0.04–6.6× its rms on a tiny GPT in bf16). Two roundings of the loss value itself bound ν below.
+NOISE_WINDOW = 8
+NOISE_FIRST_SAMPLES = 3
 
 
 class SharpnessProbe:
@@ -44,6 +50,8 @@ class SharpnessProbe:
         self._last_module_lr: dict[str, float] = {}
         self.warnings = 0
         self._groups: tuple[list[str], dict[str, list[str]]] | None = None
+        # Per task, the last NOISE_WINDOW rounding-noise samples (loss changes, ≥ 0).
+        self._noise_samples: dict[str | None, list[float]] = {}
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to measure as the uninterrupted one would: the warm starts and
@@ -53,7 +61,8 @@ class SharpnessProbe:
                 "last_critical_lr": [[name, lr] for name, lr in self._last_critical_lr.items()],
                 "training_loss_matches": self.training_loss_matches,
                 "modules": {"last_critical_lr": [[name, lr] for name, lr in self._last_module_lr.items()],
-                            "warnings": self.warnings}}
+                            "warnings": self.warnings},
+                "loss_noise": [[name, list(samples)] for name, samples in self._noise_samples.items()]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
@@ -82,6 +91,15 @@ class SharpnessProbe:
         if not (isinstance(modules["warnings"], int) and modules["warnings"] >= 0):
             raise ValueError(f"critical sharpness: bad warning count {modules['warnings']!r} in the probe state")
         self._last_module_lr, self.warnings = module_lrs, modules["warnings"]
+        noise: dict[str | None, list[float]] = {}
+        for entry in state.get("loss_noise", []):  # absent in states saved before it existed
+            name, samples = entry
+            if not (name is None or isinstance(name, str)) or not isinstance(samples, list) or not all(
+                    isinstance(x, float) and math.isfinite(x) and x >= 0 for x in samples):
+                raise ValueError(f"critical sharpness: bad loss noise samples {entry!r:.120} in the probe state; "
+                                 "allowed: [task name or None, [finite numbers >= 0]]")
+            noise[name] = samples[-NOISE_WINDOW:]
+        self._noise_samples = noise
 
     def is_due(self, step: int) -> bool:
         return self.config.enabled and step % self.config.interval == 0
@@ -112,14 +130,19 @@ class SharpnessProbe:
                     self._check_training_loss(training_loss, baselines[None], step)
                 skipped = _non_finite_baseline(baselines, self._non_finite_ranks)
             if skipped is None:
+                noise, noise_forwards = self._loss_noise(backend, baselines, step, lr)
                 floor = backend.resolution_floor()
-                searches = {name: self._search(backend, name, lr, baseline, floor,
-                                               baseline_reused=name is None and reuse)
+                hint = getattr(backend, "gradient_slope", lambda: None)()
+                searches = {name: self._search(backend, name, lr, baseline, floor, noise[name],
+                                               baseline_reused=name is None and reuse,
+                                               noise_forwards=noise_forwards[name],
+                                               slope_hint=hint if name is None else None)
                             for name, baseline in baselines.items()}
                 reasons = warning_reasons(searches[None], self.config.warn_ratio)
                 trigger = self._breakdown_trigger(step, searches[None], bool(reasons))
                 if trigger is not None:
-                    modules = self._breakdown(backend, lr, baselines[None], searches[None].search.critical_lr)
+                    modules = self._breakdown(backend, lr, baselines[None], searches[None].search.critical_lr,
+                                              noise[None])
         except _FailedAt as caught:
             # Every rank raised this in the same collective: all of them restore below alike.
             failure, error, searches, modules, trigger, reasons = caught.error, caught.__cause__, {}, {}, None, []
@@ -162,6 +185,33 @@ class SharpnessProbe:
             self._non_finite_ranks.setdefault(name, set()).update(getattr(backend, "non_finite_ranks", None) or ())
         return loss
 
+    def _loss_noise(self, backend: ProbeBackend, baselines: Mapping[str | None, float], step: int,
+                    lr: float) -> tuple[dict[str | None, float], dict[str | None, int]]:
+        """Per task, the loss noise ν for the searches and the forwards spent measuring it. Where
+        the compute dtype is fp32 or wider no forward is spent: the loss's own rounding is ν."""
+        windows = self._noise_samples
+        wanted = {name: max(1, NOISE_FIRST_SAMPLES - len(windows.get(name, ()))) for name in baselines}
+        forwards = dict.fromkeys(baselines, 0)
+        for sample in range(max(wanted.values())):
+            # Seeded by the step: a resumed run moves the same elements the same way.
+            if not backend.write_rounding_noise(step * NOISE_FIRST_SAMPLES + sample):
+                break
+            for name, baseline in baselines.items():
+                if sample < wanted[name]:
+                    loss = self._loss(backend, name, 0.0, lr)
+                    forwards[name] += 1
+                    if math.isfinite(loss):
+                        window = windows.setdefault(name, [])
+                        window.append(abs(loss - baseline))
+                        del window[:-NOISE_WINDOW]
+        bits = getattr(backend, "loss_bits", 24)
+        noise = {}
+        for name, baseline in baselines.items():
+            samples = windows.get(name) if any(forwards.values()) else None
+            measured = math.sqrt(sum(x * x for x in samples) / len(samples)) if samples else 0.0
+            noise[name] = max(measured, 2.0 * _ulp(baseline, bits))
+        return noise, forwards
+
     @staticmethod
     def _skip_reason(backend: ProbeBackend, lr: float) -> str | None:
         if not (math.isfinite(lr) and lr > 0.0):
@@ -174,14 +224,14 @@ class SharpnessProbe:
         if config.modules is None:
             return None
         if config.modules_on_warning and warns:
-            return "step_raised_loss" if task.search.step_raised_loss else "warn_ratio"
+            return "step_raised_loss" if task.search.step_raised_loss_beyond_noise else "warn_ratio"
         # Counted from the step, not from a counter, so that a resumed run breaks down at the same steps.
         if config.modules_interval > 0 and (step // config.interval) % config.modules_interval == 0:
             return "interval"
         return None
 
     def _breakdown(self, backend: ProbeBackend, lr: float, baseline: float,
-                   critical_lr: float | None) -> dict[str, TaskMeasurement]:
+                   critical_lr: float | None, noise: float) -> dict[str, TaskMeasurement]:
         """One search per parameter group along the group's part of the update; L(θ_t) is shared.
         A group without a warm start starts at the whole update's critical lr (its scale): a group
         that does not cross within modules_max_search doublings of it is far from unstable."""
@@ -193,7 +243,8 @@ class SharpnessProbe:
         try:
             for group, members in self._groups[1].items():
                 backend.select_group(members)
-                results[group] = self._search(backend, None, lr, baseline, backend.resolution_floor(),
+                # The whole update's ν: a group moves fewer elements, so its own noise is smaller.
+                results[group] = self._search(backend, None, lr, baseline, backend.resolution_floor(), noise,
                                               baseline_reused=True, warm_starts=self._last_module_lr, key=group,
                                               max_search=self.config.modules_max_search,
                                               method=MODULE_SEARCH, guess=guess)
@@ -202,15 +253,17 @@ class SharpnessProbe:
         return results
 
     def _search(self, backend: ProbeBackend, name: str | None, lr: float, baseline: float,
-                floor: float, baseline_reused: bool = False, warm_starts: dict | None = None,
+                floor: float, noise: float, baseline_reused: bool = False, warm_starts: dict | None = None,
                 key: str | None = None, max_search: int | None = None,
-                method: str | None = None, guess: float | None = None) -> TaskMeasurement:
+                method: str | None = None, guess: float | None = None, noise_forwards: int = 0,
+                slope_hint: float | None = None) -> TaskMeasurement:
         """warm_starts, key: where this search's warm start lives (default: the task's own);
         guess: the start without a warm start (default: the configured initial guess)."""
         if warm_starts is None:
             warm_starts, key = self._last_critical_lr, name
         guess = guess or self.config.initial_guess
-        if self.config.warm_start and key in warm_starts:
+        warm = self.config.warm_start and key in warm_starts
+        if warm:
             guess = warm_starts[key] / lr
 
         def loss_at(step_multiple: float) -> float:
@@ -219,15 +272,26 @@ class SharpnessProbe:
 
         search = critical_lr_search(loss_at, baseline, lr=lr, initial_step_multiple=guess,
                                     tol=self.config.tol, max_search=max_search or self.config.max_search,
-                                    resolution_floor=floor, method=method or self.config.search)
+                                    resolution_floor=floor, method=method or self.config.search, loss_noise=noise,
+                                    slope_hint=slope_hint)
         if search.critical_lr is not None:
             warm_starts[key] = search.critical_lr
+        elif warm and search.outcome is not Outcome.NON_FINITE:
+            # A warm start that did not lead to a number (a schedule jump, an old resumed state)
+            # would misplace the next search too: start it from the initial guess.
+            del warm_starts[key]
         ranks = self._non_finite_ranks.get(name)
-        return TaskMeasurement(search, baseline_reused, tuple(sorted(ranks)) if ranks else None)
+        return TaskMeasurement(search, baseline_reused, tuple(sorted(ranks)) if ranks else None, noise_forwards)
 
     def close(self) -> None:
         for logger in self.loggers:
             logger.close()
+
+
+def _ulp(value: float, bits: int) -> float:
+    """The spacing of a float format with `bits` significand bits at value."""
+    _, exponent = math.frexp(value)
+    return math.ldexp(1.0, exponent - bits) if value != 0 else math.ldexp(1.0, -126)
 
 
 def _non_finite_baseline(baselines: dict[str | None, float], ranks: Mapping[str | None, set[int]]) -> str | None:

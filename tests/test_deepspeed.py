@@ -107,7 +107,7 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
         # with reuse, the first measurement checks the training loss against its own forward first
         reused = "--reuse-training-loss" in args and exact_baseline and record["step"] > 1
         assert record["baseline_reused"] is reused
-        assert record["forwards"] == len(record["evaluations"]) + (0 if reused else 1)
+        assert record["forwards"] == len(record["evaluations"]) + (0 if reused else 1) + record["noise_forwards"]
         if "--modules" in args:  # a PipelineModule's groups are its layers: layer_0 … layer_3
             assert record["modules_trigger"] == "interval" and list(record["modules"]) == list(first[0]["modules"])
             assert len(record["modules"]) >= 4

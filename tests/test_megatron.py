@@ -80,7 +80,8 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
         assert (record["loss"] == training_loss) == exact_baseline
         # the first measurement checks the training loss against its own forward before trusting it
         assert record["baseline_reused"] is (reused and index > 0)
-        assert record["forwards"] == len(record["evaluations"]) + (0 if record["baseline_reused"] else 1)
+        assert record["forwards"] == (len(record["evaluations"]) + (0 if record["baseline_reused"] else 1)
+                                      + record["noise_forwards"])
         if "--modules" in args:
             assert record["modules_trigger"] == "interval" and list(record["modules"])[-1] == "output"
             assert record["modules_forwards"] == sum(m["forwards"] for m in record["modules"].values())

@@ -23,6 +23,7 @@ from torch._utils import _unflatten_dense_tensors
 
 from megatron_sharpness.backends.groups import (GroupSelection, Segment, local_names, union_in_rank_order,
                                                 view_segments, whole, write_group)
+from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_into
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
 from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, agree_loss, any_rank_failed, snapshot_skip_reason,
@@ -182,7 +183,10 @@ Evaluator = Callable[[Sequence[Batch], int], torch.Tensor]
 class DeepSpeedBackend:
     """batches: the micro-batches the step trained on, as the integration recorded them (middle
     pipeline stages record none). micro_batch_counts: how many micro-batches each task evaluates,
-    known on every stage. relative_batches: per relative task, in the same form as batches."""
+    known on every stage. relative_batches: per relative task, in the same form as batches.
+    loss_bits: DeepSpeed's losses are fp32."""
+
+    loss_bits = 24
 
     def __init__(self, engine, evaluate: Evaluator):
         self.engine = engine
@@ -264,6 +268,24 @@ class DeepSpeedBackend:
         for index, ((_, target), old, new) in enumerate(zip(self.layout.pairs(), self._theta_t, self._theta_next)):
             write_group(target, old, new, step_multiple, self._group.pair(index))
         self.layout.after_write()
+
+    @torch.no_grad()
+    def write_rounding_noise(self, sample: int) -> bool:
+        assert self._theta_t is not None and self._theta_next is not None
+        pairs = self.layout.pairs()
+        # The same answer on every rank: the engine's model dtype is one for all ranks.
+        if not any(target.dtype in NOISY_COMPUTE_BITS for _, target in pairs):
+            return False
+        self.layout.before_write()
+        offset = 0
+        for (_, target), old, new in zip(pairs, self._theta_t, self._theta_next):
+            if target.dtype in NOISY_COMPUTE_BITS:
+                one_ulp_moved_into(target, old, new, target.dtype, sample, offset)
+            else:
+                target.copy_(old)
+            offset += old.numel()
+        self.layout.after_write()
+        return True
 
     @torch.no_grad()
     def loss(self, task: str | None) -> float:

@@ -20,6 +20,7 @@ from megatron.core.optimizer import (ChainedOptimizer, DistributedOptimizer, Flo
 from megatron_sharpness.backends.groups import GroupSelection, Segment, local_names, union_in_rank_order, whole, write_group
 from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, agree_loss, any_rank_failed, note_local_loss,
                                        snapshot_skip_reason, take_local_non_finite)
+from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_into
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
 
@@ -114,10 +115,12 @@ def reject_unsupported_model(model_chunks: Sequence[torch.nn.Module]) -> None:
 
 
 class MegatronBackend:
-    """batches: per model chunk, the micro-batches its data iterator yielded during the step.
+    """loss_bits: megatron-core's losses are fp32 sums (loss_func's convention). batches: per model chunk, the micro-batches its data iterator yielded during the step.
     micro_batch_counts: how many micro-batches each task runs, the same on every rank.
     relative_batches: per relative task, in the same per-chunk form. step_applied: what
     optimizer.step() returned as its first value (False when the loss scaler skipped the step)."""
+
+    loss_bits = 24
 
     def __init__(self, optimizer, model_chunks: Sequence[torch.nn.Module], evaluate: Evaluator):
         reject_unsupported_model(model_chunks)
@@ -202,6 +205,22 @@ class MegatronBackend:
         for index, ((_, target), old, new) in enumerate(zip(self._pairs, self._theta_t, self._theta_next)):
             write_group(target, old, new, step_multiple, self._group.pair(index))
         self._sync_params()
+
+    @torch.no_grad()
+    def write_rounding_noise(self, sample: int) -> bool:
+        assert self._theta_t is not None and self._theta_next is not None
+        # Every rank answers alike: the model dtype is the same across data, tensor and pipeline ranks.
+        if not any(target.dtype in NOISY_COMPUTE_BITS for _, target in self._pairs):
+            return False
+        offset = 0
+        for (_, target), old, new in zip(self._pairs, self._theta_t, self._theta_next):
+            if target.dtype in NOISY_COMPUTE_BITS:
+                one_ulp_moved_into(target, old, new, target.dtype, sample, offset)
+            else:
+                target.copy_(old)
+            offset += old.numel()
+        self._sync_params()
+        return True
 
     @torch.no_grad()
     def loss(self, task: str | None) -> float:
