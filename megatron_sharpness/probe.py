@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from megatron_sharpness.backends.base import ProbeBackend
 from megatron_sharpness.config import SharpnessConfig
 from megatron_sharpness.loggers import MeasurementLogger
-from megatron_sharpness.faults import ProbeFailure
+from megatron_sharpness.faults import ProbeFailure, trial_point
 from megatron_sharpness.measurement import Measurement, ProbeError, TaskMeasurement, warning_reasons, warning_text
 from megatron_sharpness.modules import resolve_groups
 from megatron_sharpness.search import critical_lr_search
@@ -152,7 +152,8 @@ class SharpnessProbe:
 
     def _loss(self, backend: ProbeBackend, name: str | None, step_multiple: float, lr: float) -> float:
         try:
-            loss = backend.loss(name)
+            with trial_point(step_multiple * lr, name):
+                loss = backend.loss(name)
         except ProbeFailure as caught:
             first = caught.errors[0]
             raise _FailedAt(ProbeError(first.rank, first.error, step_multiple * lr, name,

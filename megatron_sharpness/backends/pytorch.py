@@ -17,7 +17,7 @@ from megatron_sharpness.backends.groups import GroupSelection, Segment, local_na
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
 from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, ProbeFailure, RankError, UsageError, describe,
-                                       device_of, gather_errors, snapshot_skip_reason)
+                                       device_of, gather_errors, report_local_failure, snapshot_skip_reason)
 
 LossFn = Callable[[], "torch.Tensor | float"]
 
@@ -132,6 +132,7 @@ class TorchBackend:
                 value = self._scalar(self.loss_fns[task](), label)
         except CAUGHT as caught:
             error = caught
+            report_local_failure(caught)
         return self._mean_over_ranks(value, error)
 
     def reduce_loss(self, value: object, label: str) -> float:
