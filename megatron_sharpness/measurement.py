@@ -252,14 +252,18 @@ class Measurement:
         return values
 
     def log_fields(self) -> str:
-        """Fields for Megatron's iteration line: `critical sharpness: ... | critical lr: ... |`."""
+        """Fields for Megatron's iteration line: `critical sharpness: ... | critical lr: ... |`.
+        `step lr` is the lr of the measured step: Megatron's own `learning rate` field is printed
+        after the scheduler has stepped, i.e. the next iteration's lr."""
+        step_lr = [f"step lr: {self.lr:.6E}"] if math.isfinite(self.lr) else []
         if self.error is not None:
-            return f"critical sharpness: failed ({self.error.text()}) |"
+            return " | ".join([f"critical sharpness: failed ({self.error.text()})", *step_lr]) + " |"
         if self.task is None:
-            return f"critical sharpness: skipped ({self.skipped}) |"
+            return " | ".join([f"critical sharpness: skipped ({self.skipped})", *step_lr]) + " |"
         parts = [f"critical sharpness: {self.task.value_text(sharpness=True)}"]
         if self.task.search.outcome is not Outcome.ASCENT:
             parts.append(f"critical lr: {self.task.value_text(sharpness=False)}")
+        parts += step_lr
         ratio = self.lr_over_critical_lr
         if ratio is not None:
             parts.append(f"lr/critical lr: {ratio:.3f}")

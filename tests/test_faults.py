@@ -149,11 +149,11 @@ def test_failed_measurement_round_trips_through_the_log_line_and_jsonl():
     measurement = Measurement(step=7, lr=0.01, task=None, error=error)
     line = f" iteration        7/     100 | lm loss: 3.5 | {measurement.log_fields()}"
     assert measurement.log_fields() == ("critical sharpness: failed (rank 1 (and 1 more rank), lr 3.0000E-02: "
-                                        "OutOfMemoryError: CUDA out of memory (tried 2.00 GiB)) |")
+                                        "OutOfMemoryError: CUDA out of memory (tried 2.00 GiB)) | step lr: 1.000000E-02 |")
     (from_line,) = parse_lines([line])
     (from_json,) = parse_lines([json.dumps(measurement.to_dict())])
     for record in (from_line, from_json):
-        assert (record.step, record.status, record.critical_sharpness) == (7, "failed", None)
+        assert (record.step, record.status, record.critical_sharpness, record.lr) == (7, "failed", None, 0.01)
         assert record.error == "rank 1 (and 1 more rank), lr 3.0000E-02: OutOfMemoryError: CUDA out of memory (tried 2.00 GiB)"
 
 
@@ -166,18 +166,20 @@ def test_on_error_is_validated_and_has_a_flag():
     assert config_from_args(parser.parse_args([])).on_error == "skip"
 
 
-def _train_with_probe(steps, state=None, start=0):
-    """A tiny regression trained from a checkpoint-like start; returns records and the probe."""
+def _train_with_probe(steps, state=None, start=0, optimizer_class=torch.optim.Adam, pass_iteration=False):
+    """A tiny regression trained from a checkpoint-like start; returns records and the probe.
+    state["probe"] None: resumed without the probe's state."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    optimizer = optimizer_class(model.parameters(), lr=3e-2)
     probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=2), loggers=[])
     held_x, held_y = torch.randn(32, 6), torch.randn(32, 1)
     probe.add_relative_task("held-out", lambda: F.mse_loss(model(held_x), held_y))
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        probe.load_state_dict(state["probe"])
+        if state["probe"] is not None:
+            probe.load_state_dict(state["probe"])
     records = []
     for step in range(start, start + steps):
         generator = torch.Generator().manual_seed(step)
@@ -185,7 +187,8 @@ def _train_with_probe(steps, state=None, start=0):
         y = x.sum(1, keepdim=True).sin()
         optimizer.zero_grad()
         F.mse_loss(model(x), y).backward()
-        measurement = probe.step(lambda: F.mse_loss(model(x), y))
+        counted = {"iteration": step + 1} if pass_iteration else {}  # else the probe counts
+        measurement = probe.step(lambda: F.mse_loss(model(x), y), **counted)
         if measurement is not None:
             records.append({k: v for k, v in measurement.to_dict().items() if k != "probe_seconds"})
     checkpoint = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
@@ -204,6 +207,25 @@ def test_resume_from_the_probe_state_measures_what_the_uninterrupted_run_would()
     cold, _ = _train_with_probe(6, checkpoint, start=6)
     assert [r["step"] for r in cold] == [8, 10, 12]
     assert [r["evaluations"] for r in cold] != [r["evaluations"] for r in uninterrupted[3:]]
+
+
+def test_a_resume_without_the_probe_state_counts_steps_on_from_the_optimizer_or_the_given_iteration():
+    """Steps 1-6, a checkpoint of model and optimizer only, steps 7-12 in a new process: the probe
+    must not count from 1 again (its records would be labelled steps 2, 4, 6 and read as the first
+    leg's). Adam counts its own steps; SGD keeps none, there the loop's iteration is passed."""
+    uninterrupted, _ = _train_with_probe(12)
+    _, checkpoint = _train_with_probe(6)
+    checkpoint["probe"] = None
+    resumed, _ = _train_with_probe(6, checkpoint, start=6)
+    assert [r["step"] for r in resumed] == [8, 10, 12]
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in uninterrupted[3:]]
+    _, checkpoint = _train_with_probe(6, optimizer_class=torch.optim.SGD)
+    checkpoint["probe"] = None
+    resumed, _ = _train_with_probe(6, checkpoint, start=6, optimizer_class=torch.optim.SGD, pass_iteration=True)
+    assert [r["step"] for r in resumed] == [8, 10, 12]
+    probe = TorchSharpnessProbe(torch.nn.Linear(2, 1), torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"iteration=0 is invalid; allowed: an integer >= 1"):
+        probe.step(lambda: 0.0, iteration=0)
 
 
 def test_load_state_dict_rejects_what_is_not_a_probe_state():
