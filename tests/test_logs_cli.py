@@ -262,3 +262,16 @@ def test_plot_draws_numbers_as_lines_with_gaps_and_outcomes_as_markers():
     assert [r.relative_status["heldout"] for r in records] == ["converged", "ascent", "capped", "noisy"]
     assert list(lines["2/η (edge of stability)"].get_ydata()) == [2000.0, 1000.0, 1000.0, 2000.0]  # follows the lr
     assert lr_axis.get_ylabel() == "learning rate η" and list(lr_axis.get_lines()[0].get_ydata()) == [1e-3, 2e-3, 2e-3, 1e-3]
+
+
+def test_plot_draws_each_leg_of_a_log_apart():
+    pytest.importorskip("matplotlib")
+    from megatron_sharpness.report import figure
+
+    lines = [json.dumps({"step": s, "lr": 1e-3, "critical_sharpness": v, "relative": {}})
+             for s, v in ((2, 1.0), (4, 2.0), (2, 8.0), (4, 10.0))]
+    built = figure(parse_lines(lines))
+    drawn = {artist.get_label(): artist for artist in built.axes[0].get_lines()}
+    assert list(drawn["critical sharpness λ_c (leg 1)"].get_ydata()) == [1.0, 2.0]
+    assert list(drawn["critical sharpness λ_c (leg 2)"].get_ydata()) == [8.0, 10.0]
+    assert drawn["critical sharpness λ_c (leg 2)"].get_linestyle() != drawn["critical sharpness λ_c (leg 1)"].get_linestyle()
