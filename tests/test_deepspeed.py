@@ -157,9 +157,9 @@ def test_monitor_jsonl_and_log_line_from_the_ds_config_section(tmp_path):
     assert csv_values("critical_lr") == [r["critical_lr"] for r in records]
     assert csv_values("relative_critical_sharpness_held-out") == [
         r["relative"]["held-out"]["critical_sharpness"] for r in records]
-    log_lines = [line for line in results[0].output.splitlines() if "critical sharpness:" in line]
+    log_lines = [line for line in results[0].output.splitlines() if "| critical sharpness:" in line]
     assert len(log_lines) == 2 and log_lines[0].startswith(" iteration        2 | critical sharpness: ")
-    assert not any("critical sharpness:" in line for line in results[1].output.splitlines())
+    assert not any("| critical sharpness:" in line for line in results[1].output.splitlines())
 
 
 @pytest.mark.parametrize("stage", ["2", "3"])
