@@ -76,14 +76,16 @@ def report_local_failure(error: BaseException) -> None:
         return
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
-    error._critical_sharpness_reported = True
-    where = "" if _trial is None else f" at trial lr {_trial[0]:.4E}" + (
-        "" if _trial[1] is None else f" of relative task {_trial[1]!r}")
-    frames = "".join(traceback.format_tb(error.__traceback__)[-REPORTED_FRAMES:])
-    print(f"critical sharpness: rank {dist.get_rank()}: a probe forward raised{where}: {describe(error)}\n"
-          f"  innermost frames (most recent call last):\n{frames}"
-          "  waiting for the other ranks in the next collective; if the job hangs there until the process-group "
-          "timeout, this error is the cause", file=sys.stderr, flush=True)
+    # Never raises: the caller must reach the collective that tells its peers whatever happens here.
+    with contextlib.suppress(Exception):
+        error._critical_sharpness_reported = True
+        where = "" if _trial is None else f" at trial lr {_trial[0]:.4E}" + (
+            "" if _trial[1] is None else f" of relative task {_trial[1]!r}")
+        frames = "".join(traceback.format_tb(error.__traceback__)[-REPORTED_FRAMES:])
+        print(f"critical sharpness: rank {dist.get_rank()}: a probe forward raised{where}: {describe(error)}\n"
+              f"  innermost frames (most recent call last):\n{frames}"
+              "  waiting for the other ranks in the next collective; if the job hangs there until the process-group "
+              "timeout, this error is the cause", file=sys.stderr, flush=True)
 
 
 def describe(error: BaseException) -> str:

@@ -3,8 +3,10 @@ starts, and the fan-out of records to loggers. Framework specifics live in a Pro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import sys
 import time
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
@@ -156,10 +158,13 @@ class SharpnessProbe:
             if id(logger) in self._failed_loggers:
                 return
             self._failed_loggers.add(id(logger))
-            warnings.warn(f"critical sharpness: the {type(logger).__name__} logger failed in {method}(): "
-                          f"{type(caught).__name__}: {caught}; the probe goes on measuring and logging elsewhere, "
-                          "this logger is tried again at every measurement, and further failures of it are "
-                          "not reported", RuntimeWarning, stacklevel=3)
+            # Printed, not warnings.warn: with warnings turned into errors the warning would raise
+            # on this rank alone. A stderr that cannot be written to is no reason to stop either.
+            with contextlib.suppress(Exception):
+                print(f"critical sharpness: the {type(logger).__name__} logger failed in {method}(): "
+                      f"{type(caught).__name__}: {caught}; the probe goes on measuring and logging elsewhere, "
+                      "this logger is tried again at every measurement, and further failures of it are not "
+                      "reported", file=sys.stderr, flush=True)
 
     def _check_training_loss(self, training_loss: float, probe_loss: float, step: int) -> None:
         # Every rank holds the same two reduced numbers, so every rank decides alike.
