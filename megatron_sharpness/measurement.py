@@ -113,23 +113,26 @@ class TaskMeasurement:
 @dataclass(frozen=True)
 class ProbeError:
     """A probe forward that raised on some rank(s), as every rank agreed on it. lr: the trial lr
-    whose forward failed (0.0: L(θ_t) itself); task: None for the step's batch."""
+    whose forward failed (0.0: L(θ_t) itself); task: None for the step's batch; group: the module
+    group whose breakdown search it was (None: not the breakdown)."""
 
     rank: int
     message: str
     lr: float
     task: str | None = None
     ranks: tuple[int, ...] = ()
+    group: str | None = None
 
     def text(self) -> str:
         where = "" if self.task is None else f", relative task {self.task}"
+        where += "" if self.group is None else f", module group {self.group}"
         others = len(self.ranks) - 1
         also = f" (and {others} more rank{'s' if others > 1 else ''})" if others > 0 else ""
         return f"rank {self.rank}{also}, lr {self.lr:.4E}{where}: {self.message}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "ranks": list(self.ranks) or [self.rank], "lr": self.lr, "task": self.task,
-                "message": self.message}
+                "group": self.group, "message": self.message}
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,8 @@ class Measurement:
     # The per-module breakdown (empty where it did not run) and why it ran.
     modules: dict[str, TaskMeasurement] = field(default_factory=dict)
     modules_trigger: str | None = None
+    # A breakdown search whose forward failed on some rank: the groups before it are in `modules`.
+    modules_error: ProbeError | None = None
     # The instability warning of this measurement, and how many the run has had so far.
     warning: str | None = None
     warnings: int = 0
@@ -229,6 +234,7 @@ class Measurement:
             "modules": {name: task.module_dict() for name, task in self.modules.items()},
             "modules_trigger": self.modules_trigger,
             "modules_forwards": self.modules_forwards,
+            "modules_error": None if self.modules_error is None else self.modules_error.to_dict(),
             "warning": self.warning,
             "warnings": self.warnings,
         }
@@ -259,14 +265,18 @@ class Measurement:
         return values
 
     def log_fields(self) -> str:
-        """Fields for Megatron's iteration line: `critical sharpness: ... | critical lr: ... |`."""
+        """Fields for Megatron's iteration line: `critical sharpness: ... | critical lr: ... |`.
+        `step lr` is the lr of the measured step: Megatron's own `learning rate` field is printed
+        after the scheduler has stepped, i.e. the next iteration's lr."""
+        step_lr = [f"step lr: {self.lr:.6E}"] if math.isfinite(self.lr) else []
         if self.error is not None:
-            return f"critical sharpness: failed ({self.error.text()}) |"
+            return " | ".join([f"critical sharpness: failed ({self.error.text()})", *step_lr]) + " |"
         if self.task is None:
-            return f"critical sharpness: skipped ({self.skipped}) |"
+            return " | ".join([f"critical sharpness: skipped ({self.skipped})", *step_lr]) + " |"
         parts = [f"critical sharpness: {self.task.value_text(sharpness=True)}"]
         if self.task.search.outcome is not Outcome.ASCENT:
             parts.append(f"critical lr: {self.task.value_text(sharpness=False)}")
+        parts += step_lr
         ratio = self.lr_over_critical_lr
         if ratio is not None:
             parts.append(f"lr/critical lr: {ratio:.3f}")
@@ -276,6 +286,8 @@ class Measurement:
             parts.append(f"relative sharpness {name}: {task.value_text(sharpness=True)}")
         if self.modules:
             parts.append(f"modules: {len(self.modules)}{self._worst_text()}")
+        if self.modules_error is not None:
+            parts.append(f"modules failed: {self.modules_error.text()}")
         if self.warnings:
             parts.append(f"sharpness warnings: {self.warnings}")
         return " | ".join(parts) + " |"

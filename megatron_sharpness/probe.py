@@ -3,7 +3,10 @@ starts, and the fan-out of records to loggers. Framework specifics live in a Pro
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import sys
 import time
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
@@ -11,7 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from megatron_sharpness.backends.base import ProbeBackend
 from megatron_sharpness.config import SharpnessConfig
 from megatron_sharpness.loggers import MeasurementLogger
-from megatron_sharpness.faults import ProbeFailure
+from megatron_sharpness.faults import ProbeFailure, trial_point
 from megatron_sharpness.measurement import Measurement, ProbeError, TaskMeasurement, warning_reasons, warning_text
 from megatron_sharpness.modules import resolve_groups
 from megatron_sharpness.search import Outcome, critical_lr_search
@@ -52,6 +55,8 @@ class SharpnessProbe:
         self._groups: tuple[list[str], dict[str, list[str]]] | None = None
         # Per task, the last NOISE_WINDOW rounding-noise samples (loss changes, ≥ 0).
         self._noise_samples: dict[str | None, list[float]] = {}
+        # Loggers that have raised (warned about once; they are tried again at every measurement).
+        self._failed_loggers: set[int] = set()
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to measure as the uninterrupted one would: the warm starts and
@@ -115,7 +120,7 @@ class SharpnessProbe:
         searches: dict[str | None, TaskMeasurement] = {}
         modules: dict[str, TaskMeasurement] = {}
         reasons: list[str] = []
-        skipped = failure = error = trigger = None
+        skipped = failure = error = trigger = modules_error = None
         reuse = training_loss is not None and self.training_loss_matches is True
         try:
             skipped = self._skip_reason(backend, lr)
@@ -141,8 +146,8 @@ class SharpnessProbe:
                 reasons = warning_reasons(searches[None], self.config.warn_ratio)
                 trigger = self._breakdown_trigger(step, searches[None], bool(reasons))
                 if trigger is not None:
-                    modules = self._breakdown(backend, lr, baselines[None], searches[None].search.critical_lr,
-                                              noise[None])
+                    modules, modules_error = self._breakdown(backend, lr, baselines[None],
+                                                             searches[None].search.critical_lr, noise[None])
         except _FailedAt as caught:
             # Every rank raised this in the same collective: all of them restore below alike.
             failure, error, searches, modules, trigger, reasons = caught.error, caught.__cause__, {}, {}, None, []
@@ -156,13 +161,32 @@ class SharpnessProbe:
         self.warnings += warning is not None
         measurement = Measurement(step=step, lr=lr, task=task, relative=searches,
                                   probe_seconds=time.perf_counter() - started, skipped=skipped, error=failure,
-                                  modules=modules, modules_trigger=trigger, warning=warning, warnings=self.warnings)
+                                  modules=modules, modules_trigger=trigger, modules_error=modules_error,
+                                  warning=warning, warnings=self.warnings)
         for logger in self.loggers:
-            logger.log(measurement)
-        if failure is not None and self.config.on_error == "raise":
+            self._guarded(logger, "log", measurement)
+        if self.config.on_error == "raise" and (failure or modules_error) is not None:
             raise RuntimeError(f"critical sharpness: the measurement at step {step} failed "
-                               f"({failure.text()}); on_error='raise'") from error
+                               f"({(failure or modules_error).text()}); on_error='raise'") from error
         return measurement
+
+    def _guarded(self, logger: MeasurementLogger, method: str, *args: Any) -> None:
+        """A logger that raises (a full disk under log_file, a TensorBoard writer gone) must not end
+        training: loggers run on one rank only, so an exception there would leave the other ranks
+        waiting in the next collective. One warning per logger; the probe and the other loggers go on."""
+        try:
+            getattr(logger, method)(*args)
+        except Exception as caught:
+            if id(logger) in self._failed_loggers:
+                return
+            self._failed_loggers.add(id(logger))
+            # Printed, not warnings.warn: with warnings turned into errors the warning would raise
+            # on this rank alone. A stderr that cannot be written to is no reason to stop either.
+            with contextlib.suppress(Exception):
+                print(f"critical sharpness: the {type(logger).__name__} logger failed in {method}(): "
+                      f"{type(caught).__name__}: {caught}; the probe goes on measuring and logging elsewhere, "
+                      "this logger is tried again at every measurement, and further failures of it are not "
+                      "reported", file=sys.stderr, flush=True)
 
     def _check_training_loss(self, training_loss: float, probe_loss: float, step: int) -> None:
         # Every rank holds the same two reduced numbers, so every rank decides alike.
@@ -175,7 +199,8 @@ class SharpnessProbe:
 
     def _loss(self, backend: ProbeBackend, name: str | None, step_multiple: float, lr: float) -> float:
         try:
-            loss = backend.loss(name)
+            with trial_point(step_multiple * lr, name):
+                loss = backend.loss(name)
         except ProbeFailure as caught:
             first = caught.errors[0]
             raise _FailedAt(ProbeError(first.rank, first.error, step_multiple * lr, name,
@@ -230,11 +255,14 @@ class SharpnessProbe:
             return "interval"
         return None
 
-    def _breakdown(self, backend: ProbeBackend, lr: float, baseline: float,
-                   critical_lr: float | None, noise: float) -> dict[str, TaskMeasurement]:
+    def _breakdown(self, backend: ProbeBackend, lr: float, baseline: float, critical_lr: float | None,
+                   noise: float) -> tuple[dict[str, TaskMeasurement], ProbeError | None]:
         """One search per parameter group along the group's part of the update; L(θ_t) is shared.
         A group without a warm start starts at the whole update's critical lr (its scale): a group
-        that does not cross within modules_max_search doublings of it is far from unstable."""
+        that does not cross within modules_max_search doublings of it is far from unstable. A group
+        whose forward failed on some rank (every rank agreed) ends the breakdown: the groups searched
+        before it are kept, the error names it, the later groups are not searched (the cause, an OOM
+        say, would most likely strike them too)."""
         guess = None if critical_lr is None else critical_lr / lr
         names = backend.parameter_names()
         if self._groups is None or self._groups[0] != names:
@@ -243,14 +271,19 @@ class SharpnessProbe:
         try:
             for group, members in self._groups[1].items():
                 backend.select_group(members)
-                # The whole update's ν: a group moves fewer elements, so its own noise is smaller.
-                results[group] = self._search(backend, None, lr, baseline, backend.resolution_floor(), noise,
-                                              baseline_reused=True, warm_starts=self._last_module_lr, key=group,
-                                              max_search=self.config.modules_max_search,
-                                              method=MODULE_SEARCH, guess=guess)
+                try:
+                    # The whole update's ν: a group moves fewer elements, so its own noise is smaller.
+                    results[group] = self._search(backend, None, lr, baseline, backend.resolution_floor(), noise,
+                                                  baseline_reused=True, warm_starts=self._last_module_lr,
+                                                  key=group, max_search=self.config.modules_max_search,
+                                                  method=MODULE_SEARCH, guess=guess)
+                except _FailedAt as caught:
+                    if isinstance(caught.__cause__, ProbeFailure) and caught.__cause__.usage:
+                        raise
+                    return results, dataclasses.replace(caught.error, group=group)
         finally:
             backend.select_group(None)
-        return results
+        return results, None
 
     def _search(self, backend: ProbeBackend, name: str | None, lr: float, baseline: float,
                 floor: float, noise: float, baseline_reused: bool = False, warm_starts: dict | None = None,
@@ -285,7 +318,7 @@ class SharpnessProbe:
 
     def close(self) -> None:
         for logger in self.loggers:
-            logger.close()
+            self._guarded(logger, "close")
 
 
 def _ulp(value: float, bits: int) -> float:

@@ -24,10 +24,11 @@ from torch._utils import _unflatten_dense_tensors
 from megatron_sharpness.backends.groups import (GroupSelection, Segment, local_names, union_in_rank_order,
                                                 view_segments, whole, write_group)
 from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_into
+from megatron_sharpness.backends.modes import ModuleModes
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
-from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, agree_loss, any_rank_failed, snapshot_skip_reason,
-                                       take_local_non_finite)
+from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, agree_loss, any_rank_failed, report_local_failure,
+                                       snapshot_skip_reason, take_local_non_finite)
 
 SUPPORTED_OPTIMIZERS = ("DeepSpeedZeroOptimizer (ZeRO-1/2, with or without offload_optimizer)",
                         "DeepSpeedZeroOptimizer_Stage3 (ZeRO-3, with or without offload_optimizer)",
@@ -198,7 +199,7 @@ class DeepSpeedBackend:
         self._theta_t: list[torch.Tensor] | None = None
         self._theta_next: list[torch.Tensor] | None = None
         self._rng: RngState | None = None
-        self._module_training = True
+        self._modes: ModuleModes | None = None
         self._floor = 0.0
         self._snapshot_skipped: str | None = None
         # The ranks whose own part of the last loss was non-finite (None: finite, or not known).
@@ -229,7 +230,7 @@ class DeepSpeedBackend:
         masters = [master for master, _ in self.layout.pairs()]
         self._theta_next = [m.clone() for m in masters] if self.layout.master_is_model else masters
         self._rng = RngState.capture()
-        self._module_training = self.engine.module.training
+        self._modes = ModuleModes([self.engine.module])
         # The histogram's counts also say whether any rank's step changed a parameter.
         histogram = ResolutionHistogram.of_step([target for _, target in self.layout.pairs()], self._theta_t,
                                                 self._theta_next, self.engine.device)
@@ -297,6 +298,7 @@ class DeepSpeedBackend:
             value = self.evaluate(batches, self.micro_batch_counts[task]).detach().reshape(1).double().item()
         except CAUGHT as caught:
             error = caught
+            report_local_failure(caught)
         # Every rank must branch alike: rank 0's bits (rather than trust the transport's summation
         # order to be the same everywhere), whether any rank failed, and how many ranks' own part
         # of the loss was non-finite, in one all-reduce.
@@ -311,7 +313,7 @@ class DeepSpeedBackend:
                 target.copy_(new)
             self.layout.after_write()
             self._rng.restore()
-            self.engine.module.train(self._module_training)
+            self._modes.restore()
         self._theta_t = self._theta_next = self._rng = None
         self._group.clear()
 

@@ -18,7 +18,7 @@ from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_i
 from megatron_sharpness.backends.resolution import SIGNIFICAND_BITS, ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
 from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, ProbeFailure, RankError, UsageError, describe,
-                                       device_of, gather_errors, snapshot_skip_reason)
+                                       device_of, gather_errors, report_local_failure, snapshot_skip_reason)
 
 LossFn = Callable[[], "torch.Tensor | float"]
 
@@ -165,6 +165,7 @@ class TorchBackend:
             self.loss_bits = SIGNIFICAND_BITS.get(getattr(raw, "dtype", None), SIGNIFICAND_BITS[torch.float32])
         except CAUGHT as caught:
             error = caught
+            report_local_failure(caught)
         return self._mean_over_ranks(value, error)
 
     def reduce_loss(self, value: object, label: str) -> float:
