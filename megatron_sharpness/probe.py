@@ -17,7 +17,7 @@ from megatron_sharpness.loggers import MeasurementLogger
 from megatron_sharpness.faults import ProbeFailure, trial_point
 from megatron_sharpness.measurement import Measurement, ProbeError, TaskMeasurement, warning_reasons, warning_text
 from megatron_sharpness.modules import resolve_groups
-from megatron_sharpness.search import Outcome, critical_lr_search
+from megatron_sharpness.search import Outcome, SearchResult, critical_lr_search
 
 # Version of state_dict()'s layout, checked on load.
 STATE_VERSION = 1
@@ -56,6 +56,9 @@ class SharpnessProbe:
         self._groups: tuple[list[str], dict[str, list[str]]] | None = None
         # Per task, the last NOISE_WINDOW rounding-noise samples (loss changes, ≥ 0).
         self._noise_samples: dict[str | None, list[float]] = {}
+        # Whether the gradients' slope agreed with the loss at the last measurement that could
+        # tell (None: none could yet): where the caller clips or scales the gradients it does not.
+        self._gradient_slope_fits: bool | None = None
         # Loggers that have raised (warned about once; they are tried again at every measurement).
         self._failed_loggers: set[int] = set()
 
@@ -68,7 +71,8 @@ class SharpnessProbe:
                 "training_loss_matches": self.training_loss_matches,
                 "modules": {"last_critical_lr": [[name, lr] for name, lr in self._last_module_lr.items()],
                             "warnings": self.warnings},
-                "loss_noise": [[name, list(samples)] for name, samples in self._noise_samples.items()]}
+                "loss_noise": [[name, list(samples)] for name, samples in self._noise_samples.items()],
+                "gradient_slope_fits": self._gradient_slope_fits}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
@@ -106,6 +110,11 @@ class SharpnessProbe:
                                  "allowed: [task name or None, [finite numbers >= 0]]")
             noise[name] = samples[-NOISE_WINDOW:]
         self._noise_samples = noise
+        fits = state.get("gradient_slope_fits")  # absent in states saved before it existed
+        if fits not in (None, True, False):
+            raise ValueError(f"critical sharpness: bad gradient_slope_fits {fits!r} in the probe state; "
+                             "allowed: true, false or null")
+        self._gradient_slope_fits = fits
 
     def is_due(self, step: int) -> bool:
         return self.config.enabled and step % self.config.interval == 0
@@ -138,12 +147,15 @@ class SharpnessProbe:
             if skipped is None:
                 noise, noise_forwards = self._loss_noise(backend, baselines, step, lr)
                 floor = backend.resolution_floor()
-                hint = getattr(backend, "gradient_slope", lambda: None)()
+                slope = getattr(backend, "gradient_slope", lambda: None)()
+                hint = None if self._gradient_slope_fits is False else slope
                 searches = {name: self._search(backend, name, lr, baseline, floor, noise[name],
                                                baseline_reused=name is None and reuse,
                                                noise_forwards=noise_forwards[name],
                                                slope_hint=hint if name is None else None)
                             for name, baseline in baselines.items()}
+                fits = _slope_fits(searches[None].search, slope)
+                self._gradient_slope_fits = self._gradient_slope_fits if fits is None else fits
                 reasons = warning_reasons(searches[None], self.config.warn_ratio)
                 trigger = self._breakdown_trigger(step, searches[None], bool(reasons))
                 if trigger is not None:
@@ -320,6 +332,17 @@ class SharpnessProbe:
     def close(self) -> None:
         for logger in self.loggers:
             self._guarded(logger, "close")
+
+
+def _slope_fits(search: SearchResult, slope: float | None) -> bool | None:
+    """Whether the gradients' slope is within 25 % of the slope a converged search implies (the
+    quadratic through L(θ_t), L(1) and the crossing s*: L(1) − L(θ_t) = a·(1 − 1/s*)); None where
+    this search cannot tell (no slope, no number, a crossing too close to 1)."""
+    if slope is None or not search.converged or search.critical_step_multiple < 1.5:
+        return None
+    rise = next(loss for s, loss in search.evaluations if s == 1.0) - search.baseline_loss
+    implied = rise / (1.0 - 1.0 / search.critical_step_multiple)
+    return implied < 0 and 0.8 <= slope / implied <= 1.25
 
 
 def _ulp(value: float, bits: int) -> float:
