@@ -3,6 +3,7 @@ starts, and the fan-out of records to loggers. Framework specifics live in a Pro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -14,6 +15,7 @@ from megatron_sharpness.loggers import MeasurementLogger
 from megatron_sharpness.faults import ProbeFailure
 from megatron_sharpness.measurement import Measurement, ProbeError, TaskMeasurement, warning_reasons, warning_text
 from megatron_sharpness.modules import resolve_groups
+from megatron_sharpness.policies import FORWARDS_PER_STEP, guard_policy, interval_policy
 from megatron_sharpness.search import critical_lr_search
 
 # Version of state_dict()'s layout, checked on load.
@@ -44,6 +46,12 @@ class SharpnessProbe:
         self._last_module_lr: dict[str, float] = {}
         self.warnings = 0
         self._groups: tuple[list[str], dict[str, list[str]]] | None = None
+        # Policies beside the probe (policies.py): when the next measurement is due, and the guard.
+        self.schedule = interval_policy(config)
+        self.guard = guard_policy(config)
+        # The share of a training step one probe forward costs (the adaptive interval's budget):
+        # integrations with gradient accumulation set evaluated / (3 × trained) micro-batches.
+        self.step_share = 1.0 / FORWARDS_PER_STEP
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to measure as the uninterrupted one would: the warm starts and
@@ -53,7 +61,9 @@ class SharpnessProbe:
                 "last_critical_lr": [[name, lr] for name, lr in self._last_critical_lr.items()],
                 "training_loss_matches": self.training_loss_matches,
                 "modules": {"last_critical_lr": [[name, lr] for name, lr in self._last_module_lr.items()],
-                            "warnings": self.warnings}}
+                            "warnings": self.warnings},
+                "schedule": self.schedule.state_dict(),
+                "guard": {} if self.guard is None else self.guard.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
@@ -82,9 +92,13 @@ class SharpnessProbe:
         if not (isinstance(modules["warnings"], int) and modules["warnings"] >= 0):
             raise ValueError(f"critical sharpness: bad warning count {modules['warnings']!r} in the probe state")
         self._last_module_lr, self.warnings = module_lrs, modules["warnings"]
+        # Written by versions without the policies, or with a fixed interval / no guard: fresh ones.
+        self.schedule.load_state_dict(state.get("schedule") or {})
+        if self.guard is not None:
+            self.guard.load_state_dict(state.get("guard") or {})
 
     def is_due(self, step: int) -> bool:
-        return self.config.enabled and step % self.config.interval == 0
+        return self.config.enabled and self.schedule.is_due(step)
 
     def measure(self, backend: ProbeBackend, step: int, lr: float,
                 relative_tasks: Sequence[str] = (), training_loss: float | None = None) -> Measurement:
@@ -97,7 +111,7 @@ class SharpnessProbe:
         searches: dict[str | None, TaskMeasurement] = {}
         modules: dict[str, TaskMeasurement] = {}
         reasons: list[str] = []
-        skipped = failure = error = trigger = None
+        skipped = failure = error = trigger = action = None
         reuse = training_loss is not None and self.training_loss_matches is True
         try:
             skipped = self._skip_reason(backend, lr)
@@ -120,9 +134,15 @@ class SharpnessProbe:
                 trigger = self._breakdown_trigger(step, searches[None], bool(reasons))
                 if trigger is not None:
                     modules = self._breakdown(backend, lr, baselines[None], searches[None].search.critical_lr)
+                if self.guard is not None:
+                    action = self.guard.decide(step, searches[None], modules)
+                    if action is not None and action.mode == "shorten":
+                        # Before restore(): it then puts θ_t + s·Δθ where θ_{t+1} was.
+                        backend.commit(action.factor, None if action.group is None else self._groups[1][action.group])
         except _FailedAt as caught:
             # Every rank raised this in the same collective: all of them restore below alike.
             failure, error, searches, modules, trigger, reasons = caught.error, caught.__cause__, {}, {}, None, []
+            action = None
         finally:
             backend.restore()
         if isinstance(error, ProbeFailure) and error.usage:
@@ -133,7 +153,11 @@ class SharpnessProbe:
         self.warnings += warning is not None
         measurement = Measurement(step=step, lr=lr, task=task, relative=searches,
                                   probe_seconds=time.perf_counter() - started, skipped=skipped, error=failure,
-                                  modules=modules, modules_trigger=trigger, warning=warning, warnings=self.warnings)
+                                  modules=modules, modules_trigger=trigger, warning=warning, warnings=self.warnings,
+                                  guard=action)
+        gap = self.schedule.observe(measurement, self.step_share)
+        if gap is not None:
+            measurement = dataclasses.replace(measurement, next_interval=gap)
         for logger in self.loggers:
             logger.log(measurement)
         if failure is not None and self.config.on_error == "raise":
@@ -224,6 +248,11 @@ class SharpnessProbe:
             warm_starts[key] = search.critical_lr
         ranks = self._non_finite_ranks.get(name)
         return TaskMeasurement(search, baseline_reused, tuple(sorted(ranks)) if ranks else None)
+
+    def group_members(self, group: str) -> list[str]:
+        """The parameter names of a module group of the breakdown (after a breakdown ran)."""
+        assert self._groups is not None, "no breakdown has run yet"
+        return self._groups[1][group]
 
     def close(self) -> None:
         for logger in self.loggers:

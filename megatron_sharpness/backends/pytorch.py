@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from megatron_sharpness.backends.groups import GroupSelection, Segment, local_names, whole, write_group
+from megatron_sharpness.backends.groups import GroupSelection, Segment, commit_pairs, local_names, whole, write_group
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
 from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, ProbeFailure, RankError, UsageError, describe,
@@ -122,6 +122,10 @@ class TorchBackend:
                 torch.lerp(old, new, step_multiple, out=param.detach())
             else:
                 write_group(param.detach(), old, new, step_multiple, ranges)
+
+    def commit(self, step_multiple: float, names) -> None:
+        assert self._theta_t is not None and self._theta_next is not None
+        commit_pairs(self._theta_t, self._theta_next, step_multiple, self._segments(), names)
 
     def loss(self, task: str | None) -> float:
         label = "the step's loss_fn" if task is None else f"the loss_fn of relative task {task!r}"
