@@ -23,9 +23,13 @@ unresolved reading by its lower bound), act before the next step:
   ascent: the step is undone); where the breakdown names a group above the ratio, only that group's
   part of the step is shortened, by its own η_c^G. The optimizer's moments stay as the optimizer left
   them (they saw the whole gradient): only the parameters move less.
-- lr: the lr of the following steps is multiplied by f = guard_target · η_c/η_t (at least
-  MIN_LR_FACTOR), and f recovers geometrically to 1 over guard_recovery steps; a new crossing while it
-  recovers lowers it again, never raises it.
+- lr: the lr of the following steps is multiplied by f = guard_target · η_c/η_t (of the scheduled
+  lr: a factor in force at the measured step multiplies in; at least MIN_LR_FACTOR), and f recovers
+  geometrically to 1 over guard_recovery steps; a new crossing while it recovers lowers it again,
+  never raises it, and restarts the recovery. Per group as for shorten where the integration can
+  scale that group's lr alone (plain PyTorch: the param groups holding it); elsewhere every group.
+  The guard acts only where lr/critical lr exceeds guard_target too (below it there is nothing to
+  shorten).
 """
 
 from __future__ import annotations
@@ -167,12 +171,16 @@ class Guard:
         ranked = ranked_modules(dict(modules))
         if ranked and ranked[0][1] > self.ratio:
             group, ratio = ranked[0]
-        factor = min(1.0, self.target / ratio)
+        factor = self.target / ratio
+        if factor >= 1.0:  # already below the target (guard_ratio under guard_target): nothing to do
+            return None
         if self.mode == "lr":
-            current = self.lr_factor(step + 1)
-            factor = max(MIN_LR_FACTOR, factor)
-            if factor >= current[0] and group == current[1]:
-                factor = current[0]  # already lower: keep it, restart its recovery
+            # The reading is of the lr in force: the factor for the scheduled lr is the product.
+            in_force, in_group = self.lr_factor(step)
+            factor = max(MIN_LR_FACTOR, factor * (in_force if in_group == group else 1.0))
+            upcoming, upcoming_group = self.lr_factor(step + 1)
+            if upcoming_group == group:
+                factor = min(factor, upcoming)  # never raised by a new crossing; its recovery restarts
             self.lr_start, self.fired, self.lr_group = factor, step, group
         self.actions += 1
         return GuardAction(self.mode, factor, ratio, group)
