@@ -10,8 +10,10 @@ import torch
 from megatron_sharpness.config import ConfigError, SharpnessConfig
 from megatron_sharpness.demo_spike import run_spike_demo
 from megatron_sharpness.integrations.pytorch import TorchSharpnessProbe
+from megatron_sharpness.logs import read_logs
 from megatron_sharpness.measurement import Measurement, TaskMeasurement
 from megatron_sharpness.policies import (BURST, MIN_LR_FACTOR, AdaptiveInterval, Guard, lr_scaled, urgency)
+from megatron_sharpness.report import summary
 from megatron_sharpness.search import Outcome, SearchResult
 
 
@@ -179,15 +181,34 @@ def test_an_armed_guard_that_never_fires_is_bitwise_the_guard_off(mode):
     assert [strip(m) for m in armed.measurements] == [strip(m) for m in off.measurements]
 
 
-def test_the_guard_shortens_the_provoked_spike_demo():
+def test_the_guard_shortens_the_provoked_spike_demo(tmp_path):
     """The demo's output layer at 30 × the lr from iteration 16: the guard fires at the first
     crossing (iteration 17, lr/critical lr 3.96; the breakdown's worst group reads only a lower
     bound of 1, so the whole step is shortened) and the run's loss stays below the unguarded spike."""
     off = run_spike_demo(steps=24, provoke_at=16, factor=30.0, group="output", print_fn=lambda line: None)
-    guarded = run_spike_demo(steps=24, provoke_at=16, factor=30.0, group="output", print_fn=lambda line: None,
-                             guard="shorten")
+    lines = []
+    guarded = run_spike_demo(steps=24, provoke_at=16, factor=30.0, group="output", print_fn=lines.append,
+                             guard="shorten", log_file=str(tmp_path / "guarded.jsonl"))
     actions = [m for m in guarded.measurements if m.guard is not None]
     first = actions[0]
     assert first.step == 17 and first.guard.group is None
     assert first.guard.factor == pytest.approx(0.5 / first.lr_over_critical_lr)
     assert max(guarded.losses[16:]) < max(off.losses[16:])
+    # The actions in the log line and the JSONL alike, and in `summary`.
+    (tmp_path / "guarded.log").write_text("\n".join(lines) + "\n")
+    from_line, from_json = (read_logs([str(tmp_path / name)]) for name in ("guarded.log", "guarded.jsonl"))
+    expected = [(m.step, m.guard.text()) for m in actions]
+    assert [(r.step, r.guard) for r in from_line if r.guard] == expected
+    assert [(r.step, r.guard) for r in from_json if r.guard] == expected
+    assert f"the guard acted at {len(actions)} of 24 measured steps: 17 (shorten ×" in summary(from_json, 2)
+
+
+def test_the_adaptive_interval_measures_where_it_said_logs_its_gap_and_keeps_its_budget():
+    _, _, probe, records = tiny_training(SharpnessConfig(interval=4, budget=0.5), steps=40)
+    measured = [r for r in records if r is not None]
+    assert len(measured) >= 3 and measured[0].step == 4
+    assert all(b.step - a.step == a.next_interval for a, b in zip(measured, measured[1:]))
+    assert f"| sharpness interval: {measured[0].next_interval} |" in " | " + measured[0].log_fields()
+    assert measured[0].to_dict()["next_interval"] == measured[0].next_interval
+    spent = sum(m.forwards for m in measured) / 3
+    assert spent == pytest.approx(probe.probe.schedule.spent) and spent <= 0.5 * 40
