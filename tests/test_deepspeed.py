@@ -132,9 +132,11 @@ def test_the_guard_acts_through_the_engine_and_training_goes_on(mode, tmp_path):
     first, second = (strip_timing(result["records"]) for result in ranks)
     assert first == second
     assert all(math.isfinite(loss) for loss in ranks[0]["training_losses"])
-    for record in first:
-        guard = record["guard"]
-        assert guard["mode"] == mode and guard["group"] is None and 0 < guard["factor"] < 1
+    # Every measurement acts, except where the lr guard has already brought lr/critical lr below
+    # its target (1e-3): nothing left to do there.
+    actions = [record["guard"] for record in first if record["guard"] is not None]
+    assert first[0]["guard"] is not None and len(actions) >= (4 if mode == "shorten" else 1)
+    assert all(a["mode"] == mode and a["group"] is None and 0 < a["factor"] < 1 for a in actions)
     factor = first[0]["guard"]["factor"]
     if mode == "shorten":
         assert [r["lr"] for r in first] == [3e-3] * 4 and factor == pytest.approx(1e-3 / first[0]["lr_over_critical_lr"])

@@ -16,7 +16,8 @@ alarms. Written from the descriptions of the methods, not from their code:
 - The update-norm ratio ‖Δθ‖/‖θ‖: the same EMA z-score on it.
 - Ours: lr/critical lr above a threshold (an ascent counts as infinite, an unresolved reading by
   its lower bound), "step raised loss", both (the live warning), and a trend test (the reading at
-  least `jump` × the median of the previous three and above a floor).
+  least `jump` × the median of the previous three and above a floor), and ZClip's z-score on the
+  logarithm of our readings (a level relative to the run's own recent readings).
 
 Scoring. Spikes are spikes.detect_spikes of the training loss (the `summary` definition). A spike
 is caught when an alarm falls in the HORIZON steps before its first step (strictly before: an
@@ -129,6 +130,22 @@ def trend_alarms(trace: Mapping[str, Any], jump: float, floor: float = 0.1) -> l
     return alarms
 
 
+def reading_zscore_alarms(trace: Mapping[str, Any], threshold: float) -> list[int]:
+    """ZClip's statistic on our own readings: the z-score of log(lr/critical lr) against an EMA of
+    the earlier measurements (α = 0.9, seeded by the first 5); an ascent always alarms."""
+    stats, alarms = ZScore(alpha=0.9, warmup=5), []
+    for m in trace["measurements"]:
+        value = reading(m)
+        if value is None or value <= 0.0:
+            continue
+        if math.isinf(value):
+            alarms.append(m["step"])
+            continue
+        if stats.update(math.log(value), clip=threshold) > threshold:
+            alarms.append(m["step"])
+    return alarms
+
+
 @dataclass(frozen=True)
 class Detector:
     name: str
@@ -144,6 +161,7 @@ DETECTORS = (
     Detector("ours: lr/critical lr", (0.1, 0.25, 0.5, 1.0, 2.0, 4.0), 1.0,
              lambda t, x: ours_alarms(t, x, raised=False), "probe"),
     Detector("ours: trend", (1.5, 2.0, 3.0, 5.0, 10.0), 3.0, lambda t, x: trend_alarms(t, x), "probe"),
+    Detector("ours: reading z-score", (1.5, 2.0, 2.5, 3.0, 4.0, 6.0), 3.0, reading_zscore_alarms, "probe"),
     Detector("grad-norm z-score (ZClip)", (1.5, 2.0, 2.5, 3.0, 4.0, 6.0), 2.5,
              lambda t, x: zscore_alarms(t["grad_norm"], x), "grad_norm"),
     Detector("loss z-score", (1.5, 2.0, 2.5, 3.0, 4.0, 6.0), 3.0, lambda t, x: zscore_alarms(t["loss"], x), "none"),

@@ -318,7 +318,7 @@ def probe_run(a, rank):
     probed = state(engine)
     probed["consistent"] = [torch.tensor(all(torch.equal(target, master.to(target.dtype))
                                              for master, target in master_layout(engine).pairs()))]
-    probed["lr_after"] = [torch.tensor(float(engine.get_lr()[0]))]
+    probed["lr_after"] = [torch.tensor(float(engine.get_lr()[0]), dtype=torch.float64)]
     optimizer = type(engine.optimizer).__name__
     sharpness.detach()
     engine.destroy()
