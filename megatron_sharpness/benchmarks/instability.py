@@ -10,21 +10,22 @@ Writes OUT/traces.json (every run's per-step loss, gradient norm, update ratio a
 readings), OUT/tables.md (the tables below) and OUT/instability-detectors.png; `--report-only`
 redoes the tables and the picture from OUT/traces.json.
 
-Mechanisms (provoked | calm twin):
-- lr-warmup: warm-up over 400 steps to a peak lr 10× too high | to a sane peak;
-- group-lr: the output layer's lr × 30 from step 300 (demo-spike) | unchanged;
-- adam-collapse: the output layer's gradient × 1e-3 for steps 100–400 (a group whose gradient is near
-  zero, e.g. the output rows of tokens that stopped appearing), β₂ = 0.999, ε = 1e-12, then back at
-  full size while Adam's second moment still holds the small gradients | the same without the quiet
-  stretch ("A Theory on Adam Instability in Large-Scale Machine Learning");
-- corrupt-data: 5 batches of uniformly random tokens at step 300 | none;
-- attention-logits: no QK-norm, bf16 autocast, high lr: attention logits grow until the softmax
-  saturates (Dehghani et al. 2023) | the same with QK-LayerNorm;
-- output-logits: output logit divergence (Wortsman et al. 2023, arXiv 2309.14322, "Small-scale proxies
-  for large-scale Transformer training instabilities"): high lr, no weight decay, no z-loss, the
-  logits drift from the log-probabilities | the same with PaLM's z-loss 1e-4;
+Mechanisms (provoked | calm twin), AdamW on a 2-layer GPT (width 48, batch 8 × 32 bytes) unless said:
+- lr-warmup: linear warm-up over 400 steps to a peak lr of 0.3 | to 3e-3;
+- group-lr: the output layer's lr × 100 from step 303 (demo-spike) | unchanged;
+- adam-collapse: the output layer's gradient × 1e-3 for steps 1–300 (a group whose gradient is near
+  zero, e.g. the output rows of tokens that do not appear yet), β₂ = 0.999, ε = 1e-12, lr 1e-2: at
+  full size again, Adam's second moment still holds the small gradients ("A Theory on Adam
+  Instability in Large-Scale Machine Learning") | the same without the quiet stretch;
+- corrupt-data: 5 batches of uniformly random tokens from step 303 | none;
+- attention-logits: no QK-norm, bf16 autocast, lr 0.1, one head of width 128: the attention logits
+  grow until the softmax saturates (Dehghani et al. 2023) | the same with QK-LayerNorm;
+- small-embedding (from the literature, not in the list above): token and position embeddings
+  initialised with std 0.02 (Megatron's init_method_std) under pre-LayerNorm, lr 2e-2 — the spikes
+  "Spike No More" (Takase et al., arXiv 2312.16903) trace to a small shortcut | PyTorch's std 1;
 - megatron-lr-warmup, megatron-corrupt-data: the first and fourth on megatron-core's GPTModel
-  through the Megatron-LM-style train step (one rank, gloo, CPU shims, distributed optimizer).
+  through the Megatron-LM-style train step (one rank, gloo, CPU shims, distributed optimizer, Adam
+  β₂ 0.999, weight decay 0.01, clipping at 1).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class RunSpec:
     group_at: int = 0
     quiet: tuple[str, int, int, float] | None = None   # (group, first step, end step, gradient scale)
     corrupt: tuple[int, int] | None = None             # random-token batches at steps [first, end)
+    embed_std: float | None = None                     # init std of the token and position embeddings
     width: int = 48
     layers: int = 2
     heads: int = 4
@@ -84,12 +86,12 @@ class Mechanism:
 MECHANISMS = (
     Mechanism("lr-warmup", RunSpec(lr=0.3, warmup=400), RunSpec(lr=3e-3, warmup=400)),
     Mechanism("group-lr", RunSpec(group="output", group_factor=100.0, group_at=303), RunSpec(group="output")),
-    Mechanism("adam-collapse", RunSpec(steps=700, lr=1e-2, betas=(0.9, 0.99), eps=1e-12, quiet=("output", 100, 500, 0.0)),
-              RunSpec(steps=700, lr=1e-2, betas=(0.9, 0.99), eps=1e-12)),
+    Mechanism("adam-collapse", RunSpec(lr=1e-2, betas=(0.9, 0.999), eps=1e-12, quiet=("output", 1, 300, 1e-3)),
+              RunSpec(lr=1e-2, betas=(0.9, 0.999), eps=1e-12)),
     Mechanism("corrupt-data", RunSpec(corrupt=(303, 308)), RunSpec()),
-    Mechanism("attention-logits", RunSpec(steps=400, lr=0.3, bf16=True, width=128, heads=1),
-              RunSpec(steps=400, lr=0.03, bf16=True, width=128, heads=1)),
-    Mechanism("output-logits", RunSpec(lr=0.3), RunSpec(lr=0.3, z_loss=1e-4)),
+    Mechanism("attention-logits", RunSpec(steps=400, lr=0.1, bf16=True, width=128, heads=1),
+              RunSpec(steps=400, lr=0.1, bf16=True, width=128, heads=1, qk_norm=True)),
+    Mechanism("small-embedding", RunSpec(lr=2e-2, embed_std=0.02), RunSpec(lr=2e-2)),
     Mechanism("megatron-lr-warmup", RunSpec(lr=0.3, warmup=400, steps=500), RunSpec(lr=3e-3, warmup=400, steps=500),
               backend="megatron"),
     Mechanism("megatron-corrupt-data", RunSpec(corrupt=(303, 308), steps=500), RunSpec(steps=500), backend="megatron"),
@@ -168,6 +170,10 @@ def run_torch(spec: RunSpec, seed: int, interval: int, budget: float | None = No
     noise = torch.Generator().manual_seed(seed + 77)
     model = TinyGPT(width=spec.width, layers=spec.layers, heads=spec.heads, max_seq_len=spec.seq_len,
                     qk_norm=spec.qk_norm)
+    if spec.embed_std is not None:
+        with torch.no_grad():
+            for embedding in (model.token_embedding, model.position_embedding):
+                embedding.weight.normal_(0.0, spec.embed_std)
     named = dict(model.named_parameters())
     groups = default_groups(list(named))
     special = set(groups[spec.group]) if spec.group else set()
