@@ -29,6 +29,9 @@ def test_scoring_counts_a_warning_ahead_its_lead_and_calm_false_alarms():
     assert result.calm_steps == calm and result.false_alarms == 3
     assert result.false_per_1000 == pytest.approx(3000 / calm)
     assert score(trace, [199]).caught_2 == 0 and score(trace, [200, 201]).caught == 0
+    # In a provoked run an alarm that no spike follows is unconfirmed, not false.
+    provoked = score({**trace, "variant": "provoked"}, [120, 190, 260])
+    assert (provoked.false_alarms, provoked.calm_steps, provoked.unconfirmed, provoked.provoked_steps) == (0, 0, 2, 300)
 
 
 def test_zclip_statistics_follow_the_papers_warmup_then_ema():

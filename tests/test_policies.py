@@ -183,16 +183,17 @@ def test_an_armed_guard_that_never_fires_is_bitwise_the_guard_off(mode):
 
 def test_the_guard_shortens_the_provoked_spike_demo(tmp_path):
     """The demo's output layer at 30 × the lr from iteration 16: the guard fires at the first
-    crossing (iteration 17, lr/critical lr 3.96; the breakdown's worst group reads only a lower
-    bound of 1, so the whole step is shortened) and the run's loss stays below the unguarded spike."""
+    crossing (iteration 16, lr/critical lr 0.64 > 0.5), where the breakdown names the output layer,
+    shortens that group's part of the step alone, and the run's loss stays below the unguarded spike."""
     off = run_spike_demo(steps=24, provoke_at=16, factor=30.0, group="output", print_fn=lambda line: None)
     lines = []
     guarded = run_spike_demo(steps=24, provoke_at=16, factor=30.0, group="output", print_fn=lines.append,
                              guard="shorten", log_file=str(tmp_path / "guarded.jsonl"))
     actions = [m for m in guarded.measurements if m.guard is not None]
     first = actions[0]
-    assert first.step == 17 and first.guard.group is None
-    assert first.guard.factor == pytest.approx(0.5 / first.lr_over_critical_lr)
+    assert first.step == 16 and first.guard.group == "output" and first.worst_module()[0] == "output"
+    assert first.guard.ratio == first.worst_module()[1] > 0.5
+    assert first.guard.factor == pytest.approx(0.5 / first.guard.ratio)
     assert max(guarded.losses[16:]) < max(off.losses[16:])
     # The actions in the log line and the JSONL alike, and in `summary`.
     (tmp_path / "guarded.log").write_text("\n".join(lines) + "\n")
@@ -200,7 +201,7 @@ def test_the_guard_shortens_the_provoked_spike_demo(tmp_path):
     expected = [(m.step, m.guard.text()) for m in actions]
     assert [(r.step, r.guard) for r in from_line if r.guard] == expected
     assert [(r.step, r.guard) for r in from_json if r.guard] == expected
-    assert f"the guard acted at {len(actions)} of 24 measured steps: 17 (shorten ×" in summary(from_json, 2)
+    assert f"the guard acted at {len(actions)} of 24 measured steps: 16 (shorten output ×" in summary(from_json, 2)
 
 
 def test_the_adaptive_interval_measures_where_it_said_logs_its_gap_and_keeps_its_budget():

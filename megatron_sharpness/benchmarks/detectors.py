@@ -22,8 +22,10 @@ alarms. Written from the descriptions of the methods, not from their code:
 Scoring. Spikes are spikes.detect_spikes of the training loss (the `summary` definition). A spike
 is caught when an alarm falls in the HORIZON steps before its first step (strictly before: an
 alarm at the spike itself is no warning); its lead is the spike step minus the earliest such alarm.
-Calm steps are every step of the calm runs and every step of a provoked run outside [spike −
-HORIZON, spike peak + RECOVERY]; an alarm at a calm step is a false alarm.
+Calm steps are the steps of the calm twins outside [spike − HORIZON, spike peak + RECOVERY] of their
+own spikes (a small batch can spike without a cause); an alarm at a calm step is a false alarm. An
+alarm in a provoked run that no spike follows within HORIZON is counted apart ("unconfirmed"): a
+provoked run can sit at the edge for hundreds of steps, spiking now and then.
 """
 
 from __future__ import annotations
@@ -156,17 +158,17 @@ class Detector:
 
 
 DETECTORS = (
-    Detector("ours: lr/critical lr or raised loss", (0.25, 0.5, 1.0, 2.0, 4.0), 1.0,
+    Detector("ours: lr/critical lr or raised loss", (0.25, 0.35, 0.5, 0.75, 1.0, 2.0, 4.0), 0.5,
              lambda t, x: ours_alarms(t, x), "probe"),
-    Detector("ours: lr/critical lr", (0.1, 0.25, 0.5, 1.0, 2.0, 4.0), 1.0,
+    Detector("ours: lr/critical lr", (0.1, 0.25, 0.35, 0.5, 0.75, 1.0, 2.0, 4.0), 0.5,
              lambda t, x: ours_alarms(t, x, raised=False), "probe"),
     Detector("ours: trend", (1.5, 2.0, 3.0, 5.0, 10.0), 3.0, lambda t, x: trend_alarms(t, x), "probe"),
     Detector("ours: reading z-score", (1.5, 2.0, 2.5, 3.0, 4.0, 6.0), 3.0, reading_zscore_alarms, "probe"),
-    Detector("grad-norm z-score (ZClip)", (1.5, 2.0, 2.5, 3.0, 4.0, 6.0), 2.5,
+    Detector("grad-norm z-score (ZClip)", (1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 10.0), 2.5,
              lambda t, x: zscore_alarms(t["grad_norm"], x), "grad_norm"),
     Detector("loss z-score", (1.5, 2.0, 2.5, 3.0, 4.0, 6.0), 3.0, lambda t, x: zscore_alarms(t["loss"], x), "none"),
     Detector("Megatron spiky loss", (1.2, 1.5, 2.0, 10.0), 10.0, lambda t, x: megatron_spiky_alarms(t["loss"], x), "none"),
-    Detector("update ratio z-score", (1.5, 2.0, 2.5, 3.0, 4.0, 6.0), 3.0,
+    Detector("update ratio z-score", (1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0), 3.0,
              lambda t, x: zscore_alarms(t["update_ratio"], x), "update_ratio"),
 )
 
@@ -183,6 +185,8 @@ class Score:
     leads: list[int] | None = None
     false_alarms: int = 0
     calm_steps: int = 0
+    unconfirmed: int = 0     # alarms in provoked runs that no spike followed
+    provoked_steps: int = 0
 
     @property
     def recall(self) -> float:
@@ -197,6 +201,10 @@ class Score:
         return 1000.0 * self.false_alarms / self.calm_steps if self.calm_steps else math.nan
 
     @property
+    def unconfirmed_per_1000(self) -> float:
+        return 1000.0 * self.unconfirmed / self.provoked_steps if self.provoked_steps else math.nan
+
+    @property
     def median_lead(self) -> float:
         return statistics.median(self.leads) if self.leads else math.nan
 
@@ -207,9 +215,12 @@ class Score:
         self.leads = (self.leads or []) + (other.leads or [])
         self.false_alarms += other.false_alarms
         self.calm_steps += other.calm_steps
+        self.unconfirmed += other.unconfirmed
+        self.provoked_steps += other.provoked_steps
 
 
 def score(trace: Mapping[str, Any], alarms: Iterable[int], spikes: Sequence[Spike] | None = None) -> Score:
+    """A trace without a "variant" counts as a calm twin."""
     steps = len(trace["loss"])
     spikes = spikes_of(trace) if spikes is None else spikes
     alarms = sorted(set(alarms))
@@ -223,8 +234,11 @@ def score(trace: Mapping[str, Any], alarms: Iterable[int], spikes: Sequence[Spik
             result.caught_2 += lead >= 2
             result.leads.append(lead)
         excluded.update(range(spike.step - HORIZON, spike.peak_step + RECOVERY + 1))
-    calm = [step for step in range(1, steps + 1) if step not in excluded]
-    result.calm_steps = len(calm)
-    calm_set = set(calm)
-    result.false_alarms = sum(1 for a in alarms if a in calm_set)
+    outside = {step for step in range(1, steps + 1) if step not in excluded}
+    if trace.get("variant", "calm") == "calm":
+        result.calm_steps = len(outside)
+        result.false_alarms = sum(1 for a in alarms if a in outside)
+    else:
+        result.provoked_steps = steps
+        result.unconfirmed = sum(1 for a in alarms if not any(0 < s.step - a <= HORIZON for s in spikes))
     return result

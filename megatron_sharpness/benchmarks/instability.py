@@ -397,14 +397,16 @@ def detector_table(traces: list[dict[str, Any]], coarse: int) -> tuple[str, dict
     fixed = [t for t in traces if t["guard"] == "off" and t["budget"] is None]
     adaptive = [t for t in traces if t["guard"] == "off" and t["budget"] is not None]
     rows = ["| detector | threshold | spikes | recall | recall ≥ 2 steps ahead | median lead (steps) | "
-            "false alarms / 1000 calm steps | cost (share of training time) |", "|---|---|---|---|---|---|---|---|"]
+            "false alarms / 1000 calm steps | unconfirmed alarms / 1000 provoked steps | cost (share of training time) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     curves: dict[str, list[tuple[float, float]]] = {}
 
     def row(name: str, threshold: float, group: list[dict[str, Any]], detector) -> None:
         total = aggregate(group, lambda t: detector.alarms(t, threshold))
         cost = statistics_mean([detector_cost(t, detector.cost_key) for t in group])
         rows.append(f"| {name} | {threshold:g} | {total.spikes} | {_fmt(total.recall)} | {_fmt(total.recall_2)} | "
-                    f"{_fmt(total.median_lead, 1)} | {_fmt(total.false_per_1000)} | {100 * cost:.2f} % |")
+                    f"{_fmt(total.median_lead, 1)} | {_fmt(total.false_per_1000)} | {_fmt(total.unconfirmed_per_1000)} | "
+                    f"{100 * cost:.2f} % |")
 
     for detector in DETECTORS:
         curves[detector.name] = [(s.false_per_1000, s.recall) for s in
@@ -442,6 +444,29 @@ def per_mechanism_table(traces: list[dict[str, Any]]) -> str:
             total = aggregate(group, lambda t, d=detector: d.alarms(t, d.default))
             cells.append(f"{_fmt(total.recall)}, {_fmt(total.false_per_1000, 1)}")
         rows.append(f"| {name} | {provoked} / {calm} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def interval_table(traces: list[dict[str, Any]]) -> str:
+    """The fixed interval against the adaptive one, on calm twins and provoked runs: measurements per
+    1000 steps, the share of a training step's forwards the policy counts, the share of training
+    time measured, and the warning's recall."""
+    rows = ["| interval | runs | measurements / 1000 steps | modelled share (forwards / 3 per step) | "
+            "measured share of training time | recall of the warning |", "|---|---|---|---|---|---|"]
+    for budget in sorted({t["budget"] for t in traces if t["guard"] == "off"}, key=lambda b: (b is not None, b)):
+        for variant in ("calm", "provoked"):
+            group = [t for t in traces if t["guard"] == "off" and t["budget"] == budget and t["variant"] == variant]
+            if not group:
+                continue
+            steps = sum(len(t["loss"]) for t in group)
+            measured = sum(len(t["measurements"]) for t in group)
+            forwards = sum(m["forwards"] for t in group for m in t["measurements"])
+            seconds = sum(m["seconds"] for t in group for m in t["measurements"])
+            train = sum(t["train_seconds"] for t in group)
+            recall = aggregate(group, lambda t: DETECTORS[0].alarms(t, DETECTORS[0].default)).recall
+            name = f"every {group[0]['interval']}" if budget is None else f"adaptive, budget {budget:g}"
+            rows.append(f"| {name} | {variant} | {1000 * measured / steps:.1f} | {100 * forwards / 3 / steps:.2f} % | "
+                        f"{100 * seconds / train:.2f} % | {_fmt(recall)} |")
     return "\n".join(rows)
 
 
@@ -529,6 +554,7 @@ def report(traces: list[dict[str, Any]], out: str, coarse: int, picture_path: st
     detectors, curves = detector_table(traces, coarse)
     text = "\n\n".join(["## Detectors (guard off, all mechanisms and seeds)", detectors,
                         "## Per mechanism (default thresholds)", per_mechanism_table(traces),
+                        "## Interval", interval_table(traces),
                         "## Guard", guard_summary(traces), guard_table(traces)]) + "\n"
     with open(os.path.join(out, "tables.md"), "w") as file:
         file.write(text)
