@@ -182,7 +182,9 @@ def run_torch(spec: RunSpec, seed: int, interval: int, budget: float | None = No
         param_groups.append({"params": [p for n, p in named.items() if n in special]})
     optimizer = torch.optim.AdamW(param_groups, lr=spec.lr, betas=spec.betas, eps=spec.eps,
                                   weight_decay=spec.weight_decay)
-    probe = TorchSharpnessProbe(model, optimizer, probe_config(interval, budget, guard), loggers=[])
+    # Under bf16 autocast the forward computes in bf16: that sets the probe's resolution floor.
+    probe = TorchSharpnessProbe(model, optimizer, probe_config(interval, budget, guard), loggers=[],
+                                compute_dtype=torch.bfloat16 if spec.bf16 else None)
     quiet = [named[n] for n in (named if spec.quiet[0] == "all" else groups[spec.quiet[0]])] if spec.quiet else []
     stats = StepStats(list(named.values()), zclip=guard == "zclip")
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if spec.bf16 else contextlib.nullcontext
