@@ -70,8 +70,6 @@ def urgency(measurement: Measurement, warn_ratio: float) -> float:
 class FixedInterval:
     """Every interval-th step, counted from 1."""
 
-    adaptive = False
-
     def __init__(self, interval: int):
         self.interval = interval
 
@@ -90,8 +88,6 @@ class FixedInterval:
 
 class AdaptiveInterval:
     """The next measurement at calm_gap^(1 − urgency) steps, or later where the budget says so."""
-
-    adaptive = True
 
     def __init__(self, interval: int, budget: float, warn_ratio: float):
         self.longest, self.budget, self.warn_ratio = interval, budget, warn_ratio

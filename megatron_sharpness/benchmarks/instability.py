@@ -36,13 +36,13 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from megatron_sharpness.benchmarks.detectors import DETECTORS, Score, score, spikes_of
+from megatron_sharpness.benchmarks.detectors import DETECTORS, Score, ZScore, score, spikes_of
 from megatron_sharpness.config import SharpnessConfig
 from megatron_sharpness.data import VOCAB_SIZE, ByteBatches, embedded_corpus, train_heldout_split
 from megatron_sharpness.measurement import Measurement, ratio_of
@@ -123,8 +123,6 @@ class StepStats:
     the time each detector's own arithmetic takes."""
 
     def __init__(self, params: list[torch.Tensor], zclip: bool):
-        from megatron_sharpness.benchmarks.detectors import ZScore
-
         self.params, self.zclip = params, ZScore() if zclip else None
         self.trace: dict[str, list[float]] = {"grad_norm": [], "update_ratio": []}
         self.seconds = {"grad_norm": 0.0, "update_ratio": 0.0}
@@ -215,16 +213,13 @@ def run_torch(spec: RunSpec, seed: int, interval: int, budget: float | None = No
             for param in quiet:
                 param.grad.mul_(spec.quiet[3])
         stats.before_step()
-        probe_started = time.perf_counter()
         measurement = probe.step(lambda: loss_of(tokens, targets), training_loss=loss.detach())
-        probe_seconds = time.perf_counter() - probe_started
         stats.after_step()
         optimizer.zero_grad(set_to_none=True)
         trace["loss"].append(loss.item())
         trace["lr"].append(base)
         if measurement is not None:
             trace["measurements"].append(measurement_entry(measurement, measurement.probe_seconds))
-            probe_seconds -= measurement.probe_seconds
         train_seconds += time.perf_counter() - started - (0.0 if measurement is None else measurement.probe_seconds)
         if not math.isfinite(trace["loss"][-1]):
             break
@@ -274,6 +269,7 @@ def run_megatron(spec: RunSpec, seed: int, interval: int, budget: float | None =
 
     from megatron_sharpness.backends.megatron import reduce_lm_loss
     from megatron_sharpness.integrations import megatron_lm
+    from megatron_sharpness.integrations.megatron_lm import gpt_micro_batch
     from megatron_sharpness.testing.megatron_gpt import (TinyGPTSetup, build_model_and_optimizer, forward_step,
                                                           megatron_lm_train_step)
 
@@ -286,8 +282,6 @@ def run_megatron(spec: RunSpec, seed: int, interval: int, budget: float | None =
                          micro_batch_size=spec.batch_size, hidden=spec.width, heads=spec.heads, layers=spec.layers,
                          lr=spec.lr, seed=seed)
     model, optimizer = build_model_and_optimizer(setup)
-    from megatron_sharpness.integrations.megatron_lm import gpt_micro_batch
-
     train, heldout = train_heldout_split(embedded_corpus())
     batches = ByteBatches(train, spec.batch_size, spec.seq_len, seed)
     evaluation = ByteBatches(heldout, spec.batch_size, spec.seq_len, 10_000)
@@ -298,11 +292,7 @@ def run_megatron(spec: RunSpec, seed: int, interval: int, budget: float | None =
         return gpt_micro_batch(torch.cat([tokens, targets[:, -1:]], dim=1))
 
     params = [p for chunk in model for p in chunk.parameters()]
-    zclip = None
-    if guard == "zclip":
-        from megatron_sharpness.benchmarks.detectors import ZScore
-
-        zclip = ZScore()
+    zclip = ZScore() if guard == "zclip" else None
     trace: dict[str, Any] = {"loss": [], "lr": [], "measurements": [], "grad_norm": [], "update_ratio": []}
     train_seconds = 0.0
     for step in range(1, spec.steps + 1):
