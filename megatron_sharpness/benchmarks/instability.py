@@ -536,7 +536,7 @@ def picture(curves: dict[str, list[tuple[float, float]]], path: str) -> None:
     axes.axvline(1.0, color="grey", linestyle=":", linewidth=1)
     axes.axhline(0.9, color="grey", linestyle=":", linewidth=1)
     axes.set_title("Instability suite: each detector over its thresholds")
-    axes.legend(fontsize=7, loc="lower right")
+    axes.legend(fontsize=7, loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
