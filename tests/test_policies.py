@@ -213,3 +213,18 @@ def test_the_adaptive_interval_measures_where_it_said_logs_its_gap_and_keeps_its
     assert measured[0].to_dict()["next_interval"] == measured[0].next_interval
     spent = sum(m.forwards for m in measured) / 3
     assert spent == pytest.approx(probe.probe.schedule.spent) and spent <= 0.5 * 40
+
+
+def test_the_policies_state_travels_with_the_probes_state_dict():
+    config = SharpnessConfig(interval=4, budget=0.5, guard="lr", guard_ratio=1e-9, guard_target=0.01)
+    _, _, probe, records = tiny_training(config, steps=10)
+    assert any(r is not None and r.guard is not None for r in records)
+    state = probe.state_dict()
+    fresh = tiny_training(config, steps=0)[2]
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+    assert fresh.probe.guard.lr_factor(11) == probe.probe.guard.lr_factor(11) != (1.0, None)
+    assert fresh.probe.is_due(probe.probe.schedule.next_due) and not fresh.probe.is_due(probe.probe.schedule.next_due - 1)
+    with pytest.raises(ValueError, match="bad guard state"):
+        fresh.probe.load_state_dict({**state["probe"], "guard": {"actions": -1, "lr_start": 0.5, "fired": 3,
+                                                                  "lr_group": None}})
