@@ -23,10 +23,12 @@ from torch._utils import _unflatten_dense_tensors
 
 from megatron_sharpness.backends.groups import (GroupSelection, Segment, commit_pairs, local_names,
                                                 union_in_rank_order, view_segments, whole, write_group)
+from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_into
+from megatron_sharpness.backends.modes import ModuleModes
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
-from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, agree_loss, any_rank_failed, snapshot_skip_reason,
-                                       take_local_non_finite)
+from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, agree_loss, any_rank_failed, report_local_failure,
+                                       snapshot_skip_reason, take_local_non_finite)
 
 SUPPORTED_OPTIMIZERS = ("DeepSpeedZeroOptimizer (ZeRO-1/2, with or without offload_optimizer)",
                         "DeepSpeedZeroOptimizer_Stage3 (ZeRO-3, with or without offload_optimizer)",
@@ -182,7 +184,10 @@ Evaluator = Callable[[Sequence[Batch], int], torch.Tensor]
 class DeepSpeedBackend:
     """batches: the micro-batches the step trained on, as the integration recorded them (middle
     pipeline stages record none). micro_batch_counts: how many micro-batches each task evaluates,
-    known on every stage. relative_batches: per relative task, in the same form as batches."""
+    known on every stage. relative_batches: per relative task, in the same form as batches.
+    loss_bits: DeepSpeed's losses are fp32."""
+
+    loss_bits = 24
 
     def __init__(self, engine, evaluate: Evaluator):
         self.engine = engine
@@ -194,7 +199,7 @@ class DeepSpeedBackend:
         self._theta_t: list[torch.Tensor] | None = None
         self._theta_next: list[torch.Tensor] | None = None
         self._rng: RngState | None = None
-        self._module_training = True
+        self._modes: ModuleModes | None = None
         self._floor = 0.0
         self._snapshot_skipped: str | None = None
         # The ranks whose own part of the last loss was non-finite (None: finite, or not known).
@@ -225,7 +230,7 @@ class DeepSpeedBackend:
         masters = [master for master, _ in self.layout.pairs()]
         self._theta_next = [m.clone() for m in masters] if self.layout.master_is_model else masters
         self._rng = RngState.capture()
-        self._module_training = self.engine.module.training
+        self._modes = ModuleModes([self.engine.module])
         # The histogram's counts also say whether any rank's step changed a parameter.
         histogram = ResolutionHistogram.of_step([target for _, target in self.layout.pairs()], self._theta_t,
                                                 self._theta_next, self.engine.device)
@@ -272,6 +277,24 @@ class DeepSpeedBackend:
         commit_pairs(self._theta_t, self._theta_next, step_multiple, self._segments_of_pairs(), names)
 
     @torch.no_grad()
+    def write_rounding_noise(self, sample: int) -> bool:
+        assert self._theta_t is not None and self._theta_next is not None
+        pairs = self.layout.pairs()
+        # The same answer on every rank: the engine's model dtype is one for all ranks.
+        if not any(target.dtype in NOISY_COMPUTE_BITS for _, target in pairs):
+            return False
+        self.layout.before_write()
+        offset = 0
+        for (_, target), old, new in zip(pairs, self._theta_t, self._theta_next):
+            if target.dtype in NOISY_COMPUTE_BITS:
+                one_ulp_moved_into(target, old, new, target.dtype, sample, offset)
+            else:
+                target.copy_(old)
+            offset += old.numel()
+        self.layout.after_write()
+        return True
+
+    @torch.no_grad()
     def loss(self, task: str | None) -> float:
         batches = self.batches if task is None else self.relative_batches[task]
         value, error = math.nan, None
@@ -281,6 +304,7 @@ class DeepSpeedBackend:
             value = self.evaluate(batches, self.micro_batch_counts[task]).detach().reshape(1).double().item()
         except CAUGHT as caught:
             error = caught
+            report_local_failure(caught)
         # Every rank must branch alike: rank 0's bits (rather than trust the transport's summation
         # order to be the same everywhere), whether any rank failed, and how many ranks' own part
         # of the loss was non-finite, in one all-reduce.
@@ -295,7 +319,7 @@ class DeepSpeedBackend:
                 target.copy_(new)
             self.layout.after_write()
             self._rng.restore()
-            self.engine.module.train(self._module_training)
+            self._modes.restore()
         self._theta_t = self._theta_next = self._rng = None
         self._group.clear()
 
