@@ -222,6 +222,7 @@ class Measurement:
             "lr_over_critical_lr": self.lr_over_critical_lr,
             "step_raised_loss": None if search is None else search.step_raised_loss,
             "slope": None if search is None or search.slope is None else _json_float(search.slope),
+            "gradient_slope": None if search is None else _optional_float(search.gradient_slope),
             "bracket_slope_ratio": None if search is None else _optional_float(search.bracket_slope_ratio),
             "loss_noise": None if search is None else search.loss_noise,
             "crossing_uncertainty": None if search is None else _optional_float(search.crossing_uncertainty),

@@ -86,6 +86,13 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
         assert record["baseline_reused"] is (reused and index > 0)
         assert record["forwards"] == (len(record["evaluations"]) + (0 if record["baseline_reused"] else 1)
                                       + record["noise_forwards"])
+        if "--bf16" not in args:
+            # The gradients' slope (Megatron's clipping undone, each shard counted once) against the
+            # quadratic through L(θ_t), L(1) and the crossing: a slope a with L(1) − L(θ_t) = a·(1 − 1/s*).
+            step_multiple = record["critical_lr"] / record["lr"]
+            rise_at_one = next(loss for lr, loss in record["evaluations"] if lr == record["lr"]) - record["loss"]
+            secant = rise_at_one / (1 - 1 / step_multiple) / record["lr"]
+            assert 0.5 <= record["gradient_slope"] / secant <= 2, (record["gradient_slope"], secant)
         if "--modules" in args:
             assert record["modules_trigger"] == "interval" and list(record["modules"])[-1] == "output"
             assert record["modules_forwards"] == sum(m["forwards"] for m in record["modules"].values())

@@ -158,7 +158,7 @@ class MegatronSharpness:
         except BaseException:
             self.backend.restore()
             raise
-        self.backend.step_applied = bool(result[0])
+        self.backend.step_applied, self.backend.grad_norm = bool(result[0]), result[1]
         with _rerun_state_machine_disabled():
             self.last_measurement = self.probe.measure(self.backend, self.iteration, lr,
                                                        list(self.relative_data_iterators), training_loss)
