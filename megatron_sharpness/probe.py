@@ -17,6 +17,7 @@ from megatron_sharpness.loggers import MeasurementLogger
 from megatron_sharpness.faults import ProbeFailure, trial_point
 from megatron_sharpness.measurement import Measurement, ProbeError, TaskMeasurement, warning_reasons, warning_text
 from megatron_sharpness.modules import resolve_groups
+from megatron_sharpness.policies import FORWARDS_PER_STEP, guard_policy, interval_policy
 from megatron_sharpness.search import Outcome, SearchResult, critical_lr_search
 
 # Version of state_dict()'s layout, checked on load.
@@ -54,6 +55,12 @@ class SharpnessProbe:
         self._last_module_lr: dict[str, float] = {}
         self.warnings = 0
         self._groups: tuple[list[str], dict[str, list[str]]] | None = None
+        # Policies beside the probe (policies.py): when the next measurement is due, and the guard.
+        self.schedule = interval_policy(config)
+        self.guard = guard_policy(config)
+        # The share of a training step one probe forward costs (the adaptive interval's budget):
+        # integrations with gradient accumulation set evaluated / (3 × trained) micro-batches.
+        self.step_share = 1.0 / FORWARDS_PER_STEP
         # Per task, the last NOISE_WINDOW rounding-noise samples (loss changes, ≥ 0).
         self._noise_samples: dict[str | None, list[float]] = {}
         # Whether the gradients' slope agreed with the loss at the last measurement that could
@@ -72,7 +79,9 @@ class SharpnessProbe:
                 "modules": {"last_critical_lr": [[name, lr] for name, lr in self._last_module_lr.items()],
                             "warnings": self.warnings},
                 "loss_noise": [[name, list(samples)] for name, samples in self._noise_samples.items()],
-                "gradient_slope_fits": self._gradient_slope_fits}
+                "gradient_slope_fits": self._gradient_slope_fits,
+                "schedule": self.schedule.state_dict(),
+                "guard": {} if self.guard is None else self.guard.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
@@ -115,9 +124,13 @@ class SharpnessProbe:
             raise ValueError(f"critical sharpness: bad gradient_slope_fits {fits!r} in the probe state; "
                              "allowed: true, false or null")
         self._gradient_slope_fits = fits
+        # Written by versions without the policies, or with a fixed interval / no guard: fresh ones.
+        self.schedule.load_state_dict(state.get("schedule") or {})
+        if self.guard is not None:
+            self.guard.load_state_dict(state.get("guard") or {})
 
     def is_due(self, step: int) -> bool:
-        return self.config.enabled and step % self.config.interval == 0
+        return self.config.enabled and self.schedule.is_due(step)
 
     def measure(self, backend: ProbeBackend, step: int, lr: float,
                 relative_tasks: Sequence[str] = (), training_loss: float | None = None) -> Measurement:
@@ -130,7 +143,7 @@ class SharpnessProbe:
         searches: dict[str | None, TaskMeasurement] = {}
         modules: dict[str, TaskMeasurement] = {}
         reasons: list[str] = []
-        skipped = failure = error = trigger = modules_error = None
+        skipped = failure = error = trigger = modules_error = action = None
         reuse = training_loss is not None and self.training_loss_matches is True
         try:
             skipped = self._skip_reason(backend, lr)
@@ -161,9 +174,15 @@ class SharpnessProbe:
                 if trigger is not None:
                     modules, modules_error = self._breakdown(backend, lr, baselines[None],
                                                              searches[None].search.critical_lr, noise[None])
+                if self.guard is not None:
+                    action = self.guard.decide(step, searches[None], modules)
+                    if action is not None and action.mode == "shorten":
+                        # Before restore(): it then puts θ_t + s·Δθ where θ_{t+1} was.
+                        backend.commit(action.factor, None if action.group is None else self._groups[1][action.group])
         except _FailedAt as caught:
             # Every rank raised this in the same collective: all of them restore below alike.
             failure, error, searches, modules, trigger, reasons = caught.error, caught.__cause__, {}, {}, None, []
+            action = None
         finally:
             backend.restore()
         if isinstance(error, ProbeFailure) and error.usage:
@@ -175,7 +194,10 @@ class SharpnessProbe:
         measurement = Measurement(step=step, lr=lr, task=task, relative=searches,
                                   probe_seconds=time.perf_counter() - started, skipped=skipped, error=failure,
                                   modules=modules, modules_trigger=trigger, modules_error=modules_error,
-                                  warning=warning, warnings=self.warnings)
+                                  warning=warning, warnings=self.warnings, guard=action)
+        gap = self.schedule.observe(measurement, self.step_share)
+        if gap is not None:
+            measurement = dataclasses.replace(measurement, next_interval=gap)
         for logger in self.loggers:
             self._guarded(logger, "log", measurement)
         if self.config.on_error == "raise" and (failure or modules_error) is not None:
@@ -328,6 +350,11 @@ class SharpnessProbe:
             del warm_starts[key]
         ranks = self._non_finite_ranks.get(name)
         return TaskMeasurement(search, baseline_reused, tuple(sorted(ranks)) if ranks else None, noise_forwards)
+
+    def group_members(self, group: str) -> list[str]:
+        """The parameter names of a module group of the breakdown (after a breakdown ran)."""
+        assert self._groups is not None, "no breakdown has run yet"
+        return self._groups[1][group]
 
     def close(self) -> None:
         for logger in self.loggers:

@@ -69,8 +69,11 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
         if "--modules" in args:  # one group moved alone within this rank's shards
             assert checks.pop("groups")[-1] == "output" and checks.pop("group_moves_alone")
             checks.pop("group_nonempty_here")
+        if "--modules" not in args:  # the guard's shortened step lands in the master shard exactly
+            assert checks.pop("masters_committed")
         assert checks == {"after_step": None, "s1_is_step": True, "s0_is_before": True,
-                          "s_half_moves": True, "restored": True}
+                          "s_half_moves": True, "restored": True, "committed": True,
+                          "commit_keeps_optimizer_state": True}
     first = strip_timing(ranks[0]["records"])
     for result in ranks[1:]:
         assert strip_timing(result["records"]) == first, f"rank {result['rank']} disagrees with rank 0"
@@ -168,7 +171,7 @@ def test_module_breakdown_is_exact_per_shard_and_invisible_to_training(tmp_path)
     for result in ranks:
         assert all(result["bitwise_equal"].values()) and result["same_training_losses"]
         assert result["checks"]["groups"] == ["embedding", "layer_0", "layer_1", "output"]
-        assert result["checks"]["group_moves_alone"] and result["checks"]["restored"]
+        assert result["checks"]["group_moves_alone"] and result["checks"]["restored"] and result["checks"]["committed"]
     assert [r["checks"]["group_nonempty_here"] for r in ranks] == [True, True]  # both ranks' shards hold layer_1
     first = strip_timing(ranks[0]["records"])
     assert strip_timing(ranks[1]["records"]) == first

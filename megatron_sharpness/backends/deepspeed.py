@@ -21,8 +21,8 @@ from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch._utils import _unflatten_dense_tensors
 
-from megatron_sharpness.backends.groups import (GroupSelection, Segment, local_names, union_in_rank_order,
-                                                view_segments, whole, write_group)
+from megatron_sharpness.backends.groups import (GroupSelection, Segment, commit_pairs, local_names,
+                                                union_in_rank_order, view_segments, whole, write_group)
 from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_into
 from megatron_sharpness.backends.modes import ModuleModes
 from megatron_sharpness.backends.resolution import ResolutionHistogram
@@ -269,6 +269,12 @@ class DeepSpeedBackend:
         for index, ((_, target), old, new) in enumerate(zip(self.layout.pairs(), self._theta_t, self._theta_next)):
             write_group(target, old, new, step_multiple, self._group.pair(index))
         self.layout.after_write()
+
+    def commit(self, step_multiple: float, names: Collection[str] | None) -> None:
+        # θ_{t+1} is this rank's fp32 master partition itself (a clone where the master is the
+        # model param): the shortened step lands there, and restore() copies and gathers it.
+        assert self._theta_t is not None and self._theta_next is not None
+        commit_pairs(self._theta_t, self._theta_next, step_multiple, self._segments_of_pairs(), names)
 
     @torch.no_grad()
     def write_rounding_noise(self, sample: int) -> bool:

@@ -18,7 +18,8 @@ from megatron.core.optimizer import (ChainedOptimizer, DistributedOptimizer, Flo
                                      FP32Optimizer)
 from megatron.core.transformer.module import param_is_not_shared
 
-from megatron_sharpness.backends.groups import GroupSelection, Segment, local_names, union_in_rank_order, whole, write_group
+from megatron_sharpness.backends.groups import (GroupSelection, Segment, commit_pairs, local_names, union_in_rank_order,
+                                                whole, write_group)
 from megatron_sharpness.backends.modes import ModuleModes
 from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, UsageError, agree_loss, any_rank_failed, note_local_loss,
                                        report_local_failure, snapshot_skip_reason, take_local_non_finite)
@@ -237,6 +238,12 @@ class MegatronBackend:
         for index, ((_, target), old, new) in enumerate(zip(self._pairs, self._theta_t, self._theta_next)):
             write_group(target, old, new, step_multiple, self._group.pair(index))
         self._sync_params()
+
+    def commit(self, step_multiple: float, names: Collection[str] | None) -> None:
+        # θ_{t+1} is the fp32 master itself (a clone where the master is the model param): the
+        # shortened step lands in the master shard, and restore() copies and gathers it.
+        assert self._theta_t is not None and self._theta_next is not None
+        commit_pairs(self._theta_t, self._theta_next, step_multiple, self._segments, names)
 
     @torch.no_grad()
     def write_rounding_noise(self, sample: int) -> bool:
