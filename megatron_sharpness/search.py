@@ -48,6 +48,9 @@ SEARCH_METHODS = ("fast", "paper")
 _PAIR = 0.9
 _WINDOW = 0.75
 _AIM = 0.3
+# A point joins a model that has the gradients' exact slope only where the loss noise blurs the
+# model's curvature by at most this share (see _FastSearch._crossing).
+_MODEL_NOISE = 0.05
 # Cap on how far the model may extrapolate upwards from the largest point in one evaluation.
 _MAX_GROWTH = 64.0
 # A certified bracket whose slope across it is off its neighbourhood's trend by more than this
@@ -491,7 +494,13 @@ class _FastSearch(_Search):
         others = [s for s in trials.losses if s != 0.0 and s not in (lo, hi) and (s < 0 or s >= trials.floor)
                   and math.isfinite(trials.losses[s])]
         if trials.slope_hint is not None and trials.slope_hint < 0 and lo is not None:
-            others.append(0.0)  # q(0) is the slope: a point of the model below every other
+            # q(0) is the slope, exact, and q(s) = a + b·s: a point gives the curvature b to within
+            # ν/s², against a b of about |a|/(the warm start). A point that would blur b by more
+            # than _MODEL_NOISE of that stays out (in bf16 L(1) often: the warm start goes first).
+            def resolved(s: float) -> bool:
+                return trials.noise / s ** 2 <= _MODEL_NOISE * abs(trials.slope_hint) / max(self.guess, 1.0)
+            if hi is not None or resolved(lo):
+                others = [s for s in others if resolved(s)] + [0.0]
         if lo is not None and hi is not None:
             if math.isfinite(trials.q(hi)) and others:
                 third = min(others, key=lambda s: min(abs(s - lo), abs(s - hi)))
