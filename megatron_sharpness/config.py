@@ -18,6 +18,8 @@ from megatron_sharpness.search import DEFAULT_MAX_SEARCH, DEFAULT_TOL, SEARCH_ME
 
 # What a failed probe forward does: record the failure and go on, or fail fast.
 ON_ERROR = ("skip", "raise")
+# How trial points reach the parameters the forward reads (README "Trial-point writes").
+WRITE_MODES = ("auto", "local", "sharded")
 
 
 class ConfigError(ValueError):
@@ -61,6 +63,15 @@ class SharpnessConfig:
     warn_ratio: warn when lr/critical lr of the step's batch exceeds this, or the step raised its
         batch's loss. 1.0 is where the step passes the batch's own critical lr along its direction:
         a step beyond it overshoots, and the paper's mini-batch runs sit below it until they spike.
+    write: how trial points reach the parameters the forward reads, where the optimizer shards its
+        fp32 master over data parallelism (Megatron's distributed optimizer, ZeRO-1/2,
+        BF16_Optimizer). "sharded": each rank writes its master shard's trial point and the
+        framework all-gathers the parameters, per trial point. "local": every rank keeps θ_{t+1}
+        and the step in the model dtype (2 + 2 bytes per parameter of its tensor/pipeline slice)
+        and writes trial points from 1/2 of the step on into its own full parameters, with no
+        collective. "auto": local where the optimizer allows it and it fits write_memory_budget_mib.
+    write_memory_budget_mib: with write "auto", the most memory per rank (MiB) that local writes
+        may hold; None: no limit.
     """
 
     enabled: bool = True
@@ -79,6 +90,8 @@ class SharpnessConfig:
     modules_on_warning: bool = True
     modules_max_search: int = 8
     warn_ratio: float = 1.0
+    write: str = "auto"
+    write_memory_budget_mib: float | None = None
 
     def __post_init__(self) -> None:
         _require(isinstance(self.enabled, bool), "enabled", self.enabled, "true or false")
@@ -109,6 +122,12 @@ class SharpnessConfig:
                  self.modules_max_search, "an integer >= 1 (evaluations of a group's search before a bracket)")
         _require(_is_real(self.warn_ratio) and math.isfinite(self.warn_ratio) and self.warn_ratio > 0,
                  "warn_ratio", self.warn_ratio, "a finite number > 0 (lr/critical lr above which to warn)")
+        _require(self.write in WRITE_MODES, "write", self.write, " or ".join(WRITE_MODES))
+        budget = self.write_memory_budget_mib
+        _require(budget is None or (_is_real(budget) and math.isfinite(budget) and budget >= 0),
+                 "write_memory_budget_mib", budget, "a finite number >= 0 (MiB per rank), or null for no limit")
+        _require(budget is None or self.write == "auto", "write_memory_budget_mib", budget,
+                 f"null unless write is \"auto\" (write={self.write!r} does not choose)")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

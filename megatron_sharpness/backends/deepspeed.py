@@ -23,10 +23,11 @@ from torch._utils import _unflatten_dense_tensors
 
 from megatron_sharpness.backends.groups import (GroupSelection, Segment, local_names, union_in_rank_order,
                                                 view_segments, whole, write_group)
+from megatron_sharpness.backends.local import (LOCAL_DTYPES, LOCAL_FROM, LocalWrites, agree_on_snapshot, offset_in,
+                                               wants_local)
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
-from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, agree_loss, any_rank_failed, snapshot_skip_reason,
-                                       take_local_non_finite)
+from megatron_sharpness.faults import CAUGHT, OUT_OF_MEMORY, agree_loss, snapshot_skip_reason, take_local_non_finite
 
 SUPPORTED_OPTIMIZERS = ("DeepSpeedZeroOptimizer (ZeRO-1/2, with or without offload_optimizer)",
                         "DeepSpeedZeroOptimizer_Stage3 (ZeRO-3, with or without offload_optimizer)",
@@ -53,6 +54,14 @@ class _MasterLayout:
     def after_write(self) -> None:
         pass
 
+    def local_flats(self) -> list[torch.Tensor]:
+        """The full model-dtype tensors (one per pair, in pair order) that hold every rank's
+        params after the step's all-gather, where local writes can serve; [] elsewhere."""
+        return []
+
+    def gather_steps(self, steps: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
 
 class _PartitionedLayout(_MasterLayout):
     """ZeRO-1/2 and BF16_Optimizer: a flat fp32 partition per param group, copied into this rank's
@@ -73,15 +82,31 @@ class _PartitionedLayout(_MasterLayout):
         return [view_segments(partition, [(names[id(p)], p.data) for p in params])
                 for (_, partition), params in zip(self.pairs(), self.params)]
 
+    needs_gather = True
+
     def after_write(self):
+        self._gather(self.groups_flat, self.partitions)
+
+    def local_flats(self):
+        return list(self.groups_flat) if all(flat.dtype in LOCAL_DTYPES for flat in self.groups_flat) else []
+
+    def gather_steps(self, steps):
+        # Each rank's partition of a step buffer lies where its partition of the params does.
+        partitions = [[step[offset_in(flat, part):offset_in(flat, part) + part.numel()] for part in parts]
+                      for step, flat, parts in zip(steps, self.groups_flat, self.partitions)]
+        self._gather(steps, partitions)
+
+    def _gather(self, flats, partitions):
         optimizer = self.optimizer
-        all_gather_dp_groups(groups_flat=self.groups_flat, partitioned_param_groups=self.partitions,
+        all_gather_dp_groups(groups_flat=flats, partitioned_param_groups=partitions,
                              dp_process_group=optimizer.real_dp_process_group,
                              start_alignment_factor=optimizer.nccl_start_alignment_factor,
                              allgather_bucket_size=optimizer.allgather_bucket_size)
 
 
 class _Zero3Layout(_MasterLayout):
+    needs_gather = True
+
     def __init__(self, optimizer: DeepSpeedZeroOptimizer_Stage3):
         self.optimizer = optimizer
 
@@ -184,10 +209,24 @@ class DeepSpeedBackend:
     pipeline stages record none). micro_batch_counts: how many micro-batches each task evaluates,
     known on every stage. relative_batches: per relative task, in the same form as batches."""
 
-    def __init__(self, engine, evaluate: Evaluator):
+    def __init__(self, engine, evaluate: Evaluator, write: str = "auto", write_memory_budget_mib: float | None = None):
         self.engine = engine
         self.layout = master_layout(engine)
         self.evaluate = evaluate
+        self._flats = self.layout.local_flats()
+        if write == "local" and self.layout.needs_gather and not self._flats:
+            kind = type(engine.optimizer).__name__
+            raise ValueError(f"critical sharpness: write='local' needs every rank to hold the full bf16/fp16 params "
+                             f"after the step (ZeRO-1/2, BF16_Optimizer); {kind} "
+                             f"{'partitions them (ZeRO-3)' if isinstance(self.layout, _Zero3Layout) else 'holds fp32 params'}"
+                             "; use write='sharded' or 'auto'")
+        self.write_mode, self.write_memory_budget_mib = write, write_memory_budget_mib
+        # auto stops asking for local writes once their buffers did not fit on some rank.
+        self._local_failed = False
+        self._local: LocalWrites | None = None
+        # Whether the params hold θ_{t+1} now (right after the step, after restore or s = 1): a
+        # write of s = 1 then needs no collective.
+        self._holds_next = False
         self.batches: list[Batch] = []
         self.relative_batches: dict[str, Sequence[Batch]] = {}
         self.micro_batch_counts: dict[str | None, int] = {}
@@ -205,15 +244,30 @@ class DeepSpeedBackend:
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        error = None
+        error = local_error = None
         try:
             self._theta_t = [master.detach().clone() for master, _ in self.layout.pairs()]
         except OUT_OF_MEMORY as caught:
             error, self._theta_t = caught, None
-        # Every rank skips the measurement if any rank's partition did not fit.
-        self._snapshot_skipped = snapshot_skip_reason(any_rank_failed(error))
+        wanted = (bool(self._flats) and not self._local_failed
+                  and wants_local(self.write_mode, self.write_memory_budget_mib, self._flats))
+        self._local = None
+        if wanted and error is None:
+            try:
+                self._local = LocalWrites(self._flats, self.layout.gather_steps)
+            except OUT_OF_MEMORY as caught:
+                local_error = caught
+        # Every rank skips the measurement if any rank's partition did not fit, and writes locally
+        # only where every rank can.
+        errors, local_errors, everywhere = agree_on_snapshot(error, local_error, wanted)
+        if local_errors and self.write_mode == "local":
+            errors = errors or local_errors
+        self._local_failed = self._local_failed or bool(local_errors)
+        if local_errors or not everywhere:
+            self._local = None
+        self._snapshot_skipped = snapshot_skip_reason(errors)
         if self._snapshot_skipped is not None:
-            self._theta_t = None
+            self._theta_t = self._local = None
 
     @torch.no_grad()
     def after_step(self) -> str | None:
@@ -224,13 +278,27 @@ class DeepSpeedBackend:
             return "DeepSpeed skipped the step (fp16 gradient overflow)"
         masters = [master for master, _ in self.layout.pairs()]
         self._theta_next = [m.clone() for m in masters] if self.layout.master_is_model else masters
+        self._holds_next = True
         self._rng = RngState.capture()
         self._module_training = self.engine.module.training
         # The histogram's counts also say whether any rank's step changed a parameter.
-        histogram = ResolutionHistogram.of_step([target for _, target in self.layout.pairs()], self._theta_t,
+        pairs = self.layout.pairs()
+        histogram = ResolutionHistogram.of_step([target for _, target in pairs], self._theta_t,
                                                 self._theta_next, self.engine.device)
-        ds_comm.all_reduce(histogram.counts)
-        self._floor = histogram.floor()
+        if self._local is None:
+            ds_comm.all_reduce(histogram.counts)
+            self._floor = histogram.floor()
+        else:
+            # One pair per flat: a param group's master partition and this rank's partition.
+            shards = [[(new, old, target)] for (_, target), old, new in zip(pairs, self._theta_t, self._theta_next)]
+            self._local.take_step(shards)
+            line = self._local.histogram(shards, self.engine.device)
+            both = torch.cat([histogram.counts, line.counts])
+            ds_comm.all_reduce(both)
+            histogram.counts, line.counts = both.split(histogram.counts.numel())
+            # Trial points on either side of LOCAL_FROM come from a different line: none below
+            # the floor of either.
+            self._floor = max(histogram.floor(), line.floor())
         return None if histogram.counts.sum().item() > 0 else "the step changed no parameter (zero update)"
 
     def resolution_floor(self) -> float:
@@ -260,10 +328,17 @@ class DeepSpeedBackend:
     @torch.no_grad()
     def write(self, step_multiple: float) -> None:
         assert self._theta_t is not None and self._theta_next is not None
-        self.layout.before_write()
-        for index, ((_, target), old, new) in enumerate(zip(self.layout.pairs(), self._theta_t, self._theta_next)):
-            write_group(target, old, new, step_multiple, self._group.pair(index))
-        self.layout.after_write()
+        whole_update = self._group.ranges is None
+        if whole_update and step_multiple == 1.0 and self._holds_next:
+            return
+        if self._local is not None and whole_update and step_multiple >= LOCAL_FROM:
+            self._local.write(step_multiple)
+        else:
+            self.layout.before_write()
+            for index, ((_, target), old, new) in enumerate(zip(self.layout.pairs(), self._theta_t, self._theta_next)):
+                write_group(target, old, new, step_multiple, self._group.pair(index))
+            self.layout.after_write()
+        self._holds_next = whole_update and step_multiple == 1.0
 
     @torch.no_grad()
     def loss(self, task: str | None) -> float:
@@ -284,13 +359,17 @@ class DeepSpeedBackend:
     @torch.no_grad()
     def restore(self) -> None:
         if self._theta_next is not None:
-            self.layout.before_write()
-            for (_, target), new in zip(self.layout.pairs(), self._theta_next):
-                target.copy_(new)
-            self.layout.after_write()
+            if self._local is not None and not self._holds_next:
+                self._local.restore()
+            elif not self._holds_next:
+                self.layout.before_write()
+                for (_, target), new in zip(self.layout.pairs(), self._theta_next):
+                    target.copy_(new)
+                self.layout.after_write()
             self._rng.restore()
             self.engine.module.train(self._module_training)
-        self._theta_t = self._theta_next = self._rng = None
+        self._theta_t = self._theta_next = self._rng = self._local = None
+        self._holds_next = False
         self._group.clear()
 
 

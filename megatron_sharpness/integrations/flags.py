@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from megatron_sharpness.config import ON_ERROR, ConfigError, SharpnessConfig
+from megatron_sharpness.config import ON_ERROR, WRITE_MODES, ConfigError, SharpnessConfig
 from megatron_sharpness.search import SEARCH_METHODS
 
 # flag suffix -> SharpnessConfig field
@@ -22,6 +22,8 @@ FLAG_FIELDS = {
     "reuse-training-loss": "reuse_training_loss",
     "modules-interval": "modules_interval",
     "warn-ratio": "warn_ratio",
+    "write": "write",
+    "write-memory-budget-mib": "write_memory_budget_mib",
 }
 
 
@@ -122,6 +124,15 @@ def add_critical_sharpness_args(parser: argparse.ArgumentParser) -> argparse.Arg
     group.add_argument("--critical-sharpness-warn-ratio", type=_validated("warn_ratio", float),
                        default=defaults.warn_ratio, metavar="R",
                        help=f"warn when lr/critical lr exceeds R or the step raised its batch's loss (default {defaults.warn_ratio})")
+    group.add_argument("--critical-sharpness-write", type=_validated("write", str), default=defaults.write,
+                       choices=WRITE_MODES, help="how trial points reach the params with the distributed optimizer: "
+                                                 "local (no all-gather per trial point; holds θ_{t+1} and the step in "
+                                                 "the model dtype, 4 bytes per parameter of this rank's TP/PP slice), "
+                                                 "sharded (all-gather per trial point), auto (default: local where it "
+                                                 "fits --critical-sharpness-write-memory-budget-mib)")
+    group.add_argument("--critical-sharpness-write-memory-budget-mib", type=_validated("write_memory_budget_mib", float),
+                       default=None, metavar="MIB",
+                       help="with --critical-sharpness-write auto: the most memory per rank local writes may hold")
     return parser
 
 

@@ -1,0 +1,149 @@
+"""Local trial-point writes: no collective per trial point where the fp32 master is sharded.
+
+With Megatron's distributed optimizer, ZeRO-1/2 and BF16_Optimizer each data-parallel rank holds a
+shard of the fp32 master but, after the step's own all-gather, the full model-dtype (bf16/fp16)
+parameters of its tensor/pipeline slice. A sharded write lerps the master shard and all-gathers the
+parameters once per trial point. A local write needs no collective: every rank keeps
+
+- the anchor: θ_{t+1} in the model dtype, a copy of its full parameters right after the step;
+- the step: θ_{t+1} − θ_t of the fp32 master, rounded to bf16 (fp32's range: an fp16 step would
+  underflow), formed on each rank's shard and all-gathered once per measurement;
+
+and writes θ(s) = anchor + (s − 1)·step into the parameters (computed in fp32, rounded once to the
+model dtype); restore is a copy of the anchor. s = 1 is the anchor bitwise.
+
+Why the step is the fp32 difference and not the difference of the bf16 endpoints: an element
+whose master moved less than half a bf16 ulp has equal bf16 endpoints, so a lerp between those
+never moves it, while the true line does at large step multiples (critical lrs often lie at
+s ≫ 1): such writes searched another direction. Why θ_{t+1} anchors the line: s = 1 is then
+exact and nearby points share its rounding. Near θ_t the rounding of the anchor would stand in
+for a change of the loss, so trial points below LOCAL_FROM go through the sharded path, which is
+exact there (s = 0 gives θ_t bitwise, and the resolution floor describes it). The resolution floor
+of the local line (where its elements leave their value at s = 0) is computed too, and the backend
+takes the larger one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_sharpness.backends.resolution import ResolutionHistogram
+from megatron_sharpness.faults import RankError, device_of, gather_errors
+
+# Trial points at this step multiple and above are written locally, below it through the sharded
+# path: each side is anchored at the endpoint nearer to it.
+LOCAL_FROM = 0.5
+# Dtypes of the model params that local writes serve (fp32 model params are the master or a
+# copy of it: nothing to save).
+LOCAL_DTYPES = (torch.bfloat16, torch.float16)
+STEP_DTYPE = torch.bfloat16
+# Elements per slice of a write or of the step's rounding: bounds the fp32 temporaries.
+CHUNK = 1 << 22
+
+
+def offset_in(flat: torch.Tensor, view: torch.Tensor) -> int | None:
+    """Where view starts inside flat (both over the same storage), in elements; None if elsewhere."""
+    if view.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+        return None
+    start = (view.data_ptr() - flat.data_ptr()) // flat.element_size()
+    return start if 0 <= start and start + view.numel() <= flat.numel() else None
+
+
+def local_bytes(flats: Sequence[torch.Tensor]) -> int:
+    """What LocalWrites holds for these flats: the anchor in the model dtype and the step in bf16."""
+    return sum(flat.numel() * (flat.element_size() + torch.finfo(STEP_DTYPE).bits // 8) for flat in flats)
+
+
+class LocalWrites:
+    """flats: the full model-dtype tensors the forward reads (each contiguous; every parameter of
+    the slice is a view into one of them). shards: per flat, this rank's (fp32 master, θ_t of it,
+    model-side view inside the flat) triples. gather_steps(steps): all-gathers the step buffers
+    (laid out like the flats) the way the framework all-gathers the flats."""
+
+    def __init__(self, flats: Sequence[torch.Tensor], gather_steps: Callable[[list[torch.Tensor]], None]):
+        self.flats = [flat.view(-1) for flat in flats]
+        self.gather_steps = gather_steps
+        # Allocated before the optimizer step, so that a snapshot that does not fit is known
+        # (and agreed on) before anything changed.
+        self.anchors = [torch.empty_like(flat) for flat in self.flats]
+        self.steps = [torch.zeros(flat.numel(), dtype=STEP_DTYPE, device=flat.device) for flat in self.flats]
+
+    def step_view(self, index: int, view: torch.Tensor) -> torch.Tensor:
+        start = offset_in(self.flats[index], view)
+        assert start is not None, "a shard's model-side view must lie inside its flat"
+        return self.steps[index][start:start + view.numel()]
+
+    @torch.no_grad()
+    def take_step(self, shards: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]) -> None:
+        """After the optimizer step and its all-gather: the anchor and the gathered step."""
+        for anchor, flat in zip(self.anchors, self.flats):
+            anchor.copy_(flat)
+        for index, triples in enumerate(shards):
+            for new, old, view in triples:
+                step = self.step_view(index, view)
+                new_flat, old_flat = new.reshape(-1), old.reshape(-1)
+                for start in range(0, new_flat.numel(), CHUNK):
+                    end = start + CHUNK
+                    step[start:end].copy_(new_flat[start:end] - old_flat[start:end])
+        self.gather_steps(self.steps)
+
+    @torch.no_grad()
+    def write(self, step_multiple: float) -> None:
+        for flat, anchor, step in zip(self.flats, self.anchors, self.steps):
+            if step_multiple == 1.0:
+                flat.copy_(anchor)  # bitwise, also for −0.0 and non-finite elements
+                continue
+            for start in range(0, flat.numel(), CHUNK):
+                end = start + CHUNK
+                # In fp32, rounded once to the model dtype: torch.add(..., alpha=) on bf16 tensors
+                # rounds alpha itself to bf16 on CPU (8 bits of the step multiple).
+                point = step[start:end].float().mul_(step_multiple - 1.0).add_(anchor[start:end])
+                flat[start:end].copy_(point)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for flat, anchor in zip(self.flats, self.anchors):
+            flat.copy_(anchor)
+
+    @torch.no_grad()
+    def histogram(self, shards: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
+                  device: torch.device | str) -> ResolutionHistogram:
+        """This rank's share of the local line's resolution histogram: its shard's elements along
+        anchor + (s − 1)·step (sum it over the ranks)."""
+        histogram = ResolutionHistogram(device)
+        for index, triples in enumerate(shards):
+            anchor = self.anchors[index]
+            for _, _, view in triples:
+                start = offset_in(self.flats[index], view)
+                step = self.step_view(index, view)
+                for first in range(0, view.numel(), CHUNK):
+                    end = min(first + CHUNK, view.numel())
+                    new = anchor[start + first:start + end].float()
+                    histogram.add(new - step[first:end].float(), new, anchor.dtype)
+        return histogram
+
+
+def wants_local(mode: str, budget_mib: float | None, flats: Sequence[torch.Tensor]) -> bool:
+    """Whether this rank asks for local writes (the ranks agree in agree_on_snapshot)."""
+    if mode == "sharded":
+        return False
+    return mode == "local" or budget_mib is None or local_bytes(flats) <= budget_mib * 2**20
+
+
+def agree_on_snapshot(theta_error: BaseException | None, local_error: BaseException | None, wanted: bool,
+                      group=None) -> tuple[list[RankError], list[RankError], bool]:
+    """One all-reduce before the optimizer step: (the ranks whose θ_t did not fit, the ranks whose
+    local-write buffers did not fit, whether every rank wanted local writes). The error texts cost
+    a second collective, only where some rank failed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ([] if theta_error is None else [RankError.of(0, theta_error)],
+                [] if local_error is None else [RankError.of(0, local_error)], wanted)
+    flags = torch.tensor([float(theta_error is not None), float(local_error is not None), float(not wanted)],
+                         dtype=torch.float64, device=device_of(group))
+    dist.all_reduce(flags, group=group)
+    theta_errors = gather_errors(theta_error, group) if flags[0].item() > 0 else []
+    local_errors = gather_errors(local_error, group) if flags[1].item() > 0 else []
+    return theta_errors, local_errors, flags[2].item() == 0
