@@ -54,6 +54,9 @@ class _MasterLayout:
     def after_write(self) -> None:
         pass
 
+    def settle(self) -> None:
+        """At the end of a probe, with θ_{t+1} back: the state the optimizer's own step leaves."""
+
     def local_flats(self) -> list[torch.Tensor]:
         """The full model-dtype tensors (one per pair, in pair order) that hold every rank's
         params after the step's all-gather, where local writes can serve; [] elsewhere."""
@@ -125,12 +128,21 @@ class _Zero3Layout(_MasterLayout):
         self.optimizer.parameter_offload.partition_all_parameters()
 
     def after_write(self):
+        # The persistent params stay released: the next forward fetches them with their modules'
+        # other params (one coalesced all-gather each) instead of one all-gather per param here.
         optimizer = self.optimizer
         for sub_group in range(len(optimizer.fp16_partitioned_groups_flat)):
             optimizer._unflatten_partitioned_parameters(sub_group)
+        optimizer.invalidate_secondary_tensor()
+
+    def settle(self):
+        # As the optimizer's step leaves them: the persistent params gathered, every other one
+        # released (a probe forward keeps its params gathered "for the backward", as a training
+        # forward does).
+        self.before_write()
+        optimizer = self.optimizer
         if optimizer.persistent_parameters:
             optimizer.persistent_parameters[0].all_gather(optimizer.persistent_parameters)
-        optimizer.invalidate_secondary_tensor()
 
 
 class _FusedFp16Layout(_MasterLayout):
@@ -224,6 +236,7 @@ class DeepSpeedBackend:
         # auto stops asking for local writes once their buffers did not fit on some rank.
         self._local_failed = False
         self._local: LocalWrites | None = None
+        self.writes_locally = False
         # Whether the params hold θ_{t+1} now (right after the step, after restore or s = 1): a
         # write of s = 1 then needs no collective.
         self._holds_next = False
@@ -268,6 +281,7 @@ class DeepSpeedBackend:
         self._snapshot_skipped = snapshot_skip_reason(errors)
         if self._snapshot_skipped is not None:
             self._theta_t = self._local = None
+        self.writes_locally = self._local is not None  # this measurement's mode, for logs and benchmarks
 
     @torch.no_grad()
     def after_step(self) -> str | None:
@@ -366,6 +380,7 @@ class DeepSpeedBackend:
                 for (_, target), new in zip(self.layout.pairs(), self._theta_next):
                     target.copy_(new)
                 self.layout.after_write()
+            self.layout.settle()
             self._rng.restore()
             self.engine.module.train(self._module_training)
         self._theta_t = self._theta_next = self._rng = self._local = None

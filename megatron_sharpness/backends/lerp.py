@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 # Trial points are computed in slices of at most this many elements, so that a write needs a
-# bounded temporary instead of a second copy of the whole master shard.
-LERP_CHUNK_ELEMENTS = 1 << 24
+# bounded temporary (16 MiB of fp32) instead of a second copy of the whole master shard.
+LERP_CHUNK_ELEMENTS = 1 << 22
 
 
 def lerp_into(target: torch.Tensor, old: torch.Tensor, new: torch.Tensor, weight: float) -> None:

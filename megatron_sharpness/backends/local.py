@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_sharpness.backends.lerp import LERP_CHUNK_ELEMENTS as CHUNK
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.faults import RankError, device_of, gather_errors
 
@@ -40,8 +41,6 @@ LOCAL_FROM = 0.5
 # copy of it: nothing to save).
 LOCAL_DTYPES = (torch.bfloat16, torch.float16)
 STEP_DTYPE = torch.bfloat16
-# Elements per slice of a write or of the step's rounding: bounds the fp32 temporaries.
-CHUNK = 1 << 22
 
 
 def offset_in(flat: torch.Tensor, view: torch.Tensor) -> int | None:
