@@ -154,6 +154,7 @@ class MegatronBackend:
         # auto stops asking for local writes once their buffers did not fit on some rank.
         self._local_failed = False
         self._local: LocalWrites | None = None
+        self.writes_locally = False
         # Whether the params hold θ_{t+1} now (right after the step, after restore or s = 1): a
         # write of s = 1 then needs no all-gather.
         self._holds_next = False
@@ -210,6 +211,7 @@ class MegatronBackend:
         self._snapshot_skipped = snapshot_skip_reason(errors)
         if self._snapshot_skipped is not None:
             self._theta_t, self._pairs, self._local = None, [], None
+        self.writes_locally = self._local is not None  # this measurement's mode, for logs and benchmarks
 
     @torch.no_grad()
     def after_step(self) -> str | None:
