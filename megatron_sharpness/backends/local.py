@@ -95,12 +95,15 @@ class LocalWrites:
             if step_multiple == 1.0:
                 flat.copy_(anchor)  # bitwise, also for −0.0 and non-finite elements
                 continue
-            for start in range(0, flat.numel(), CHUNK):
-                end = start + CHUNK
-                # In fp32, rounded once to the model dtype: torch.add(..., alpha=) on bf16 tensors
-                # rounds alpha itself to bf16 on CPU (8 bits of the step multiple).
-                point = step[start:end].float().mul_(step_multiple - 1.0).add_(anchor[start:end])
-                flat[start:end].copy_(point)
+            # A one-element fp32 tensor (not a Python scalar, not 0-dim) makes fp32 the computation
+            # dtype: one kernel, rounded once to the model dtype. torch.add(..., alpha=) on bf16
+            # tensors rounds alpha itself to bf16 on CPU (8 bits of the step multiple).
+            weight = torch.tensor([step_multiple - 1.0], dtype=torch.float32, device=flat.device)
+            # CUDA casts inside the kernel; the CPU casts each input to an fp32 temporary first.
+            chunk = flat.numel() if flat.is_cuda else CHUNK
+            for start in range(0, flat.numel(), chunk):
+                end = start + chunk
+                torch.addcmul(anchor[start:end], step[start:end], weight, out=flat[start:end])
 
     @torch.no_grad()
     def restore(self) -> None:

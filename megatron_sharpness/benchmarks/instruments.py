@@ -227,6 +227,9 @@ class ProbeStats:
             "probe_ms": 1e3 * probe, "forwards": forwards, "forwards_max": max(row["forwards"] for row in self.rows),
             "forward_ms": 1e3 * forward_seconds, "train_step_ms": 1e3 * train_step_seconds,
             "probe_over_forwards": probe / (forwards * forward_seconds),
+            # the same without the resolution floor's histogram (being replaced by a cheap one)
+            "probe_over_forwards_without_floor": median([(row["probe"] - row["phases"].get("floor", 0.0))
+                                                         / (row["forwards"] * forward_seconds) for row in self.rows]),
             "non_forward_share": median([1 - row["phases"].get("loss", 0.0) / row["probe"] for row in self.rows]),
             "floor_share": median([row["phases"].get("floor", 0.0) / row["probe"] for row in self.rows]),
             "phase_ms": phase,
