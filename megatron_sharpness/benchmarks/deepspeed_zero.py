@@ -78,7 +78,7 @@ def worker(a: argparse.Namespace) -> None:
     sharpness = attach(engine, SharpnessConfig(interval=a.interval, micro_batches=a.micro_batches, write=write),
                        loggers=[])
     timer = PhaseTimer()
-    instrument_backend(timer, sharpness.backend)
+    instrument_backend(timer, sharpness.backend, (sharpness.backend.layout, "after_write"))
     count_inside(counter, sharpness.backend, "snapshot")
     count_inside(counter, sharpness.probe, "measure")
     count_inside(counter, sharpness.backend, "loss", "in_loss")

@@ -122,14 +122,19 @@ class PhaseTimer:
         self.seconds, self.calls = defaultdict(float), defaultdict(int)
 
 
-def instrument_backend(timer: PhaseTimer, backend: Any) -> None:
-    """Times the backend's protocol methods and the resolution floor's histogram."""
+def instrument_backend(timer: PhaseTimer, backend: Any, param_gather: tuple[Any, str]) -> None:
+    """Times the backend's protocol methods and the resolution floor's histogram, and counts the
+    all-gathers of the params (param_gather: the object and method that issue one) and of the
+    step of local writes."""
+    from megatron_sharpness.backends.local import LocalWrites
     from megatron_sharpness.backends.resolution import ResolutionHistogram
 
     for method in ("snapshot", "after_step", "write", "loss", "restore"):
         timer.wrap(backend, method)
     timer.wrap(ResolutionHistogram, "add", "floor")
     timer.wrap(ResolutionHistogram, "floor", "floor")
+    timer.wrap(*param_gather, "param_gather")
+    timer.wrap(LocalWrites, "take_step", "step_gather")
 
 
 @contextlib.contextmanager
@@ -210,6 +215,8 @@ class ProbeStats:
         probe = seconds.get("snapshot", 0.0) + measurement.probe_seconds
         self.rows.append({"probe": probe, "forwards": measurement.forwards, "phases": seconds,
                           "writes": self.timer.calls.get("write", 0), "collectives": self.counter.total,
+                          "param_gathers": self.timer.calls.get("param_gather", 0),
+                          "step_gathers": self.timer.calls.get("step_gather", 0),
                           "collective_calls": dict(self.counter.calls), "loss_collectives": self.counter.loss_calls,
                           "collective_bytes": self.counter.bytes, "collective_seconds": self.counter.seconds})
 
@@ -234,6 +241,8 @@ class ProbeStats:
             "floor_share": median([row["phases"].get("floor", 0.0) / row["probe"] for row in self.rows]),
             "phase_ms": phase,
             "writes": median([row["writes"] for row in self.rows]),
+            "param_gathers": median([row["param_gathers"] for row in self.rows]),
+            "step_gathers": median([row["step_gathers"] for row in self.rows]),
             "collectives": median([row["collectives"] for row in self.rows]),
             "collectives_per_forward": median([row["loss_collectives"] / row["forwards"] for row in self.rows]),
             "collective_bytes": median([row["collective_bytes"] for row in self.rows]),

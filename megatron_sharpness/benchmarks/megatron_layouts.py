@@ -63,7 +63,7 @@ def worker(a: argparse.Namespace) -> None:
     sharpness = MegatronSharpness(chunks, optimizer, forward_step, SharpnessConfig(interval=a.interval, write=a.write),
                                   seq_length=setup.seq_length, micro_batch_size=setup.micro_batch_size, loggers=[])
     timer = PhaseTimer()
-    instrument_backend(timer, sharpness.backend)
+    instrument_backend(timer, sharpness.backend, (sharpness.backend, "_sync_params"))
     count_inside(counter, sharpness.backend, "snapshot")
     count_inside(counter, sharpness.probe, "measure")
     count_inside(counter, sharpness.backend, "loss", "in_loss")
