@@ -62,7 +62,8 @@ class _MasterLayout:
         params after the step's all-gather, where local writes can serve; [] elsewhere."""
         return []
 
-    def gather_steps(self, steps: list[torch.Tensor]) -> None:
+    def gather_steps(self, steps: list[torch.Tensor]) -> list:
+        """Starts the all-gathers of the step buffers (laid out like local_flats()); their works."""
         raise NotImplementedError
 
 
@@ -88,23 +89,27 @@ class _PartitionedLayout(_MasterLayout):
     needs_gather = True
 
     def after_write(self):
-        self._gather(self.groups_flat, self.partitions)
+        optimizer = self.optimizer
+        all_gather_dp_groups(groups_flat=self.groups_flat, partitioned_param_groups=self.partitions,
+                             dp_process_group=optimizer.real_dp_process_group,
+                             start_alignment_factor=optimizer.nccl_start_alignment_factor,
+                             allgather_bucket_size=optimizer.allgather_bucket_size)
 
     def local_flats(self):
         return list(self.groups_flat) if all(flat.dtype in LOCAL_DTYPES for flat in self.groups_flat) else []
 
     def gather_steps(self, steps):
-        # Each rank's partition of a step buffer lies where its partition of the params does.
-        partitions = [[step[offset_in(flat, part):offset_in(flat, part) + part.numel()] for part in parts]
-                      for step, flat, parts in zip(steps, self.groups_flat, self.partitions)]
-        self._gather(steps, partitions)
-
-    def _gather(self, flats, partitions):
-        optimizer = self.optimizer
-        all_gather_dp_groups(groups_flat=flats, partitioned_param_groups=partitions,
-                             dp_process_group=optimizer.real_dp_process_group,
-                             start_alignment_factor=optimizer.nccl_start_alignment_factor,
-                             allgather_bucket_size=optimizer.allgather_bucket_size)
+        # As all_gather_dp_groups gathers the params: this rank's partition of each step buffer
+        # lies where its partition of the params does.
+        works = []
+        for step, flat, parts, group in zip(steps, self.groups_flat, self.partitions,
+                                            self.optimizer.real_dp_process_group):
+            if ds_comm.get_world_size(group=group) > 1:
+                own = parts[ds_comm.get_rank(group=group)]
+                start = offset_in(flat, own)
+                works.append(ds_comm.all_gather_into_tensor(step, step[start:start + own.numel()], group=group,
+                                                            async_op=True))
+        return works
 
 
 class _Zero3Layout(_MasterLayout):

@@ -10,7 +10,8 @@ parameters once per trial point. A local write needs no collective: every rank k
   underflow), formed on each rank's shard and all-gathered once per measurement;
 
 and writes θ(s) = anchor + (s − 1)·step into the parameters (computed in fp32, rounded once to the
-model dtype); restore is a copy of the anchor. s = 1 is the anchor bitwise.
+model dtype); restore is a copy of the anchor. s = 1 is the anchor bitwise. The step's all-gather
+is asynchronous: it runs beside the next forward (NCCL) and is waited for at the first local write.
 
 Why the step is the fp32 difference and not the difference of the bf16 endpoints: an element
 whose master moved less than half a bf16 ulp has equal bf16 endpoints, so a lerp between those
@@ -59,12 +60,14 @@ def local_bytes(flats: Sequence[torch.Tensor]) -> int:
 class LocalWrites:
     """flats: the full model-dtype tensors the forward reads (each contiguous; every parameter of
     the slice is a view into one of them). shards: per flat, this rank's (fp32 master, θ_t of it,
-    model-side view inside the flat) triples. gather_steps(steps): all-gathers the step buffers
-    (laid out like the flats) the way the framework all-gathers the flats."""
+    model-side view inside the flat) triples. gather_steps(steps): starts the all-gathers of the
+    step buffers (laid out like the flats) the way the framework all-gathers the flats, and
+    returns their work handles (async_op=True)."""
 
-    def __init__(self, flats: Sequence[torch.Tensor], gather_steps: Callable[[list[torch.Tensor]], None]):
+    def __init__(self, flats: Sequence[torch.Tensor], gather_steps: Callable[[list[torch.Tensor]], list]):
         self.flats = [flat.view(-1) for flat in flats]
         self.gather_steps = gather_steps
+        self._pending: list = []
         # Allocated before the optimizer step, so that a snapshot that does not fit is known
         # (and agreed on) before anything changed.
         self.anchors = [torch.empty_like(flat) for flat in self.flats]
@@ -87,10 +90,17 @@ class LocalWrites:
                 for start in range(0, new_flat.numel(), CHUNK):
                     end = start + CHUNK
                     step[start:end].copy_(new_flat[start:end] - old_flat[start:end])
-        self.gather_steps(self.steps)
+        self._pending = self.gather_steps(self.steps)
+
+    def _wait(self) -> None:
+        for work in self._pending:
+            work.wait()
+        self._pending = []
 
     @torch.no_grad()
     def write(self, step_multiple: float) -> None:
+        if step_multiple != 1.0:
+            self._wait()
         for flat, anchor, step in zip(self.flats, self.anchors, self.steps):
             if step_multiple == 1.0:
                 flat.copy_(anchor)  # bitwise, also for −0.0 and non-finite elements
@@ -107,6 +117,7 @@ class LocalWrites:
 
     @torch.no_grad()
     def restore(self) -> None:
+        self._wait()  # no collective may still write into the step when it is freed
         for flat, anchor in zip(self.flats, self.anchors):
             flat.copy_(anchor)
 
@@ -114,7 +125,8 @@ class LocalWrites:
     def histogram(self, shards: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
                   device: torch.device | str) -> ResolutionHistogram:
         """This rank's share of the local line's resolution histogram: its shard's elements along
-        anchor + (s − 1)·step (sum it over the ranks)."""
+        anchor + (s − 1)·step (sum it over the ranks). Reads this rank's part of the step only:
+        no need to wait for the gather."""
         histogram = ResolutionHistogram(device)
         for index, triples in enumerate(shards):
             anchor = self.anchors[index]

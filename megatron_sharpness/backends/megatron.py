@@ -322,9 +322,10 @@ class MegatronBackend:
                 shards[flat].append((new, old, target))
         return shards
 
-    def _gather_steps(self, steps: list[torch.Tensor]) -> None:
-        """All-gathers the step buffers as megatron-core all-gathers the param buffers: per bucket,
-        over the bucket group's distributed-optimizer instance."""
+    def _gather_steps(self, steps: list[torch.Tensor]) -> list:
+        """Starts the all-gathers of the step buffers as megatron-core all-gathers the param
+        buffers: per bucket, over the bucket group's distributed-optimizer instance."""
+        works = []
         for chunk in self.model_chunks:
             for bucket_group in [*chunk.bucket_groups, *getattr(chunk, "expert_parallel_bucket_groups", [])]:
                 size = bucket_group.intra_distributed_optimizer_instance_size
@@ -336,8 +337,10 @@ class MegatronBackend:
                             continue
                         region = step[start:start + bucket.param_data.numel()]
                         shard = region.numel() // size
-                        dist.all_gather_into_tensor(region, region[rank * shard:(rank + 1) * shard],
-                                                    group=bucket_group.intra_distributed_optimizer_instance_group)
+                        works.append(dist.all_gather_into_tensor(
+                            region, region[rank * shard:(rank + 1) * shard],
+                            group=bucket_group.intra_distributed_optimizer_instance_group, async_op=True))
+        return works
 
     def _sync_params(self) -> None:
         if self.uses_param_gather:
