@@ -101,6 +101,10 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
             assert checks.pop("groups")[-1] == "output" and checks.pop("group_moves_alone")
         if "--pipeline" not in args:
             assert checks.pop("local") == local
+            assert checks.pop("budget_writes_locally") is False
+            refused = checks.pop("local_refused")  # write="local" where no rank holds the full params
+            assert (refused is None) == (local or optimizer not in ("DeepSpeedZeroOptimizer_Stage3",)), refused
+            assert refused is None or "partitions them (ZeRO-3); use write='sharded' or 'auto'" in refused
             # the local trial point at s = 8 lies within the roundings of θ_{t+1}, of the bf16 step
             # and of its own of the sharded one (a lerp between the bf16 endpoints misses it by more)
             far = checks.pop("local_far_ulps")

@@ -74,9 +74,13 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
             checks.pop("group_nonempty_here")
         # bf16 params under the distributed optimizer are written locally; there the trial point
         # at s = 8 lies within the roundings of θ_{t+1}, of the bf16 step and of its own of the
-        # sharded one (a lerp between the bf16 endpoints misses it by up to 8 ulps)
+        # sharded one: 3 bf16 ulps (a lerp between the bf16 endpoints misses it by up to 8)
         local = checks.pop("local")
         assert local == ("--dist-opt" in args and "--bf16" in args)
+        assert checks.pop("budget_writes_locally") is False
+        refused = checks.pop("local_refused")  # write="local" where the gathered params are fp32
+        assert (refused is None) == ("--bf16" in args or "--dist-opt" not in args), refused
+        assert refused is None or "write='local' needs the distributed optimizer's params in bf16 or fp16" in refused
         far = checks.pop("local_far_ulps")
         assert far <= 3.0 if local else far == 0.0
         sharded = checks.pop("sharded")

@@ -40,6 +40,8 @@ class _MasterLayout:
 
     # True where the master *is* the model param: writing a trial point then overwrites θ_{t+1}.
     master_is_model = False
+    # True where a trial point reaches the other ranks' params only through a collective.
+    needs_gather = False
 
     def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError

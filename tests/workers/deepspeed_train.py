@@ -214,9 +214,18 @@ def reference_run(a, rank):
                 backend.batches.append(((tokens, targets), {}))
             engine.set_gradient_accumulation_boundary(micro == a.gas - 1)
             engine.backward(engine(tokens, targets))
+        # auto with a budget that local writes do not fit writes sharded
+        backends["auto, budget 0 MiB"] = DeepSpeedBackend(engine, engine_forward_loss(engine), write="auto",
+                                                          write_memory_budget_mib=0.0)
         for backend in backends.values():
             backend.snapshot()
         engine.step()
+        checks["budget_writes_locally"] = backends.pop("auto, budget 0 MiB").writes_locally
+        try:
+            DeepSpeedBackend(engine, engine_forward_loss(engine), write="local")
+            checks["local_refused"] = None
+        except ValueError as error:
+            checks["local_refused"] = str(error)
         after = full_params(engine)
         local, sharded = backends["auto"], backends["sharded"]
         checks["after_step"] = local.after_step()
@@ -267,11 +276,12 @@ def hand_checks(a, engine, backend, before, after):
 
 
 def ulps_apart(x, y, scale):
-    """How many model-dtype ulps x lies from y at most, ulps taken at the largest of |x|, |y| and
-    |scale| (θ_{t+1}: a trial point near zero has tiny ulps of its own)."""
+    """How many bf16 ulps (the precision local writes keep the step in) x lies from y at most,
+    ulps taken at the largest of |x|, |y| and |scale| (θ_{t+1}: a trial point near zero has tiny
+    ulps of its own)."""
     largest = torch.maximum(torch.maximum(x.float().abs(), y.float().abs()), scale.float().abs())
     _, exponent = torch.frexp(largest)
-    ulp = torch.ldexp(torch.full_like(largest, torch.finfo(y.dtype).eps), exponent - 1)
+    ulp = torch.ldexp(torch.full_like(largest, torch.finfo(torch.bfloat16).eps), exponent - 1)
     return ((x.float() - y.float()).abs() / ulp).max().item() if x.numel() else 0.0
 
 

@@ -105,11 +105,12 @@ def hand_checks(a, chunks, backend, before, after, params):
 
 
 def ulps_apart(x, y, scale):
-    """How many model-dtype ulps x lies from y at most, ulps taken at the largest of |x|, |y| and
-    |scale| (θ_{t+1}: a trial point near zero has tiny ulps of its own)."""
+    """How many bf16 ulps (the precision local writes keep the step in) x lies from y at most,
+    ulps taken at the largest of |x|, |y| and |scale| (θ_{t+1}: a trial point near zero has tiny
+    ulps of its own)."""
     largest = torch.maximum(torch.maximum(x.float().abs(), y.float().abs()), scale.float().abs())
     _, exponent = torch.frexp(largest)
-    ulp = torch.ldexp(torch.full_like(largest, torch.finfo(y.dtype).eps), exponent - 1)
+    ulp = torch.ldexp(torch.full_like(largest, torch.finfo(torch.bfloat16).eps), exponent - 1)
     return ((x.float() - y.float()).abs() / ulp).max().item() if x.numel() else 0.0
 
 
@@ -124,12 +125,21 @@ def reference_run(a):
         return [p.detach().clone() for c in chunks for p in c.parameters()]
 
     local, sharded = (MegatronBackend(optimizer, chunks, evaluate=None, write=mode) for mode in ("auto", "sharded"))
+    # auto with a budget that local writes do not fit writes sharded
+    budget = MegatronBackend(optimizer, chunks, evaluate=None, write="auto", write_memory_budget_mib=0.0)
     forward_backward(a, chunks, optimizer, iterators if a.vpp else iterators[0])
     before = params()
     local.snapshot()
     sharded.snapshot()
+    budget.snapshot()
     optimizer.step()
-    checks = {"after_step": local.after_step(), "sharded_after_step": sharded.after_step()}
+    checks = {"after_step": local.after_step(), "sharded_after_step": sharded.after_step(),
+              "budget_writes_locally": budget.writes_locally}
+    try:
+        MegatronBackend(optimizer, chunks, evaluate=None, write="local")
+        checks["local_refused"] = None
+    except ValueError as error:
+        checks["local_refused"] = str(error)
     after = params()
     # Far along the step the local line follows the fp32 step: within the rounding of θ_{t+1}
     # and of the trial point of the sharded write, also where the bf16 endpoints are equal.
