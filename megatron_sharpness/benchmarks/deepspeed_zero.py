@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 from megatron_sharpness.benchmarks import run_setups
-from megatron_sharpness.benchmarks.megatron_layouts import cost_table
+from megatron_sharpness.benchmarks.megatron_layouts import cost_table, medians
 
 SETUPS = {
     "ZeRO-0 fp32": (2, ["--stage", "0", "--dtype", "fp32"]),
@@ -31,8 +29,8 @@ SETUPS = {
 
 
 def worker(a: argparse.Namespace) -> None:
-    from megatron_sharpness.benchmarks.instruments import (CollectiveCounter, PhaseTimer, ProbeStats, count_inside,
-                                                           instrument_backend, peak_allocated)
+    from megatron_sharpness.benchmarks.instruments import (CollectiveCounter, PhaseTimer, ProbeStats, clock,
+                                                           count_inside, instrument_backend, peak_allocated, since)
 
     counter = CollectiveCounter()  # before DeepSpeed binds torch.distributed's functions
     import deepspeed
@@ -78,7 +76,7 @@ def worker(a: argparse.Namespace) -> None:
     sharpness = attach(engine, SharpnessConfig(interval=a.interval, micro_batches=a.micro_batches, write=write),
                        loggers=[])
     timer = PhaseTimer()
-    instrument_backend(timer, sharpness.backend, (sharpness.backend.layout, "after_write"))
+    instrument_backend(timer, sharpness.probe, sharpness.backend, (sharpness.backend.layout, "after_write"))
     count_inside(counter, sharpness.backend, "snapshot")
     count_inside(counter, sharpness.probe, "measure")
     count_inside(counter, sharpness.backend, "loss", "in_loss")
@@ -107,10 +105,10 @@ def worker(a: argparse.Namespace) -> None:
         if due:
             stats.start()
         synchronize()
-        started = time.perf_counter()
+        started = clock()
         train()
         synchronize()
-        elapsed = time.perf_counter() - started
+        elapsed = since(started)
         measurement, sharpness.last_measurement = sharpness.last_measurement, None
         if due and step >= a.interval:  # the first measurement starts cold: not counted
             stats.stop(measurement)
@@ -124,14 +122,14 @@ def worker(a: argparse.Namespace) -> None:
     batch = next(data)
     due, sharpness.probe.is_due = sharpness.probe.is_due, lambda step: False
     forward_seconds = []
-    for _ in range(3):
+    for _ in range(2):
         train()
         synchronize()
-        started = time.perf_counter()
+        started = clock()
         with torch.no_grad():
             engine(*batch)
         synchronize()
-        forward_seconds.append(time.perf_counter() - started)
+        forward_seconds.append(since(started))
     sharpness.probe.is_due = due
     # Memory, on steps of their own (the profiler slows them): a probed step's boundary step
     # against an unprobed one's, and one forward.
@@ -156,7 +154,7 @@ def worker(a: argparse.Namespace) -> None:
         print("RESULT " + json.dumps({
             "optimizers": [type(engine.optimizer).__name__], "write": write, "local": sharpness.backend.writes_locally,
             "tp": 1, "pp": 1, "dp": dp, "parameters": parameters,
-            **stats.summary(micro_batches * statistics.median(forward_seconds), statistics.median(step_seconds)),
+            **stats.summary(tuple(micro_batches * t for t in medians(forward_seconds)), medians(step_seconds)),
             "extra_peak_bytes": int(extra[0].item()), "extra_peak_outside_forwards_bytes": int(extra[1].item()),
             "extra_peak_writes_bytes": int(extra[2].item()), "forward_peak_bytes": int(extra[3].item()),
             "shard_bytes": 4 * parameters / dp,

@@ -6,9 +6,12 @@
   cross entropy's, and the loss reductions) only counted. Installed before megatron-core or
   DeepSpeed is imported, because both keep their own references to torch.distributed's
   functions (megatron-core's dist_all_gather_func, DeepSpeed's all_gather_function).
-- Phases: wall time inside each backend method (snapshot, after_step, write, loss, restore) and
-  inside the resolution floor's histogram (ResolutionHistogram.add and floor). The forwards are
-  the time in loss(); everything else of a probe is its non-forward part.
+- Phases: wall and CPU time inside each backend method (snapshot, after_step, write, loss,
+  restore), the probe's measure() and the resolution floor's histogram (ResolutionHistogram.add
+  and floor). The forwards are the time in loss(); everything else of a probe (the snapshot
+  before the optimizer step and measure() after it) is its non-forward part. The CPU time of the
+  process is the work done: on a machine that other jobs share, the wall time also counts the
+  waiting for a core (and a collective counts the slower rank's lag).
 - Memory: the peak of the bytes allocated since a window opened, from the allocation events of
   torch's profiler (profile_memory=True): each carries the allocator's running total (c10's CPU
   allocator, CUDA's caching allocator), so the peak counts every tensor the probe, the optimizer
@@ -88,12 +91,24 @@ class CollectiveCounter:
         return sum(self.calls.values())
 
 
+def clock() -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): on a machine shared with other jobs the CPU
+    time is the work done, the wall time also the waiting for a core."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(started: tuple[float, float]) -> tuple[float, float]:
+    now = clock()
+    return now[0] - started[0], now[1] - started[1]
+
+
 class PhaseTimer:
-    """Seconds spent inside named methods of objects, accumulated while `active`."""
+    """Wall and CPU seconds spent inside named methods of objects, accumulated while `active`."""
 
     def __init__(self):
         self.active = False
         self.seconds: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self._depth: dict[str, int] = defaultdict(int)
 
@@ -106,31 +121,34 @@ class PhaseTimer:
             if self._depth[phase]:
                 return original(*args, **kwargs)
             self._depth[phase] += 1
-            started = time.perf_counter()
+            started = clock()
             try:
                 with torch.profiler.record_function(f"probe.{phase}"):  # found by peak_allocated
                     return original(*args, **kwargs)
             finally:
                 self._depth[phase] -= 1
                 if self.active:
-                    self.seconds[phase] += time.perf_counter() - started
+                    wall, cpu = since(started)
+                    self.seconds[phase] += wall
+                    self.cpu[phase] += cpu
                     self.calls[phase] += 1
 
         setattr(owner, method, timed)
 
     def reset(self) -> None:
-        self.seconds, self.calls = defaultdict(float), defaultdict(int)
+        self.seconds, self.cpu, self.calls = defaultdict(float), defaultdict(float), defaultdict(int)
 
 
-def instrument_backend(timer: PhaseTimer, backend: Any, param_gather: tuple[Any, str]) -> None:
-    """Times the backend's protocol methods and the resolution floor's histogram, and counts the
-    all-gathers of the params (param_gather: the object and method that issue one) and of the
-    step of local writes."""
+def instrument_backend(timer: PhaseTimer, probe: Any, backend: Any, param_gather: tuple[Any, str]) -> None:
+    """Times the probe's measure(), the backend's protocol methods and the resolution floor's
+    histogram, and counts the all-gathers of the params (param_gather: the object and method that
+    issue one) and of the step of local writes."""
     from megatron_sharpness.backends.local import LocalWrites
     from megatron_sharpness.backends.resolution import ResolutionHistogram
 
     for method in ("snapshot", "after_step", "write", "loss", "restore"):
         timer.wrap(backend, method)
+    timer.wrap(probe, "measure")
     timer.wrap(ResolutionHistogram, "add", "floor")
     timer.wrap(ResolutionHistogram, "floor", "floor")
     timer.wrap(*param_gather, "param_gather")
@@ -210,36 +228,22 @@ class ProbeStats:
 
     def stop(self, measurement) -> None:
         self.timer.active = False
-        seconds = dict(self.timer.seconds)
-        # The probe: the snapshot before the optimizer step and everything after it.
-        probe = seconds.get("snapshot", 0.0) + measurement.probe_seconds
-        self.rows.append({"probe": probe, "forwards": measurement.forwards, "phases": seconds,
-                          "writes": self.timer.calls.get("write", 0), "collectives": self.counter.total,
-                          "param_gathers": self.timer.calls.get("param_gather", 0),
-                          "step_gathers": self.timer.calls.get("step_gather", 0),
-                          "collective_calls": dict(self.counter.calls), "loss_collectives": self.counter.loss_calls,
-                          "collective_bytes": self.counter.bytes, "collective_seconds": self.counter.seconds})
+        timer = self.timer
+        self.rows.append({
+            "forwards": measurement.forwards, "phases": {"wall": dict(timer.seconds), "cpu": dict(timer.cpu)},
+            "writes": timer.calls.get("write", 0), "collectives": self.counter.total,
+            "param_gathers": timer.calls.get("param_gather", 0), "step_gathers": timer.calls.get("step_gather", 0),
+            "collective_calls": dict(self.counter.calls), "loss_collectives": self.counter.loss_calls,
+            "collective_bytes": self.counter.bytes, "collective_seconds": self.counter.seconds})
 
-    def summary(self, forward_seconds: float, train_step_seconds: float) -> dict:
+    def summary(self, forward_seconds: tuple[float, float], train_step_seconds: tuple[float, float]) -> dict:
+        """forward_seconds, train_step_seconds: (wall, CPU) medians."""
         import statistics
 
-        def median(values):
-            return statistics.median(values)
-
-        probe = median([row["probe"] for row in self.rows])
-        forwards = median([row["forwards"] for row in self.rows])
-        phase = {name: 1e3 * median([row["phases"].get(name, 0.0) for row in self.rows])
-                 for name in ("snapshot", "after_step", "floor", "write", "loss", "restore")}
-        return {
-            "probe_ms": 1e3 * probe, "forwards": forwards, "forwards_max": max(row["forwards"] for row in self.rows),
-            "forward_ms": 1e3 * forward_seconds, "train_step_ms": 1e3 * train_step_seconds,
-            "probe_over_forwards": probe / (forwards * forward_seconds),
-            # the same without the resolution floor's histogram (being replaced by a cheap one)
-            "probe_over_forwards_without_floor": median([(row["probe"] - row["phases"].get("floor", 0.0))
-                                                         / (row["forwards"] * forward_seconds) for row in self.rows]),
-            "non_forward_share": median([1 - row["phases"].get("loss", 0.0) / row["probe"] for row in self.rows]),
-            "floor_share": median([row["phases"].get("floor", 0.0) / row["probe"] for row in self.rows]),
-            "phase_ms": phase,
+        median = statistics.median
+        result = {
+            "forwards": median([row["forwards"] for row in self.rows]),
+            "forwards_max": max(row["forwards"] for row in self.rows),
             "writes": median([row["writes"] for row in self.rows]),
             "param_gathers": median([row["param_gathers"] for row in self.rows]),
             "step_gathers": median([row["step_gathers"] for row in self.rows]),
@@ -247,6 +251,25 @@ class ProbeStats:
             "collectives_per_forward": median([row["loss_collectives"] / row["forwards"] for row in self.rows]),
             "collective_bytes": median([row["collective_bytes"] for row in self.rows]),
             "collective_ms": 1e3 * median([row["collective_seconds"] for row in self.rows]),
-            "probe_over_train_step": probe / train_step_seconds,
             "collective_calls": self.rows[-1]["collective_calls"],
         }
+        for index, kind in enumerate(("wall", "cpu")):
+            forward, step = forward_seconds[index], train_step_seconds[index]
+            # The probe: the snapshot before the optimizer step and everything after it.
+            probes = [row["phases"][kind].get("snapshot", 0.0) + row["phases"][kind].get("measure", 0.0)
+                      for row in self.rows]
+            parts = [row["phases"][kind] for row in self.rows]
+            result[kind] = {
+                "probe_ms": 1e3 * median(probes), "forward_ms": 1e3 * forward, "train_step_ms": 1e3 * step,
+                "probe_over_forwards": median([probe / (row["forwards"] * forward)
+                                               for probe, row in zip(probes, self.rows)]),
+                # the same without the resolution floor's histogram (being replaced by a cheap one)
+                "probe_over_forwards_without_floor": median([(probe - part.get("floor", 0.0)) / (row["forwards"] * forward)
+                                                             for probe, part, row in zip(probes, parts, self.rows)]),
+                "non_forward_share": median([1 - part.get("loss", 0.0) / probe for probe, part in zip(probes, parts)]),
+                "floor_share": median([part.get("floor", 0.0) / probe for probe, part in zip(probes, parts)]),
+                "phase_ms": {name: 1e3 * median([part.get(name, 0.0) for part in parts])
+                             for name in ("snapshot", "after_step", "floor", "write", "loss", "restore")},
+                "probe_over_train_step": median(probes) / step,
+            }
+        return result

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 from megatron_sharpness.benchmarks import markdown_table, run_setups
 
@@ -32,8 +31,8 @@ LAYOUTS = {
 
 
 def worker(a: argparse.Namespace) -> None:
-    from megatron_sharpness.benchmarks.instruments import (CollectiveCounter, PhaseTimer, ProbeStats, count_inside,
-                                                           instrument_backend, peak_allocated)
+    from megatron_sharpness.benchmarks.instruments import (CollectiveCounter, PhaseTimer, ProbeStats, clock,
+                                                           count_inside, instrument_backend, peak_allocated, since)
 
     counter = CollectiveCounter()  # before megatron-core binds torch.distributed's functions
     import torch
@@ -63,7 +62,7 @@ def worker(a: argparse.Namespace) -> None:
     sharpness = MegatronSharpness(chunks, optimizer, forward_step, SharpnessConfig(interval=a.interval, write=a.write),
                                   seq_length=setup.seq_length, micro_batch_size=setup.micro_batch_size, loggers=[])
     timer = PhaseTimer()
-    instrument_backend(timer, sharpness.backend, (sharpness.backend, "_sync_params"))
+    instrument_backend(timer, sharpness.probe, sharpness.backend, (sharpness.backend, "_sync_params"))
     count_inside(counter, sharpness.backend, "snapshot")
     count_inside(counter, sharpness.probe, "measure")
     count_inside(counter, sharpness.backend, "loss", "in_loss")
@@ -90,10 +89,10 @@ def worker(a: argparse.Namespace) -> None:
 
     def timed(fn):
         synchronize()
-        started = time.perf_counter()
+        started = clock()
         fn()
         synchronize()
-        return time.perf_counter() - started
+        return since(started)
 
     def train(step, window=None):
         batches = step_batches(step)
@@ -125,7 +124,7 @@ def worker(a: argparse.Namespace) -> None:
     batches = step_batches(a.steps)
     due, sharpness.probe.is_due = sharpness.probe.is_due, lambda step: False
     forward_seconds = []
-    for _ in range(3):
+    for _ in range(2):
         train(a.steps)
         with torch.no_grad():
             forward_seconds.append(timed(lambda: run(batches, True)))
@@ -156,13 +155,17 @@ def worker(a: argparse.Namespace) -> None:
         print("RESULT " + json.dumps({
             "optimizers": sorted({type(o).__name__ for o in sharpness.backend.leaves}),
             "write": a.write, "local": local, "tp": tp, "pp": pp, "dp": dp, "parameters": int(parameters),
-            **stats.summary(statistics.median(forward_seconds), statistics.median(step_seconds)),
+            **stats.summary(medians(forward_seconds), medians(step_seconds)),
             "extra_peak_bytes": int(extra[0].item()), "extra_peak_outside_forwards_bytes": int(extra[1].item()),
             "extra_peak_writes_bytes": int(extra[2].item()), "forward_peak_bytes": int(extra[3].item()),
             "shard_bytes": 4 * parameters / (tp * pp * dp),
             "slice_model_bytes": (2 if a.bf16 else 4) * parameters / (tp * pp),
         }), flush=True)
     shutdown_model_parallel()
+
+
+def medians(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -213,20 +216,23 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cost_table(rows: list[tuple[str, dict]]) -> str:
-    """The table both benchmarks print; rows: (setup name, a worker's RESULT)."""
+    """The table both benchmarks print; rows: (setup name, a worker's RESULT). Times are CPU
+    seconds of the rank (the work done; the wall time of a shared machine also holds the waiting
+    for a core), the wall-time ratio beside the CPU-time one."""
     def mib(value):
         return f"{value / 2**20:.1f}"
 
     return markdown_table(
-        ("setup", "params", "write", "train step ms", "fwd ms", "probe ms", "forwards", "probe/(fw×fwd)",
+        ("setup", "params", "write", "train step ms", "fwd ms", "probe ms", "forwards", "probe/(fw×fwd) cpu (wall)",
          "w/o floor", "non-fwd share", "floor share", "collectives (+ per fwd)", "extra peak MiB", "outside fwds MiB",
          "snapshot+writes MiB", "4P/(TP·PP·DP) MiB", "probe/train step"),
-        [(name, f"{r['parameters'] / 1e6:.0f}M", "local" if r["local"] else "sharded", f"{r['train_step_ms']:.0f}",
-          f"{r['forward_ms']:.0f}", f"{r['probe_ms']:.0f}", f"{r['forwards']:g}/{r['forwards_max']}",
-          f"{r['probe_over_forwards']:.2f}", f"{r['probe_over_forwards_without_floor']:.2f}",
-          f"{r['non_forward_share']:.0%}", f"{r['floor_share']:.0%}",
-          f"{r['collectives']:g} (+{r['collectives_per_forward']:g})", mib(r["extra_peak_bytes"]), mib(r["extra_peak_outside_forwards_bytes"]),
-          mib(r["extra_peak_writes_bytes"]), mib(r["shard_bytes"]), f"{r['probe_over_train_step']:.2f}") for name, r in rows])
+        [(name, f"{r['parameters'] / 1e6:.0f}M", "local" if r["local"] else "sharded", f"{r['cpu']['train_step_ms']:.0f}",
+          f"{r['cpu']['forward_ms']:.0f}", f"{r['cpu']['probe_ms']:.0f}", f"{r['forwards']:g}/{r['forwards_max']}",
+          f"{r['cpu']['probe_over_forwards']:.2f} ({r['wall']['probe_over_forwards']:.2f})",
+          f"{r['cpu']['probe_over_forwards_without_floor']:.2f}", f"{r['cpu']['non_forward_share']:.0%}",
+          f"{r['cpu']['floor_share']:.0%}", f"{r['collectives']:g} (+{r['collectives_per_forward']:g})",
+          mib(r["extra_peak_bytes"]), mib(r["extra_peak_outside_forwards_bytes"]), mib(r["extra_peak_writes_bytes"]),
+          mib(r["shard_bytes"]), f"{r['cpu']['probe_over_train_step']:.2f}") for name, r in rows])
 
 
 if __name__ == "__main__":
