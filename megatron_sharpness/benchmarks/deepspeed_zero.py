@@ -61,7 +61,7 @@ def worker(a: argparse.Namespace) -> None:
     config = {
         "train_micro_batch_size_per_gpu": a.micro_batch_size,
         "gradient_accumulation_steps": a.accumulation,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": a.device == "cpu"}},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True}},
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": a.stage},
         "steps_per_print": 10**9,

@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--setups", nargs="+", default=[name for name, *_ in SETUPS],
                         choices=[name for name, *_ in SETUPS], metavar="SETUP")
     parser.add_argument("--writes", nargs="+", default=["local", "sharded"], choices=["local", "sharded"])
-    parser.add_argument("--steps", type=int, default=9)
-    parser.add_argument("--interval", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--interval", type=int, default=2)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--seq-length", type=int, default=64)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
