@@ -145,11 +145,14 @@ class _Zero3Layout(_MasterLayout):
     def settle(self):
         # As the optimizer's step leaves them: the persistent params gathered, every other one
         # released (a probe forward keeps its params gathered "for the backward", as a training
-        # forward does).
+        # forward does). Coalesced, as ZeRO-3's forward fetches (by whether a param holds a
+        # secondary partition), where the step gathers them one collective each.
         self.before_write()
-        optimizer = self.optimizer
-        if optimizer.persistent_parameters:
-            optimizer.persistent_parameters[0].all_gather(optimizer.persistent_parameters)
+        persistent = self.optimizer.persistent_parameters
+        for group in ([p for p in persistent if p.ds_secondary_tensor is not None],
+                      [p for p in persistent if p.ds_secondary_tensor is None]):
+            if group:
+                group[0].all_gather_coalesced(group).wait()
 
 
 class _FusedFp16Layout(_MasterLayout):

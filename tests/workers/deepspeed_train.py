@@ -271,6 +271,11 @@ def hand_checks(a, engine, backend, before, after):
                                           zip(full_params(engine), after, before, in_group))
         backend.select_group(None)
     backend.restore()
+    if hasattr(engine.optimizer, "persistent_parameters"):
+        # ZeRO-3 as its own step leaves it: the persistent params gathered, every other one released
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        checks["zero3_state"] = all((p.ds_status == ZeroParamStatus.AVAILABLE) == bool(p.ds_persist)
+                                    for p in engine.module.parameters())
     checks["restored"] = all(torch.equal(p, q) for p, q in zip(full_params(engine), after))
     return checks
 
