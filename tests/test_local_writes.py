@@ -60,7 +60,7 @@ def test_trial_points_are_computed_in_fp32_and_rounded_once(monkeypatch):
     torch.manual_seed(0)
     old = torch.randn(10_000)
     new = old + 1e-3 * torch.randn(10_000)
-    monkeypatch.setattr(local_module, "CHUNK", 777)
+    monkeypatch.setattr(local_module, "chunk_elements", lambda device: 777)
     flat, writes = one_rank(torch.bfloat16, old, new)
     anchor, step = new.bfloat16().float(), (new - old).bfloat16().float()
     for s in (1235.5, 0.7, -2.0):

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_sharpness.backends.lerp import LERP_CHUNK_ELEMENTS as CHUNK
+from megatron_sharpness.backends.lerp import chunk_elements
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.faults import RankError, device_of, gather_errors
 
@@ -87,8 +87,9 @@ class LocalWrites:
             for new, old, view in triples:
                 step = self.step_view(index, view)
                 new_flat, old_flat = new.reshape(-1), old.reshape(-1)
-                for start in range(0, new_flat.numel(), CHUNK):
-                    end = start + CHUNK
+                chunk = chunk_elements(new_flat.device)
+                for start in range(0, new_flat.numel(), chunk):
+                    end = start + chunk
                     step[start:end].copy_(new_flat[start:end] - old_flat[start:end])
         self._pending = self.gather_steps(self.steps)
 
@@ -110,7 +111,7 @@ class LocalWrites:
             # tensors rounds alpha itself to bf16 on CPU (8 bits of the step multiple).
             weight = torch.tensor([step_multiple - 1.0], dtype=torch.float32, device=flat.device)
             # CUDA casts inside the kernel; the CPU casts each input to an fp32 temporary first.
-            chunk = flat.numel() if flat.is_cuda else CHUNK
+            chunk = flat.numel() if flat.is_cuda else chunk_elements(flat.device)
             for start in range(0, flat.numel(), chunk):
                 end = start + chunk
                 torch.addcmul(anchor[start:end], step[start:end], weight, out=flat[start:end])
@@ -133,8 +134,9 @@ class LocalWrites:
             for _, _, view in triples:
                 start = offset_in(self.flats[index], view)
                 step = self.step_view(index, view)
-                for first in range(0, view.numel(), CHUNK):
-                    end = min(first + CHUNK, view.numel())
+                chunk = chunk_elements(anchor.device)
+                for first in range(0, view.numel(), chunk):
+                    end = min(first + chunk, view.numel())
                     new = anchor[start + first:start + end].float()
                     histogram.add(new - step[first:end].float(), new, anchor.dtype)
         return histogram
