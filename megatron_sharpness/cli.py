@@ -52,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="train.log, critical_sharpness.jsonl and .png go here (default sharpness-demo-spike)")
 
     log_help = ("training logs (Megatron-LM, Megatron-DeepSpeed, DeepSpeed, SLURM output) or JSONL files from "
-                "--critical-sharpness-log-file / log_file; where a step appears more than once (a resumed "
-                "run), the last record wins, so give the files in run order")
+                "--critical-sharpness-log-file / log_file; where a file's steps go backwards (a run restarted or "
+                "resumed into the same file) the records from there on are kept apart as a leg of their own, with "
+                "a warning; files are merged leg by leg, a later file's record of a step winning, so give the "
+                "files in run order")
     parse = commands.add_parser("parse", help="per-step sharpness from training logs or JSONL files")
     parse.add_argument("logs", nargs="+", metavar="LOG", help=log_help)
     parse.add_argument("--format", choices=("table", "csv", "json"), default="table",

@@ -11,8 +11,11 @@ waiting in a collective the failing rank will never join.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import traceback
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,7 +42,50 @@ class RankError:
 
 
 class UsageError(Exception):
-    """Mixed into the errors that name a caller's mistake found inside a probe forward."""
+    """Mixed into the errors that name a caller's mistake found inside a probe forward: raised on
+    every rank at the first measurement, whatever on_error says, rather than recorded as failed."""
+
+
+# The trial point of the probe forward under way (lr 0.0: L(θ_t); task None: the step's batch),
+# for report_local_failure; set by the probe around each backend.loss().
+_trial: tuple[float, str | None] | None = None
+
+
+@contextlib.contextmanager
+def trial_point(lr: float, task: str | None) -> Iterator[None]:
+    global _trial
+    outer, _trial = _trial, (lr, task)
+    try:
+        yield
+    finally:
+        _trial = outer
+
+
+# Innermost frames of a local failure's traceback that report_local_failure prints.
+REPORTED_FRAMES = 4
+
+
+def report_local_failure(error: BaseException) -> None:
+    """Prints this rank's own probe-forward error to stderr, once per error, before the rank goes
+    into the collective that tells its peers. Where the failure happened inside a collective of the
+    forward itself (a tensor-parallel all-reduce), the peers never reach that collective and the
+    job hangs until the process-group timeout: the cause must be in the log before the wait. A
+    caller's mistake (UsageError) is raised on every rank right after instead; single processes
+    record the error and do not wait."""
+    if isinstance(error, UsageError) or getattr(error, "_critical_sharpness_reported", False):
+        return
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    # Never raises: the caller must reach the collective that tells its peers whatever happens here.
+    with contextlib.suppress(Exception):
+        error._critical_sharpness_reported = True
+        where = "" if _trial is None else f" at trial lr {_trial[0]:.4E}" + (
+            "" if _trial[1] is None else f" of relative task {_trial[1]!r}")
+        frames = "".join(traceback.format_tb(error.__traceback__)[-REPORTED_FRAMES:])
+        print(f"critical sharpness: rank {dist.get_rank()}: a probe forward raised{where}: {describe(error)}\n"
+              f"  innermost frames (most recent call last):\n{frames}"
+              "  waiting for the other ranks in the next collective; if the job hangs there until the process-group "
+              "timeout, this error is the cause", file=sys.stderr, flush=True)
 
 
 def describe(error: BaseException) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Callable, Protocol
@@ -18,31 +19,46 @@ class MeasurementLogger(Protocol):
 
 
 class JsonlLogger:
-    """Appends one JSON object per measurement; flushed per line so a crashed job keeps its data."""
+    """Appends one JSON object per measurement, one write per line, so that a crashed job keeps
+    its data. A write that fails (a full disk) is cut back to the last whole line and raised with
+    the file's name; the probe warns and keeps measuring (SharpnessProbe's logger guard), and a
+    later measurement writes again once there is room."""
 
     def __init__(self, path: str):
         self.path = path
         try:
-            self._file = self._open(path)
+            self._fd = self._open(path)
         except OSError as error:
             # Opened at construction so that a bad path fails before training, not at the first measurement.
             raise ConfigError(f"critical sharpness config: log_file={path!r} cannot be opened for appending: "
                               f"{error.strerror or error}; allowed: a writable file path or null") from None
 
     @staticmethod
-    def _open(path: str):
+    def _open(path: str) -> int:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         try:
-            return open(path, "a", encoding="utf-8")
+            return os.open(path, flags, 0o644)
         except FileNotFoundError:  # the folder does not exist yet (a folder that is a file fails above)
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            return open(path, "a", encoding="utf-8")
+            return os.open(path, flags, 0o644)
 
     def log(self, measurement: Measurement) -> None:
-        self._file.write(json.dumps(measurement.to_dict(), allow_nan=False) + "\n")
-        self._file.flush()
+        data = (json.dumps(measurement.to_dict(), allow_nan=False) + "\n").encode("utf-8")
+        whole = os.fstat(self._fd).st_size
+        try:
+            written = 0
+            while written < len(data):  # a full disk can take part of a line before it refuses the rest
+                written += os.write(self._fd, data[written:])
+        except OSError as error:
+            if written:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, whole)
+            raise OSError(error.errno, error.strerror, self.path) from None
 
     def close(self) -> None:
-        self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class LogLineLogger:

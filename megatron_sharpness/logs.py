@@ -59,9 +59,15 @@ class StepRecord:
     # Whether this measurement warned, and the run's warning count so far.
     warning: bool | None = None
     warnings: int | None = None
+    # Which leg of its log the record belongs to (1: the first): a new leg starts where a log's
+    # steps go backwards or repeat with other values (a run restarted from step 1, or resumed from
+    # an earlier checkpoint). line: where in its log the record was read (1-based).
+    leg: int = field(default=1, compare=False)
+    line: int | None = field(default=None, compare=False)
 
-    def as_row(self, relative_names: list[str]) -> dict[str, object]:
-        row: dict[str, object] = {"step": self.step, "status": self.status, "lr": self.lr,
+    def as_row(self, relative_names: list[str], legs: bool = False) -> dict[str, object]:
+        row: dict[str, object] = {"leg": self.leg} if legs else {}
+        row |= {"step": self.step, "status": self.status, "lr": self.lr,
                                   "critical_sharpness": self.critical_sharpness, "critical_lr": self.critical_lr,
                                   "lr_over_critical_lr": self.lr_over_critical_lr,
                                   "step_raised_loss": self.step_raised_loss, "lm_loss": self.lm_loss,
@@ -159,7 +165,7 @@ def _bound(status: str, bracket: object) -> tuple[str, float] | None:
 
 def _text_status(text: str) -> tuple[str, tuple[str, float] | None]:
     """The outcome of a log-line value: a number, 'ascent (...)', '> b (unresolved)',
-    '< b (never rose)' or, from older versions, '< b (capped)'."""
+    'unresolved (...)', '< b (never rose)' or, from older versions, '< b (capped)'."""
     if _number(text) is not None:
         return "converged", None
     if text.startswith("ascent"):
@@ -175,6 +181,8 @@ def _text_status(text: str) -> tuple[str, tuple[str, float] | None]:
     match = re.match(rf"^([<>])\s*({_NUMBER})\s*\((unresolved|never rose|capped)\)", text)
     if match:
         return ("unresolved" if match.group(3) == "unresolved" else "capped"), (match.group(1), float(match.group(2)))
+    if text.startswith("unresolved"):  # no bound: the loss did not resolve the update at all
+        return "unresolved", None
     return "unknown", None
 
 
@@ -202,7 +210,9 @@ def _from_fields(step: int, text: str) -> StepRecord | None:
         worst = (modules.group(2), math.inf if text == "ascent" else (text if text.startswith(">") else _number(text)))
     warnings = fields.get("sharpness warnings")
     return StepRecord(step=step, critical_sharpness=_number(sharpness_text), critical_lr=_number(fields.get("critical lr", "")),
-                      lr=_number(fields.get("learning rate", "")),
+                      # Our own `step lr` is the measured step's; Megatron prints `learning rate` after
+                      # the scheduler stepped (the next iteration's lr).
+                      lr=_number(fields.get("step lr", fields.get("learning rate", ""))),
                       lr_over_critical_lr=_number(fields.get("lr/critical lr", "")),
                       lm_loss=_number(loss) if loss is not None else None,
                       relative={name: _number(text) for name, text in relative_texts.items()}, skipped=skipped,
@@ -242,30 +252,54 @@ def unreadable_jsonl_lines(lines: list[str]) -> int:
 
 
 def parse_lines(lines: Iterable[str]) -> list[StepRecord]:
-    """Every step measured in the lines, in step order. A step that appears again replaces the
-    earlier record: a run resumed from a checkpoint measures and logs its steps after the last save
-    again, and the earlier record is the stale one (ranks that print the same step print the same
-    values, so for them the choice does not matter)."""
-    records: dict[int, StepRecord] = {}
-    for line in lines:
-        record = _json_record(line)
+    """Every step measured in the lines, in (leg, step) order. Where the steps go backwards or a
+    step comes again with other values, a new leg starts (StepRecord.leg): a run restarted without
+    its probe state counts from step 1 again, and a run resumed from a checkpoint measures the steps
+    after it again; the two legs are kept apart, not merged (which of them holds the truth the log
+    cannot tell). A record equal to the one already read for its step (several ranks print the same
+    line) is read once."""
+    legs: list[dict[int, StepRecord]] = [{}]
+    last_step: int | None = None
+    for number, line in enumerate(lines, 1):
+        for record in _records_in(line):
+            if last_step is not None and record.step <= last_step:
+                if legs[-1].get(record.step) == record:
+                    continue
+                legs.append({})
+            record.leg, record.line = len(legs), number
+            legs[-1][record.step] = record
+            last_step = record.step
+    return _mark_warnings([leg[step] for leg in legs for step in sorted(leg)])
+
+
+def _records_in(line: str) -> list[StepRecord]:
+    record = _json_record(line)
+    if record is not None:
+        return [record]
+    matches = list(_ITERATION.finditer(line))
+    found = []
+    for index, match in enumerate(matches):
+        end = matches[index + 1].start() if index + 1 < len(matches) else len(line)
+        record = _from_fields(int(match.group(1)), line[match.end():end])
         if record is not None:
-            records[record.step] = record
-            continue
-        matches = list(_ITERATION.finditer(line))
-        for index, match in enumerate(matches):
-            end = matches[index + 1].start() if index + 1 < len(matches) else len(line)
-            record = _from_fields(int(match.group(1)), line[match.end():end])
-            if record is not None:
-                records[record.step] = record
-    return _mark_warnings([records[step] for step in sorted(records)])
+            found.append(record)
+    return found
+
+
+def new_legs(records: list[StepRecord]) -> list[tuple[StepRecord, StepRecord]]:
+    """(the last record of a leg, the first of the next) for each leg after the first."""
+    return [(before, after) for before, after in zip(records, records[1:]) if after.leg != before.leg]
 
 
 def _mark_warnings(records: list[StepRecord]) -> list[StepRecord]:
     """A log line carries the run's warning count: a measurement warned where the count grew
     (the first counted one: where it is above 0)."""
-    previous = 0
+    previous, leg = 0, 1
     for record in records:
+        if record.leg != leg:
+            leg = record.leg
+            if record.warnings is not None and record.warnings < previous:
+                previous = 0  # a run restarted without its probe state counts anew; a resumed one goes on
         if record.warnings is not None:
             if record.warning is None:
                 record.warning = record.warnings > previous
@@ -310,9 +344,11 @@ def read_losses(paths: Iterable[str]) -> dict[int, float]:
 
 
 def read_logs(paths: Iterable[str], warn: Callable[[str], None] | None = None) -> list[StepRecord]:
-    """The records of all files; where files share a step the later file's record wins (give the
-    logs of a resumed job in run order). warn gets one line per JSONL file with unreadable lines."""
-    merged: dict[int, StepRecord] = {}
+    """The records of all files. Files are merged leg by leg: where two files hold the same step of
+    the same leg the later file's record wins (a log and its JSONL, or the logs of consecutive jobs
+    given in run order). warn gets one line per JSONL file with unreadable lines, and one per place
+    where a file's steps go backwards (a new leg)."""
+    merged: dict[tuple[int, int], StepRecord] = {}
     for path in paths:
         try:
             with open(path, "rb") as handle:
@@ -322,14 +358,28 @@ def read_logs(paths: Iterable[str], warn: Callable[[str], None] | None = None) -
         lines = text.splitlines()
         found = parse_lines(lines)
         unreadable = unreadable_jsonl_lines(lines)
-        if unreadable and warn is not None:
-            warn(f"{path}: skipped {unreadable} of {sum(1 for line in lines if line.strip())} lines that hold no "
-                 "readable measurement record (cut short or garbage)")
+        if warn is not None:
+            if unreadable:
+                warn(f"{path}: skipped {unreadable} of {sum(1 for line in lines if line.strip())} lines that hold no "
+                     "readable measurement record (cut short or garbage)")
+            for before, after in new_legs(found):
+                warn(f"{path}: the steps go backwards at line {after.line} (step {after.step} after step "
+                     f"{before.step}): a run restarted without its probe state, or resumed from an earlier "
+                     f"checkpoint; its records are kept apart as leg {after.leg}, not merged with the steps "
+                     f"before (pass the run's iteration to the probe, or load its state, to count on)")
         if not found:
             raise LogError(f"{path}: no critical sharpness measurement found (expected JSONL records from "
                            "--critical-sharpness-log-file or iteration lines with '| critical sharpness: ... |')")
-        merged.update((record.step, record) for record in found)
-    return _mark_warnings([merged[step] for step in sorted(merged)])
+        merged.update(((record.leg, record.step), record) for record in found)
+    return _mark_warnings([merged[key] for key in sorted(merged)])
+
+
+def legs_of(records: list[StepRecord]) -> list[list[StepRecord]]:
+    """The records split by leg, in order (one list where the log never went backwards)."""
+    legs: dict[int, list[StepRecord]] = {}
+    for record in records:
+        legs.setdefault(record.leg, []).append(record)
+    return [legs[leg] for leg in sorted(legs)]
 
 
 def relative_names(records: Iterable[StepRecord]) -> list[str]:

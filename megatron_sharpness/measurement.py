@@ -9,22 +9,24 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from megatron_sharpness.search import Outcome, SearchResult
+from megatron_sharpness.search import TRUSTED_SLOPE_RATIO, Outcome, SearchResult
 
 
 @dataclass(frozen=True)
 class TaskMeasurement:
     """The search along the step's direction for one loss. baseline_reused: L(θ_t) is the training
     forward's own loss, not a forward of the probe. non_finite_ranks: where a trial loss was
-    non-finite, the ranks whose own part of it was (None: no such loss, or the reduction cannot tell)."""
+    non-finite, the ranks whose own part of it was (None: no such loss, or the reduction cannot tell).
+    noise_forwards: forwards spent sampling the loss's rounding noise for this task."""
 
     search: SearchResult
     baseline_reused: bool = False
     non_finite_ranks: tuple[int, ...] | None = None
+    noise_forwards: int = 0
 
     @property
     def forwards(self) -> int:
-        return self.search.forwards + (0 if self.baseline_reused else 1)
+        return self.search.forwards + (0 if self.baseline_reused else 1) + self.noise_forwards
 
     @property
     def status(self) -> str:
@@ -43,10 +45,12 @@ class TaskMeasurement:
             "critical_sharpness": search.critical_sharpness,
             "step_raised_loss": search.step_raised_loss,
             "slope": _json_float(search.slope) if search.slope is not None else None,
-            "bracket_slope_ratio": _json_float(search.bracket_slope_ratio)
-            if search.bracket_slope_ratio is not None else None,
+            "bracket_slope_ratio": _optional_float(search.bracket_slope_ratio),
+            "loss_noise": search.loss_noise,
+            "crossing_uncertainty": _optional_float(search.crossing_uncertainty),
             "resolution_floor_lr": search.resolution_floor_lr,
             "forwards": self.forwards,
+            "noise_forwards": self.noise_forwards,
             "baseline_reused": self.baseline_reused,
             "bracket": list(search.bracket),
             "converged": search.converged,
@@ -78,8 +82,13 @@ class TaskMeasurement:
             where = "" if self.non_finite_ranks is None else f", on rank {', '.join(map(str, self.non_finite_ranks))}"
             return f"non-finite (once, at lr {search.non_finite_at:.4E}{where})"
         if search.outcome is Outcome.NOISY:
-            return f"noisy (loss rounding: slope ×{search.bracket_slope_ratio:.3g} its trend)"
+            ratio = search.bracket_slope_ratio
+            if ratio is not None and not TRUSTED_SLOPE_RATIO[0] <= ratio <= TRUSTED_SLOPE_RATIO[1]:
+                return f"noisy (loss rounding: slope ×{ratio:.3g} its trend)"
+            return f"noisy (loss noise moves the crossing ±{100 * search.crossing_uncertainty:.0f}%)"
         lo, hi = search.bracket
+        if search.outcome is Outcome.UNRESOLVED and hi is None:
+            return "unresolved (the loss changed by no more than its noise)"
         # where η_c lies; λ_c = 2/η_c turns the inequality around
         above, bound = (True, lo) if search.outcome is Outcome.CAPPED else (False, hi)
         if sharpness:
@@ -104,23 +113,26 @@ class TaskMeasurement:
 @dataclass(frozen=True)
 class ProbeError:
     """A probe forward that raised on some rank(s), as every rank agreed on it. lr: the trial lr
-    whose forward failed (0.0: L(θ_t) itself); task: None for the step's batch."""
+    whose forward failed (0.0: L(θ_t) itself); task: None for the step's batch; group: the module
+    group whose breakdown search it was (None: not the breakdown)."""
 
     rank: int
     message: str
     lr: float
     task: str | None = None
     ranks: tuple[int, ...] = ()
+    group: str | None = None
 
     def text(self) -> str:
         where = "" if self.task is None else f", relative task {self.task}"
+        where += "" if self.group is None else f", module group {self.group}"
         others = len(self.ranks) - 1
         also = f" (and {others} more rank{'s' if others > 1 else ''})" if others > 0 else ""
         return f"rank {self.rank}{also}, lr {self.lr:.4E}{where}: {self.message}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "ranks": list(self.ranks) or [self.rank], "lr": self.lr, "task": self.task,
-                "message": self.message}
+                "group": self.group, "message": self.message}
 
 
 @dataclass(frozen=True)
@@ -142,6 +154,8 @@ class Measurement:
     # The per-module breakdown (empty where it did not run) and why it ran.
     modules: dict[str, TaskMeasurement] = field(default_factory=dict)
     modules_trigger: str | None = None
+    # A breakdown search whose forward failed on some rank: the groups before it are in `modules`.
+    modules_error: ProbeError | None = None
     # The instability warning of this measurement, and how many the run has had so far.
     warning: str | None = None
     warnings: int = 0
@@ -201,8 +215,12 @@ class Measurement:
             "lr_over_critical_lr": self.lr_over_critical_lr,
             "step_raised_loss": None if search is None else search.step_raised_loss,
             "slope": None if search is None or search.slope is None else _json_float(search.slope),
+            "bracket_slope_ratio": None if search is None else _optional_float(search.bracket_slope_ratio),
+            "loss_noise": None if search is None else search.loss_noise,
+            "crossing_uncertainty": None if search is None else _optional_float(search.crossing_uncertainty),
             "resolution_floor_lr": None if search is None else search.resolution_floor_lr,
             "forwards": None if task is None else task.forwards,
+            "noise_forwards": None if task is None else task.noise_forwards,
             "forwards_total": self.forwards,
             "baseline_reused": None if task is None else task.baseline_reused,
             "bracket": None if search is None else list(search.bracket),
@@ -216,6 +234,7 @@ class Measurement:
             "modules": {name: task.module_dict() for name, task in self.modules.items()},
             "modules_trigger": self.modules_trigger,
             "modules_forwards": self.modules_forwards,
+            "modules_error": None if self.modules_error is None else self.modules_error.to_dict(),
             "warning": self.warning,
             "warnings": self.warnings,
         }
@@ -246,14 +265,18 @@ class Measurement:
         return values
 
     def log_fields(self) -> str:
-        """Fields for Megatron's iteration line: `critical sharpness: ... | critical lr: ... |`."""
+        """Fields for Megatron's iteration line: `critical sharpness: ... | critical lr: ... |`.
+        `step lr` is the lr of the measured step: Megatron's own `learning rate` field is printed
+        after the scheduler has stepped, i.e. the next iteration's lr."""
+        step_lr = [f"step lr: {self.lr:.6E}"] if math.isfinite(self.lr) else []
         if self.error is not None:
-            return f"critical sharpness: failed ({self.error.text()}) |"
+            return " | ".join([f"critical sharpness: failed ({self.error.text()})", *step_lr]) + " |"
         if self.task is None:
-            return f"critical sharpness: skipped ({self.skipped}) |"
+            return " | ".join([f"critical sharpness: skipped ({self.skipped})", *step_lr]) + " |"
         parts = [f"critical sharpness: {self.task.value_text(sharpness=True)}"]
         if self.task.search.outcome is not Outcome.ASCENT:
             parts.append(f"critical lr: {self.task.value_text(sharpness=False)}")
+        parts += step_lr
         ratio = self.lr_over_critical_lr
         if ratio is not None:
             parts.append(f"lr/critical lr: {ratio:.3f}")
@@ -263,6 +286,8 @@ class Measurement:
             parts.append(f"relative sharpness {name}: {task.value_text(sharpness=True)}")
         if self.modules:
             parts.append(f"modules: {len(self.modules)}{self._worst_text()}")
+        if self.modules_error is not None:
+            parts.append(f"modules failed: {self.modules_error.text()}")
         if self.warnings:
             parts.append(f"sharpness warnings: {self.warnings}")
         return " | ".join(parts) + " |"
@@ -308,12 +333,13 @@ def _ratio_text(ratio: float, task: TaskMeasurement | None = None) -> str:
 
 def warning_reasons(task: TaskMeasurement, warn_ratio: float) -> list[str]:
     """Why a measurement warns (empty: it does not): lr/critical lr of the step's batch above
-    warn_ratio (an ascent, or a lower bound above it, included), or the step raised its batch's loss."""
+    warn_ratio (an ascent, or a lower bound above it, included), or the step raised its batch's loss
+    by more than the loss's rounding noise."""
     ratio = ratio_of(task)
     reasons = []
     if ratio is not None and ratio > warn_ratio:
         reasons.append(f"lr/critical lr {_ratio_text(ratio, task)} > {warn_ratio:g}")
-    if task.search.step_raised_loss:
+    if task.search.step_raised_loss_beyond_noise:
         reasons.append("the step raised its batch's loss")
     return reasons
 
@@ -328,6 +354,10 @@ def warning_text(step: int, reasons: list[str], modules: dict[str, TaskMeasureme
         text += "; highest lr/critical lr by module: " + ", ".join(f"{name} {_ratio_text(r, modules[name])}"
                                                                    for name, r in ranked[:3])
     return text
+
+
+def _optional_float(value: float | None) -> float | str | None:
+    return None if value is None else _json_float(value)
 
 
 def _json_float(value: float) -> float | str:

@@ -3,7 +3,10 @@ starts, and the fan-out of records to loggers. Framework specifics live in a Pro
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import sys
 import time
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
@@ -11,10 +14,10 @@ from typing import Any, Iterable, Mapping, Sequence
 from megatron_sharpness.backends.base import ProbeBackend
 from megatron_sharpness.config import SharpnessConfig
 from megatron_sharpness.loggers import MeasurementLogger
-from megatron_sharpness.faults import ProbeFailure
+from megatron_sharpness.faults import ProbeFailure, trial_point
 from megatron_sharpness.measurement import Measurement, ProbeError, TaskMeasurement, warning_reasons, warning_text
 from megatron_sharpness.modules import resolve_groups
-from megatron_sharpness.search import critical_lr_search
+from megatron_sharpness.search import Outcome, critical_lr_search
 
 # Version of state_dict()'s layout, checked on load.
 STATE_VERSION = 1
@@ -25,6 +28,12 @@ STATE_VERSION = 1
 # gallop reaches steps of 1e40 and beyond (and float overflow in its step-size formula after about
 # 9 misses).
 MODULE_SEARCH = "paper"
+# A task's loss noise ν is the rms of |L(θ_t, changed elements moved one compute-dtype ulp) −
+# L(θ_t)| over its last NOISE_WINDOW measurements, one sample each; the first measurement takes
+# NOISE_FIRST_SAMPLES (one sample of a zero-mean change can come out arbitrarily small: measured
+# 0.04–6.6× its rms on a tiny GPT in bf16). Two roundings of the loss value itself bound ν below.
+NOISE_WINDOW = 8
+NOISE_FIRST_SAMPLES = 3
 
 
 class SharpnessProbe:
@@ -44,6 +53,10 @@ class SharpnessProbe:
         self._last_module_lr: dict[str, float] = {}
         self.warnings = 0
         self._groups: tuple[list[str], dict[str, list[str]]] | None = None
+        # Per task, the last NOISE_WINDOW rounding-noise samples (loss changes, ≥ 0).
+        self._noise_samples: dict[str | None, list[float]] = {}
+        # Loggers that have raised (warned about once; they are tried again at every measurement).
+        self._failed_loggers: set[int] = set()
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to measure as the uninterrupted one would: the warm starts and
@@ -53,7 +66,8 @@ class SharpnessProbe:
                 "last_critical_lr": [[name, lr] for name, lr in self._last_critical_lr.items()],
                 "training_loss_matches": self.training_loss_matches,
                 "modules": {"last_critical_lr": [[name, lr] for name, lr in self._last_module_lr.items()],
-                            "warnings": self.warnings}}
+                            "warnings": self.warnings},
+                "loss_noise": [[name, list(samples)] for name, samples in self._noise_samples.items()]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
@@ -82,6 +96,15 @@ class SharpnessProbe:
         if not (isinstance(modules["warnings"], int) and modules["warnings"] >= 0):
             raise ValueError(f"critical sharpness: bad warning count {modules['warnings']!r} in the probe state")
         self._last_module_lr, self.warnings = module_lrs, modules["warnings"]
+        noise: dict[str | None, list[float]] = {}
+        for entry in state.get("loss_noise", []):  # absent in states saved before it existed
+            name, samples = entry
+            if not (name is None or isinstance(name, str)) or not isinstance(samples, list) or not all(
+                    isinstance(x, float) and math.isfinite(x) and x >= 0 for x in samples):
+                raise ValueError(f"critical sharpness: bad loss noise samples {entry!r:.120} in the probe state; "
+                                 "allowed: [task name or None, [finite numbers >= 0]]")
+            noise[name] = samples[-NOISE_WINDOW:]
+        self._noise_samples = noise
 
     def is_due(self, step: int) -> bool:
         return self.config.enabled and step % self.config.interval == 0
@@ -97,7 +120,7 @@ class SharpnessProbe:
         searches: dict[str | None, TaskMeasurement] = {}
         modules: dict[str, TaskMeasurement] = {}
         reasons: list[str] = []
-        skipped = failure = error = trigger = None
+        skipped = failure = error = trigger = modules_error = None
         reuse = training_loss is not None and self.training_loss_matches is True
         try:
             skipped = self._skip_reason(backend, lr)
@@ -112,14 +135,19 @@ class SharpnessProbe:
                     self._check_training_loss(training_loss, baselines[None], step)
                 skipped = _non_finite_baseline(baselines, self._non_finite_ranks)
             if skipped is None:
+                noise, noise_forwards = self._loss_noise(backend, baselines, step, lr)
                 floor = backend.resolution_floor()
-                searches = {name: self._search(backend, name, lr, baseline, floor,
-                                               baseline_reused=name is None and reuse)
+                hint = getattr(backend, "gradient_slope", lambda: None)()
+                searches = {name: self._search(backend, name, lr, baseline, floor, noise[name],
+                                               baseline_reused=name is None and reuse,
+                                               noise_forwards=noise_forwards[name],
+                                               slope_hint=hint if name is None else None)
                             for name, baseline in baselines.items()}
                 reasons = warning_reasons(searches[None], self.config.warn_ratio)
                 trigger = self._breakdown_trigger(step, searches[None], bool(reasons))
                 if trigger is not None:
-                    modules = self._breakdown(backend, lr, baselines[None], searches[None].search.critical_lr)
+                    modules, modules_error = self._breakdown(backend, lr, baselines[None],
+                                                             searches[None].search.critical_lr, noise[None])
         except _FailedAt as caught:
             # Every rank raised this in the same collective: all of them restore below alike.
             failure, error, searches, modules, trigger, reasons = caught.error, caught.__cause__, {}, {}, None, []
@@ -133,13 +161,32 @@ class SharpnessProbe:
         self.warnings += warning is not None
         measurement = Measurement(step=step, lr=lr, task=task, relative=searches,
                                   probe_seconds=time.perf_counter() - started, skipped=skipped, error=failure,
-                                  modules=modules, modules_trigger=trigger, warning=warning, warnings=self.warnings)
+                                  modules=modules, modules_trigger=trigger, modules_error=modules_error,
+                                  warning=warning, warnings=self.warnings)
         for logger in self.loggers:
-            logger.log(measurement)
-        if failure is not None and self.config.on_error == "raise":
+            self._guarded(logger, "log", measurement)
+        if self.config.on_error == "raise" and (failure or modules_error) is not None:
             raise RuntimeError(f"critical sharpness: the measurement at step {step} failed "
-                               f"({failure.text()}); on_error='raise'") from error
+                               f"({(failure or modules_error).text()}); on_error='raise'") from error
         return measurement
+
+    def _guarded(self, logger: MeasurementLogger, method: str, *args: Any) -> None:
+        """A logger that raises (a full disk under log_file, a TensorBoard writer gone) must not end
+        training: loggers run on one rank only, so an exception there would leave the other ranks
+        waiting in the next collective. One warning per logger; the probe and the other loggers go on."""
+        try:
+            getattr(logger, method)(*args)
+        except Exception as caught:
+            if id(logger) in self._failed_loggers:
+                return
+            self._failed_loggers.add(id(logger))
+            # Printed, not warnings.warn: with warnings turned into errors the warning would raise
+            # on this rank alone. A stderr that cannot be written to is no reason to stop either.
+            with contextlib.suppress(Exception):
+                print(f"critical sharpness: the {type(logger).__name__} logger failed in {method}(): "
+                      f"{type(caught).__name__}: {caught}; the probe goes on measuring and logging elsewhere, "
+                      "this logger is tried again at every measurement, and further failures of it are not "
+                      "reported", file=sys.stderr, flush=True)
 
     def _check_training_loss(self, training_loss: float, probe_loss: float, step: int) -> None:
         # Every rank holds the same two reduced numbers, so every rank decides alike.
@@ -152,7 +199,8 @@ class SharpnessProbe:
 
     def _loss(self, backend: ProbeBackend, name: str | None, step_multiple: float, lr: float) -> float:
         try:
-            loss = backend.loss(name)
+            with trial_point(step_multiple * lr, name):
+                loss = backend.loss(name)
         except ProbeFailure as caught:
             first = caught.errors[0]
             raise _FailedAt(ProbeError(first.rank, first.error, step_multiple * lr, name,
@@ -161,6 +209,33 @@ class SharpnessProbe:
             # Which ranks' own part of the loss was non-finite, where the backend's reduction tells.
             self._non_finite_ranks.setdefault(name, set()).update(getattr(backend, "non_finite_ranks", None) or ())
         return loss
+
+    def _loss_noise(self, backend: ProbeBackend, baselines: Mapping[str | None, float], step: int,
+                    lr: float) -> tuple[dict[str | None, float], dict[str | None, int]]:
+        """Per task, the loss noise ν for the searches and the forwards spent measuring it. Where
+        the compute dtype is fp32 or wider no forward is spent: the loss's own rounding is ν."""
+        windows = self._noise_samples
+        wanted = {name: max(1, NOISE_FIRST_SAMPLES - len(windows.get(name, ()))) for name in baselines}
+        forwards = dict.fromkeys(baselines, 0)
+        for sample in range(max(wanted.values())):
+            # Seeded by the step: a resumed run moves the same elements the same way.
+            if not backend.write_rounding_noise(step * NOISE_FIRST_SAMPLES + sample):
+                break
+            for name, baseline in baselines.items():
+                if sample < wanted[name]:
+                    loss = self._loss(backend, name, 0.0, lr)
+                    forwards[name] += 1
+                    if math.isfinite(loss):
+                        window = windows.setdefault(name, [])
+                        window.append(abs(loss - baseline))
+                        del window[:-NOISE_WINDOW]
+        bits = getattr(backend, "loss_bits", 24)
+        noise = {}
+        for name, baseline in baselines.items():
+            samples = windows.get(name) if any(forwards.values()) else None
+            measured = math.sqrt(sum(x * x for x in samples) / len(samples)) if samples else 0.0
+            noise[name] = max(measured, 2.0 * _ulp(baseline, bits))
+        return noise, forwards
 
     @staticmethod
     def _skip_reason(backend: ProbeBackend, lr: float) -> str | None:
@@ -174,17 +249,20 @@ class SharpnessProbe:
         if config.modules is None:
             return None
         if config.modules_on_warning and warns:
-            return "step_raised_loss" if task.search.step_raised_loss else "warn_ratio"
+            return "step_raised_loss" if task.search.step_raised_loss_beyond_noise else "warn_ratio"
         # Counted from the step, not from a counter, so that a resumed run breaks down at the same steps.
         if config.modules_interval > 0 and (step // config.interval) % config.modules_interval == 0:
             return "interval"
         return None
 
-    def _breakdown(self, backend: ProbeBackend, lr: float, baseline: float,
-                   critical_lr: float | None) -> dict[str, TaskMeasurement]:
+    def _breakdown(self, backend: ProbeBackend, lr: float, baseline: float, critical_lr: float | None,
+                   noise: float) -> tuple[dict[str, TaskMeasurement], ProbeError | None]:
         """One search per parameter group along the group's part of the update; L(θ_t) is shared.
         A group without a warm start starts at the whole update's critical lr (its scale): a group
-        that does not cross within modules_max_search doublings of it is far from unstable."""
+        that does not cross within modules_max_search doublings of it is far from unstable. A group
+        whose forward failed on some rank (every rank agreed) ends the breakdown: the groups searched
+        before it are kept, the error names it, the later groups are not searched (the cause, an OOM
+        say, would most likely strike them too)."""
         guess = None if critical_lr is None else critical_lr / lr
         names = backend.parameter_names()
         if self._groups is None or self._groups[0] != names:
@@ -193,24 +271,32 @@ class SharpnessProbe:
         try:
             for group, members in self._groups[1].items():
                 backend.select_group(members)
-                results[group] = self._search(backend, None, lr, baseline, backend.resolution_floor(),
-                                              baseline_reused=True, warm_starts=self._last_module_lr, key=group,
-                                              max_search=self.config.modules_max_search,
-                                              method=MODULE_SEARCH, guess=guess)
+                try:
+                    # The whole update's ν: a group moves fewer elements, so its own noise is smaller.
+                    results[group] = self._search(backend, None, lr, baseline, backend.resolution_floor(), noise,
+                                                  baseline_reused=True, warm_starts=self._last_module_lr,
+                                                  key=group, max_search=self.config.modules_max_search,
+                                                  method=MODULE_SEARCH, guess=guess)
+                except _FailedAt as caught:
+                    if isinstance(caught.__cause__, ProbeFailure) and caught.__cause__.usage:
+                        raise
+                    return results, dataclasses.replace(caught.error, group=group)
         finally:
             backend.select_group(None)
-        return results
+        return results, None
 
     def _search(self, backend: ProbeBackend, name: str | None, lr: float, baseline: float,
-                floor: float, baseline_reused: bool = False, warm_starts: dict | None = None,
+                floor: float, noise: float, baseline_reused: bool = False, warm_starts: dict | None = None,
                 key: str | None = None, max_search: int | None = None,
-                method: str | None = None, guess: float | None = None) -> TaskMeasurement:
+                method: str | None = None, guess: float | None = None, noise_forwards: int = 0,
+                slope_hint: float | None = None) -> TaskMeasurement:
         """warm_starts, key: where this search's warm start lives (default: the task's own);
         guess: the start without a warm start (default: the configured initial guess)."""
         if warm_starts is None:
             warm_starts, key = self._last_critical_lr, name
         guess = guess or self.config.initial_guess
-        if self.config.warm_start and key in warm_starts:
+        warm = self.config.warm_start and key in warm_starts
+        if warm:
             guess = warm_starts[key] / lr
 
         def loss_at(step_multiple: float) -> float:
@@ -219,15 +305,26 @@ class SharpnessProbe:
 
         search = critical_lr_search(loss_at, baseline, lr=lr, initial_step_multiple=guess,
                                     tol=self.config.tol, max_search=max_search or self.config.max_search,
-                                    resolution_floor=floor, method=method or self.config.search)
+                                    resolution_floor=floor, method=method or self.config.search, loss_noise=noise,
+                                    slope_hint=slope_hint)
         if search.critical_lr is not None:
             warm_starts[key] = search.critical_lr
+        elif warm and search.outcome is not Outcome.NON_FINITE:
+            # A warm start that did not lead to a number (a schedule jump, an old resumed state)
+            # would misplace the next search too: start it from the initial guess.
+            del warm_starts[key]
         ranks = self._non_finite_ranks.get(name)
-        return TaskMeasurement(search, baseline_reused, tuple(sorted(ranks)) if ranks else None)
+        return TaskMeasurement(search, baseline_reused, tuple(sorted(ranks)) if ranks else None, noise_forwards)
 
     def close(self) -> None:
         for logger in self.loggers:
-            logger.close()
+            self._guarded(logger, "close")
+
+
+def _ulp(value: float, bits: int) -> float:
+    """The spacing of a float format with `bits` significand bits at value."""
+    _, exponent = math.frexp(value)
+    return math.ldexp(1.0, exponent - bits) if value != 0 else math.ldexp(1.0, -126)
 
 
 def _non_finite_baseline(baselines: dict[str | None, float], ranks: Mapping[str | None, set[int]]) -> str | None:

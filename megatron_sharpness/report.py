@@ -8,7 +8,7 @@ import io
 import json
 import statistics
 
-from megatron_sharpness.logs import STATUSES, StepRecord, is_finite, relative_names
+from megatron_sharpness.logs import STATUSES, StepRecord, is_finite, legs_of, relative_names
 from megatron_sharpness.spikes import THRESHOLD, WINDOW, Spike
 
 
@@ -26,7 +26,8 @@ def _text(value: object) -> str:
 
 def render(records: list[StepRecord], fmt: str) -> str:
     names = relative_names(records)
-    rows = [record.as_row(names) | {"skipped": record.skipped, "error": record.error} for record in records]
+    legs = len(legs_of(records)) > 1  # a `leg` column only where a log's steps went backwards
+    rows = [record.as_row(names, legs) | {"skipped": record.skipped, "error": record.error} for record in records]
     if fmt == "json":
         return json.dumps(rows, indent=1)
     if fmt == "csv":
@@ -60,13 +61,24 @@ def _slope(steps: list[int], values: list[float]) -> float | None:
 
 
 def summary(records: list[StepRecord], phases: int) -> str:
-    measured = [r for r in records if is_finite(r.critical_sharpness)]
-    if not measured:
+    """Outcome counts and, per phase, the median λ_c, its slope and the share past the edge of
+    stability; where a log's steps went backwards, for each leg apart (a phase never mixes legs)."""
+    legs = legs_of(records)
+    if not any(is_finite(r.critical_sharpness) for r in records):
         raise ReportError("no converged measurement to summarise (every step was skipped or capped)")
-    phases = min(phases, len(measured))
-    bounds = [round(i * len(measured) / phases) for i in range(phases + 1)]
+    if len(legs) == 1:
+        return _leg_summary(records, phases)
+    return "\n".join(f"leg {leg[0].leg} of {len(legs)}" + (" (the log's steps went backwards before it)"
+                                                           if leg[0].leg > 1 else "") + ":\n" + _leg_summary(leg, phases)
+                     for leg in legs)
+
+
+def _leg_summary(records: list[StepRecord], phases: int) -> str:
+    measured = [r for r in records if is_finite(r.critical_sharpness)]
     header = ["phase", "steps", "measured", "median λ_c", "λ_c slope /1k steps", "share η·λ_c/2 > 1"]
     lines = [header]
+    phases = min(phases, len(measured))
+    bounds = [round(i * len(measured) / phases) for i in range(phases + 1)]
     for index in range(phases):
         part = measured[bounds[index]:bounds[index + 1]]
         steps = [r.step for r in part]
@@ -88,7 +100,7 @@ def summary(records: list[StepRecord], phases: int) -> str:
         values = [r.relative[name] for r in records if is_finite(r.relative.get(name))]
         median = f", median relative λ_c {statistics.median(values):.4g}" if values else ""
         outcomes.append(f"  relative task {name}: {_outcome_counts(statuses)}{median}")
-    return "\n".join(outcomes) + "\n" + table
+    return "\n".join(outcomes) + ("\n" + table if measured else "\n  no converged measurement in this leg")
 
 
 def spike_report(records: list[StepRecord], spikes: list[Spike], losses_found: bool, lookback: int = WINDOW,
@@ -161,6 +173,28 @@ def plot(records: list[StepRecord], output: str, spikes: list[Spike] = ()) -> No
         plt.close(built)
 
 
+# Line styles of the legs of a log whose steps went backwards (StepRecord.leg).
+LEG_STYLES = ("o-", "s:", "^--", "D-.")
+
+
+def _draw_series(axis, top_edge, label: str, color: str, style: str, points: list) -> None:
+    """One λ_c series: converged values as a line (broken where a step has no number), bounds as
+    triangles, ascents and noisy readings on the top edge."""
+    steps = [step for step, _, _, _ in points]
+    values = [value if is_finite(value) else float("nan") for _, value, _, _ in points]
+    axis.plot(steps, values, style, ms=3, lw=1, color=color, label=label)
+    for marker, status, text in (("^", "unresolved", "λ_c > bound (unresolved)"),
+                                 ("v", "capped", "λ_c < bound (never rose)")):
+        bounded = [(step, bound[1]) for step, _, state, bound in points if state == status and bound]
+        if bounded:
+            axis.plot(*zip(*bounded), marker, ls="none", ms=6, color=color, mfc="none", label=f"{label}: {text}")
+    for marker, status, text in (("x", "ascent", "ascent (no λ_c)"), ("d", "noisy", "noisy (no λ_c)")):
+        steps = [step for step, _, state, _ in points if state == status]
+        if steps:
+            axis.plot(steps, [0.98] * len(steps), marker, ms=5, color=color, mfc="none", transform=top_edge,
+                      label=f"{label}: {text}")
+
+
 def figure(records: list[StepRecord], spikes: list[Spike] = ()):
     """λ_c per step on a log scale, relative tasks beside it, the lr in a panel of its own; loss
     spikes as red vertical lines, measurements that warned as red dots on the top edge.
@@ -185,26 +219,21 @@ def figure(records: list[StepRecord], spikes: list[Spike] = ()):
                                 squeeze=False, gridspec_kw={"height_ratios": [3, 1]} if with_lr else None)
     axis = axes[0][0]
     top_edge = blended_transform_factory(axis.transData, axis.transAxes)
-    series = [("critical sharpness λ_c", "tab:blue", [(r.step, r.critical_sharpness, r.status, r.bound) for r in records])]
+    legs = legs_of(records)
     colors = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
-    for index, name in enumerate(relative_names(records)):
-        points = [(r.step, r.relative.get(name), r.relative_status.get(name), r.relative_bound.get(name)) for r in records
-                  if name in r.relative_status or name in r.relative]
-        series.append((f"relative λ_c: {name}", colors[index % len(colors)], points))
-    for label, color, points in series:
-        steps = [step for step, _, _, _ in points]
-        values = [value if is_finite(value) else float("nan") for _, value, _, _ in points]
-        axis.plot(steps, values, "o-", ms=3, lw=1, color=color, label=label)
-        for marker, status, text in (("^", "unresolved", "λ_c > bound (unresolved)"),
-                                     ("v", "capped", "λ_c < bound (never rose)")):
-            bounded = [(step, bound[1]) for step, _, state, bound in points if state == status and bound]
-            if bounded:
-                axis.plot(*zip(*bounded), marker, ls="none", ms=6, color=color, mfc="none", label=f"{label}: {text}")
-        for marker, status, text in (("x", "ascent", "ascent (no λ_c)"), ("d", "noisy", "noisy (no λ_c)")):
-            steps = [step for step, _, state, _ in points if state == status]
-            if steps:
-                axis.plot(steps, [0.98] * len(steps), marker, ms=5, color=color, mfc="none", transform=top_edge,
-                          label=f"{label}: {text}")
+    for leg in legs:
+        # Legs of a log whose steps went backwards overlap in step: each is drawn apart, in its own style.
+        suffix, style = "", "o-"
+        if len(legs) > 1:
+            suffix, style = f" (leg {leg[0].leg})", LEG_STYLES[(leg[0].leg - 1) % len(LEG_STYLES)]
+        series = [(f"critical sharpness λ_c{suffix}", "tab:blue",
+                   [(r.step, r.critical_sharpness, r.status, r.bound) for r in leg])]
+        for index, name in enumerate(relative_names(records)):
+            points = [(r.step, r.relative.get(name), r.relative_status.get(name), r.relative_bound.get(name)) for r in leg
+                      if name in r.relative_status or name in r.relative]
+            series.append((f"relative λ_c: {name}{suffix}", colors[index % len(colors)], points))
+        for label, color, points in series:
+            _draw_series(axis, top_edge, label, color, style, points)
     warned = [r.step for r in records if r.warning]
     if warned:
         axis.plot(warned, [0.94] * len(warned), "o", ms=4, color="tab:red", transform=top_edge, label="warning")
@@ -213,10 +242,11 @@ def figure(records: list[StepRecord], spikes: list[Spike] = ()):
             panel[0].axvline(spike.step, color="tab:red", lw=1, alpha=0.6,
                              label="loss spike" if index == 0 and row == 0 else None)
     if with_lr:
-        steps = [r.step for r in with_lr]
-        axis.plot(steps, [2 / r.lr for r in with_lr], "k--", lw=1, label="2/η (edge of stability)")
         lr_axis = axes[1][0]
-        lr_axis.plot(steps, [r.lr for r in with_lr], color="tab:gray", lw=1)
+        for index, leg in enumerate(legs_of(with_lr)):
+            steps = [r.step for r in leg]
+            axis.plot(steps, [2 / r.lr for r in leg], "k--", lw=1, label="2/η (edge of stability)" if index == 0 else None)
+            lr_axis.plot(steps, [r.lr for r in leg], color="tab:gray", lw=1)
         lr_axis.set_ylabel("learning rate η")
         lr_axis.set_xlabel("step")
     else:

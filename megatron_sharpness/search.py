@@ -22,6 +22,12 @@ compute-dtype parameters do not move (there the loss differs from L(θ_t) by rou
 the loss rises at every resolvable point, the sign of the slope decides: a symmetric difference
 (L(h) − L(−h))/2h, whose curvature term cancels, > 0 is an *ascent* (the update raises this loss at
 any small step: no finite η_c); otherwise the crossing lies below the floor (*unresolved*).
+
+`loss_noise` ν is how far rounding alone can move the loss of a trial point (the loss change when
+every parameter the step changed moves one compute-dtype ulp; 0 for exact losses). No outcome rests
+on a smaller difference: a bracket counts only where ν moves its crossing by less than half a
+tolerance (else *noisy*, or *unresolved* where the loss never fell by more than ν), an ascent only
+where L(h) − L(−h) exceeds 1.5·ν, a bound only where its rise exceeds ν.
 """
 
 from __future__ import annotations
@@ -46,7 +52,13 @@ _AIM = 0.3
 _MAX_GROWTH = 64.0
 # A certified bracket whose slope across it is off its neighbourhood's trend by more than this
 # factor was placed by the loss's rounding (see _bracket_slope_ratio).
-_TRUSTED_SLOPE_RATIO = (1.0 / 3.0, 3.0)
+TRUSTED_SLOPE_RATIO = (1.0 / 3.0, 3.0)
+# A loss difference counts as real where it exceeds these multiples of the loss noise ν. ν is about
+# twice the spread of the difference of two trial losses (measured: the rms loss change of a
+# one-ulp move is 2.8× the spread of one trial loss's rounding error around the fp64 loss), so an
+# ascent needs three spreads of L(h) − L(−h), and a crossing may move by ν/slope ≤ tol/2.
+_ASCENT_NOISE = 1.5
+_CROSSING_NOISE = 0.5
 
 
 class Outcome(str, Enum):
@@ -69,6 +81,9 @@ class SearchResult:
     multiple, measured only where the search needed it (None otherwise). bracket_slope_ratio: the
     loss's slope across a certified bracket over its trend's slope there (~1 where curvature placed
     the crossing; outside 1/3…3 the outcome is NOISY); None where too few points were near.
+    loss_noise: the ν the search was given. crossing_uncertainty: for a certified bracket, how far
+    ν moves the crossing, relative to it (ν / (slope there × crossing)); above tol/2 the outcome is
+    NOISY or UNRESOLVED.
     """
 
     lr: float
@@ -81,6 +96,8 @@ class SearchResult:
     step_raised_loss: bool | None = None
     slope_per_step_multiple: float | None = None
     bracket_slope_ratio: float | None = None
+    loss_noise: float = 0.0
+    crossing_uncertainty: float | None = None
 
     @property
     def converged(self) -> bool:
@@ -118,6 +135,14 @@ class SearchResult:
         return len(self.evaluations)
 
     @property
+    def step_raised_loss_beyond_noise(self) -> bool:
+        """The real step raised the loss by more than the loss noise: a rise rounding cannot make."""
+        if not self.step_raised_loss:
+            return False
+        loss = next(loss for s, loss in self.evaluations if s == 1.0)
+        return not math.isfinite(loss) or loss - self.baseline_loss > self.loss_noise
+
+    @property
     def non_finite_at(self) -> float | None:
         """For a NON_FINITE outcome, the lr whose loss was non-finite once and finite again."""
         if self.outcome is not Outcome.NON_FINITE:
@@ -143,8 +168,10 @@ class _Trials:
     """The losses evaluated so far, each step multiple at most once (s = 1 is shared between the
     step_raised_loss answer and the search)."""
 
-    def __init__(self, loss_at: Callable[[float], float], baseline: float, floor: float):
-        self.loss_at, self.baseline, self.floor = loss_at, baseline, floor
+    def __init__(self, loss_at: Callable[[float], float], baseline: float, floor: float, noise: float,
+                 slope_hint: float | None):
+        self.loss_at, self.baseline, self.floor, self.noise = loss_at, baseline, floor, noise
+        self.slope_hint = slope_hint
         self.losses: dict[float, float] = {}
         self.order: list[tuple[float, float]] = []
 
@@ -169,7 +196,11 @@ class _Trials:
         return loss_rose(self.loss(step_multiple), self.baseline)
 
     def q(self, step_multiple: float) -> float:
-        """(L(s) − L(θ_t))/s: linear in s for a quadratic loss, zero at the crossing."""
+        """(L(s) − L(θ_t))/s: linear in s for a quadratic loss, zero at the crossing; at s = 0 the
+        slope, where a hint gives it."""
+        if step_multiple == 0.0:
+            assert self.slope_hint is not None
+            return self.slope_hint
         loss = self.losses[step_multiple]
         return (loss - self.baseline) / step_multiple if math.isfinite(loss) else math.inf
 
@@ -187,6 +218,14 @@ class _Trials:
     def evaluations(self) -> tuple[tuple[float, float], ...]:
         return tuple(self.order)
 
+    def rise_beyond_noise(self, step_multiple: float) -> bool:
+        loss = self.losses[step_multiple]
+        return not math.isfinite(loss) or loss - self.baseline > self.noise
+
+    def fell_beyond_noise(self, below: float) -> bool:
+        """Whether the loss fell by more than the noise at some resolvable point up to `below`."""
+        return any(self.baseline - self.losses[s] > self.noise for s in self.resolvable() if s <= below)
+
 
 class _TransientNonFinite(Exception):
     """A non-finite trial loss that a second evaluation of the same point did not repeat."""
@@ -201,12 +240,16 @@ def critical_lr_search(
     max_search: int = DEFAULT_MAX_SEARCH,
     resolution_floor: float = 0.0,
     method: str = "fast",
+    loss_noise: float = 0.0,
+    slope_hint: float | None = None,
 ) -> SearchResult:
     """Smallest step multiple s at which loss_at(s) exceeds baseline_loss, to relative tolerance tol.
 
     L(s = 1) is always evaluated: whether the real step raised the loss is answered exactly.
     max_search caps the evaluations spent before a bracket exists. The reported critical step
-    multiple is the midpoint of the final bracket.
+    multiple is the midpoint of the final bracket. loss_noise: see the module's docstring.
+    slope_hint: dL/ds at s = 0 where the step's gradient gives it (gᵀΔθ), a prior that places the
+    fast search's points; no outcome rests on it.
     """
     if not math.isfinite(baseline_loss):
         raise ValueError(f"baseline_loss must be finite, got {baseline_loss}")
@@ -220,8 +263,12 @@ def critical_lr_search(
         raise ValueError(f"resolution_floor must be a finite number >= 0, got {resolution_floor}")
     if method not in SEARCH_METHODS:
         raise ValueError(f"method must be one of {', '.join(SEARCH_METHODS)}, got {method!r}")
+    if not (math.isfinite(loss_noise) and loss_noise >= 0.0):
+        raise ValueError(f"loss_noise must be a finite number >= 0, got {loss_noise}")
 
-    trials = _Trials(loss_at, baseline_loss, resolution_floor)
+    if slope_hint is not None and not math.isfinite(slope_hint):
+        slope_hint = None
+    trials = _Trials(loss_at, baseline_loss, resolution_floor, loss_noise, slope_hint)
     search = (_FastSearch if method == "fast" else _PaperSearch)(
         trials, max(initial_step_multiple, resolution_floor), tol, max_search)
     step_raised_loss = None
@@ -231,16 +278,37 @@ def critical_lr_search(
     except _TransientNonFinite:
         outcome = Outcome.NON_FINITE
     lo, hi = search.bracket() if outcome is Outcome.CONVERGED else trials.bracket()
-    slope_ratio = None
+    slope_ratio = uncertainty = None
     if outcome is Outcome.CONVERGED:
         slope_ratio = _bracket_slope_ratio(trials, lo, hi)
-        if slope_ratio is not None and not _TRUSTED_SLOPE_RATIO[0] <= slope_ratio <= _TRUSTED_SLOPE_RATIO[1]:
+        uncertainty = _crossing_uncertainty(trials, lo, hi, slope_ratio)
+        if slope_ratio is not None and not TRUSTED_SLOPE_RATIO[0] <= slope_ratio <= TRUSTED_SLOPE_RATIO[1]:
             outcome = Outcome.NOISY
+        elif uncertainty > _CROSSING_NOISE * tol:
+            # Where the loss never fell by more than the noise either, it did not resolve the
+            # update at all (a step that moved a few elements): nothing is known of the crossing.
+            outcome = Outcome.NOISY if trials.fell_beyond_noise(lo) else Outcome.UNRESOLVED
     critical = 0.5 * (lo + hi) if outcome is Outcome.CONVERGED else None
     if outcome in (Outcome.ASCENT, Outcome.UNRESOLVED, Outcome.NON_FINITE):
-        lo = None  # the loss rose at every resolvable point
+        lo = None  # the loss rose at every resolvable point, or by no more than its noise
+    if outcome is Outcome.UNRESOLVED and hi is not None and not trials.rise_beyond_noise(hi):
+        hi = None  # a rise within the noise bounds nothing
     return SearchResult(lr, baseline_loss, outcome, critical, (lo or 0.0, hi), trials.evaluations(),
-                        resolution_floor, step_raised_loss, search.slope, slope_ratio)
+                        resolution_floor, step_raised_loss, search.slope, slope_ratio, loss_noise, uncertainty)
+
+
+def _crossing_uncertainty(trials: _Trials, lo: float, hi: float, slope_ratio: float | None) -> float:
+    """How far the loss noise moves the crossing, relative to it: ν over the loss's slope there
+    times the crossing. The slope is the lesser of the slope across the bracket and its trend's
+    (the bracket's own slope is as noisy as its two ends)."""
+    if trials.noise == 0.0:
+        return 0.0
+    if lo <= 0 or not math.isfinite(trials.losses[hi]):
+        return math.inf if lo <= 0 else 0.0  # no fall to measure a slope from / a diverged end
+    slope = (trials.losses[hi] - trials.losses[lo]) / (hi - lo)
+    if slope_ratio is not None and slope_ratio > 1.0:
+        slope /= slope_ratio
+    return trials.noise / (slope * 0.5 * (lo + hi)) if slope > 0 else math.inf
 
 
 def _bracket_slope_ratio(trials: _Trials, lo: float, hi: float) -> float | None:
@@ -275,6 +343,7 @@ class _Search:
     def __init__(self, trials: _Trials, guess: float, tol: float, max_search: int):
         self.trials, self.guess, self.tol, self.max_search = trials, guess, tol, max_search
         self.slope: float | None = None
+        self.slope_step = 1.0  # the h of the slope's symmetric difference
 
     def run(self) -> Outcome:
         raise NotImplementedError
@@ -292,15 +361,18 @@ class _Search:
         return self.by_slope()
 
     def by_slope(self, h: float = 1.0) -> Outcome:
-        """The loss rose at every resolvable point: an ascent if the slope at θ_t is positive,
-        else the crossing lies below what the search could resolve."""
-        return Outcome.ASCENT if self.measure_slope(h) > 0 else Outcome.UNRESOLVED
+        """The loss rose at every resolvable point: an ascent if the slope at θ_t is positive by
+        more than the noise, else the crossing lies below what the search could resolve."""
+        slope = self.measure_slope(h)
+        return Outcome.ASCENT if slope > 0 and 2 * self.slope_step * slope > _ASCENT_NOISE * self.trials.noise \
+            else Outcome.UNRESOLVED
 
     def measure_slope(self, h: float = 1.0) -> float:
-        """Symmetric difference at ±max(h, floor): the curvature term cancels, and L(h) is at hand
-        already (h = 1 by default). In loss per step multiple; a non-finite side counts as ascent."""
+        """Symmetric difference at ±h, h at most 1 (L(1) is at hand already) and at least the
+        floor: the curvature term cancels; a larger step (a stale warm start) would let the cubic
+        term decide the sign. In loss per step multiple; a non-finite side counts as ascent."""
         if self.slope is None:
-            h = max(h, self.trials.floor)
+            self.slope_step = h = max(min(h, 1.0), self.trials.floor)
             upper, lower = self.trials.loss(h), self.trials.loss(-h)
             self.slope = (upper - lower) / (2 * h) if math.isfinite(upper) and math.isfinite(lower) else math.inf
         return self.slope
@@ -385,7 +457,7 @@ class _FastSearch(_Search):
                 if self.guess < hi and self.guess not in trials.losses:
                     trials.rises(self.guess)  # a warm start below the rise may find a fall at once
                     continue
-                # The slope across the smallest rise: one forward, an ascent ends the search.
+                # The slope across the smallest rise (up to 1): one forward, an ascent ends the search.
                 finite = math.isfinite(trials.losses[hi])  # a diverged point says nothing of the slope
                 if finite and self.slope is None and self.by_slope(hi) is Outcome.ASCENT:
                     return Outcome.ASCENT
@@ -411,6 +483,8 @@ class _FastSearch(_Search):
         trials = self.trials
         others = [s for s in trials.losses if s != 0.0 and s not in (lo, hi) and (s < 0 or s >= trials.floor)
                   and math.isfinite(trials.losses[s])]
+        if trials.slope_hint is not None and trials.slope_hint < 0 and lo is not None:
+            others.append(0.0)  # q(0) is the slope: a point of the model below every other
         if lo is not None and hi is not None:
             if math.isfinite(trials.q(hi)) and others:
                 third = min(others, key=lambda s: min(abs(s - lo), abs(s - hi)))
@@ -421,7 +495,7 @@ class _FastSearch(_Search):
             if end is None or not others:
                 return None
             nearest = sorted(others, key=lambda s: abs(s - end))
-            if hi is None and len(nearest) >= 2 and nearest[1] > 0:
+            if hi is None and len(nearest) >= 2 and nearest[1] >= 0:
                 # Three points below the crossing: q's curvature bends the extrapolation.
                 model = _parabola(tuple(sorted((end, *nearest[:2]))), trials.q)
                 if model(end) <= 0.0 < model(_MAX_GROWTH * end):

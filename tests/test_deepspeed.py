@@ -41,16 +41,18 @@ CONFIGS = {
     "zero0-fp32": (["--stage", "0", "--dtype", "fp32"], "AdamW"),
     "zero0-bf16": (["--stage", "0", "--dtype", "bf16"], "FP16_UnfusedOptimizer"),
     "zero0-bf16-fused-adam": (["--stage", "0", "--dtype", "bf16", "--fused"], "FP16_Optimizer"),
-    "zero1-bf16": (["--stage", "1"], "DeepSpeedZeroOptimizer"),
+    # then one step with a model that returns (logits, loss) and no loss_from_output: raised everywhere
+    "zero1-bf16-then-a-model-returning-logits-and-loss": (["--stage", "1", "--mistake"], "DeepSpeedZeroOptimizer"),
     "zero1-bf16-fp32-accumulation-module-breakdown": (["--stage", "1", "--bf16-optimizer", "--modules"],
                                                       "BF16_Optimizer"),
     # each write mode's converged searches against an fp64 reference on the same state
     "zero2-bf16-local-and-sharded-writes-against-fp64": (["--stage", "2", "--writes", "local", "sharded",
                                                           "--fp64-reference"], "DeepSpeedZeroOptimizer"),
     "zero2-bf16-offload": (["--stage", "2", "--offload"], "DeepSpeedZeroOptimizer"),
-    # reuse asked for, but dropout: the first measurement finds the losses differ and stops reusing
-    "zero2-bf16-dropout-reusing-the-training-loss": (["--stage", "2", "--dropout", "0.2", "--reuse-training-loss"],
-                                                     "DeepSpeedZeroOptimizer"),
+    # reuse asked for, but dropout: the first measurement finds the losses differ and stops reusing;
+    # the first block stays in eval mode (no dropout) throughout, as the user set it
+    "zero2-bf16-dropout-one-block-in-eval-mode-reusing-the-training-loss": (
+        ["--stage", "2", "--dropout", "0.2", "--frozen-block", "--reuse-training-loss"], "DeepSpeedZeroOptimizer"),
     "zero3-bf16": (["--stage", "3"], "DeepSpeedZeroOptimizer_Stage3"),
     "zero3-bf16-no-persistent-params": (["--stage", "3", "--persist", "0"], "DeepSpeedZeroOptimizer_Stage3"),
     "zero3-bf16-offload": (["--stage", "3", "--offload"], "DeepSpeedZeroOptimizer_Stage3"),
@@ -131,7 +133,7 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
             # with reuse, the first measurement checks the training loss against its own forward first
             reused = "--reuse-training-loss" in args and exact_baseline and record["step"] > 1
             assert record["baseline_reused"] is reused
-            assert record["forwards"] == len(record["evaluations"]) + (0 if reused else 1)
+            assert record["forwards"] == len(record["evaluations"]) + (0 if reused else 1) + record["noise_forwards"]
             if "--modules" in args:  # a PipelineModule's groups are its layers: layer_0 … layer_3
                 assert record["modules_trigger"] == "interval" and list(record["modules"]) == list(first[0]["modules"])
                 assert len(record["modules"]) >= 4
@@ -140,6 +142,14 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
         if "--fp64-reference" in args:  # 30 steps: median 0.013 in either mode, max 0.030 local, 0.059 sharded
             errors = ranks[0]["writes"][write]["fp64_errors"]
             assert len(errors) == 8 and all(error is not None and error <= 1 / 16 for _, error in errors), errors
+    if "--mistake" in args:
+        for result in ranks:
+            assert result["mistake"] == {
+                "raised": "ModelOutputError: critical sharpness: the loss must be a scalar, but the first element of "
+                          "the model's output (tuple of 2) has shape (4, 16, 256); pass attach(..., "
+                          "loss_from_output=fn) that returns the mean loss (e.g. lambda output: output[1] for a model "
+                          "returning (prediction, loss))",
+                "params_are_the_step": True, "measured": False}, result["rank"]
 
 
 def test_fp16_overflow_steps_are_reported_as_skipped_then_measured(tmp_path):
@@ -174,9 +184,9 @@ def test_monitor_jsonl_and_log_line_from_the_ds_config_section(tmp_path):
     assert csv_values("critical_lr") == [r["critical_lr"] for r in records]
     assert csv_values("relative_critical_sharpness_held-out") == [
         r["relative"]["held-out"]["critical_sharpness"] for r in records]
-    log_lines = [line for line in results[0].output.splitlines() if "critical sharpness:" in line]
+    log_lines = [line for line in results[0].output.splitlines() if "| critical sharpness:" in line]
     assert len(log_lines) == 2 and log_lines[0].startswith(" iteration        2 | critical sharpness: ")
-    assert not any("critical sharpness:" in line for line in results[1].output.splitlines())
+    assert not any("| critical sharpness:" in line for line in results[1].output.splitlines())
 
 
 @pytest.mark.parametrize("stage", ["2", "3"])

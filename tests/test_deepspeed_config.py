@@ -139,3 +139,30 @@ def test_reusing_the_training_loss_with_a_custom_evaluate_is_refused():
     engine = types.SimpleNamespace(step=lambda: None, optimizer=object())
     with pytest.raises(ConfigError, match="reuse_training_loss needs the engine's own forwards"):
         DeepSpeedSharpness(engine, SharpnessConfig(reuse_training_loss=True), evaluate=lambda batches, count: None)
+
+
+def test_the_megatron_deepspeed_glue_names_a_deepspeed_that_cannot_run_megatron_deepspeed():
+    """Megatron-DeepSpeed imports deepspeed.compression.compress, gone since deepspeed 0.19.7: the glue
+    says so at import (Megatron-DeepSpeed's training.py imports it a few lines before its own
+    import fails), naming the installed version and the one to install."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import deepspeed
+
+    result = subprocess.run([sys.executable, "-W", "default", "-c", "import megatron_sharpness.integrations.megatron_deepspeed"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    message = (f"critical sharpness: deepspeed {deepspeed.__version__} is installed, which has no "
+               "deepspeed.compression.compress: Megatron-DeepSpeed imports it in megatron/training.py and stops with "
+               "ModuleNotFoundError; install deepspeed==0.19.6 (pip install 'deepspeed==0.19.6')")
+    try:
+        has_compression = importlib.util.find_spec("deepspeed.compression.compress") is not None
+    except ImportError:
+        has_compression = False
+    assert (message in result.stderr) != has_compression, result.stderr
+    from megatron_sharpness.integrations.megatron_deepspeed import deepspeed_problem
+
+    assert deepspeed_problem("0.19.6", True) is None
+    assert deepspeed_problem("0.19.9", False).startswith("critical sharpness: deepspeed 0.19.9 is installed, which has no")

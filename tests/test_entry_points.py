@@ -111,17 +111,71 @@ def test_deepspeed_attach_checks_its_arguments():
         attach(engine, SharpnessConfig(), relative_batches={"held-out": torch.zeros(2, 3)})
 
 
-def test_megatron_core_entry_point_checks_chunks_config_and_micro_batch_counts():
+@pytest.fixture(scope="module")
+def megatron_bad_input():
+    """One launch of tests/workers/megatron_bad_input.py (2 ranks): {rank: {case: text}} and the outputs."""
     pytest.importorskip("megatron.core", reason="the megatron extra is not installed")
-    [result] = run_ranks([os.path.join(WORKERS, "megatron_bad_input.py")], world_size=1, timeout=180,
-                         env={"PYTHONWARNINGS": "ignore"})
-    cases = dict(line[len("CASE "):].split(": ", 1) for line in result.output.splitlines() if line.startswith("CASE "))
-    assert cases["single-chunk"].startswith(
-        "TypeError: critical sharpness: model must be the list of model chunks (one per virtual pipeline stage, "
-        "as Megatron's get_model returns it), got DistributedDataParallel; for one chunk pass [model]")
-    assert cases["dict-config"].startswith("ConfigError: critical sharpness: config must be a SharpnessConfig, got dict")
-    assert cases["record-4-run-1"] == (
-        "ValueError: critical sharpness: record(data_iterator, num_microbatches) at iteration 1 expects 4 "
-        "micro-batch(es) to replay, but forward_backward_func read only 1 from the iterator of model chunk 0; "
-        "pass record() the num_microbatches that forward_backward_func runs")
-    assert "PARAMS MOVED: False" in result.output  # refused before the real optimizer step
+    results = run_ranks([os.path.join(WORKERS, "megatron_bad_input.py")], world_size=2, timeout=300,
+                        env={"PYTHONWARNINGS": "ignore"})
+    cases = {result.rank: dict(line[len("CASE "):].split(": ", 1) for line in result.output.splitlines()
+                               if line.startswith("CASE ")) for result in results}
+    return cases, [result.output for result in results]
+
+
+def test_megatron_core_entry_point_checks_chunks_config_and_micro_batch_counts(megatron_bad_input):
+    cases, outputs = megatron_bad_input
+    for rank in (0, 1):
+        assert cases[rank]["single-chunk"].startswith(
+            "TypeError: critical sharpness: model must be the list of model chunks (one per virtual pipeline stage, "
+            "as Megatron's get_model returns it), got DistributedDataParallel; for one chunk pass [model]")
+        assert cases[rank]["dict-config"].startswith("ConfigError: critical sharpness: config must be a SharpnessConfig, got dict")
+        assert cases[rank]["record-4-run-1"] == (
+            "ValueError: critical sharpness: record(data_iterator, num_microbatches) at iteration 1 expects 4 "
+            "micro-batch(es) to replay, but forward_backward_func read only 1 from the iterator of model chunk 0; "
+            "pass record() the num_microbatches that forward_backward_func runs")
+        assert "PARAMS MOVED: False" in outputs[rank]  # refused before the real optimizer step
+
+
+def test_megatron_core_loss_func_reporting_lm_loss_in_another_form_raises_on_every_rank(megatron_bad_input):
+    """Pipeline parallel 2: the last stage sees the report and says what it was; the first stage
+    learns of it in the same reduction. Raised at the first measurement, θ_{t+1} in place; not a
+    `failed` record at every measurement."""
+    cases, _ = megatron_bad_input
+    last, first = cases[1], cases[0]
+    assert last["lm-loss-scalar"].startswith(
+        "LossReportError: critical sharpness: forward_step_func's loss_func reported 'lm loss' as tensor(")
+    assert last["lm-loss-scalar"].endswith(
+        "; megatron-core's convention, which the probe reduces, is [loss sum, token count] per micro-batch "
+        "(e.g. torch.cat([loss_sum.view(1), num_tokens.view(1)]))")
+    assert last["lm-loss-other-key"] == (
+        "LossReportError: critical sharpness: forward_step_func's loss_func reported no 'lm loss' (got ['loss']); "
+        "report [loss sum, token count] under 'lm loss' (megatron-core's convention, which the probe reduces), or "
+        "name the key with MegatronSharpness(..., loss_key=...)")
+    for case in ("lm-loss-scalar", "lm-loss-other-key"):
+        assert first[case] == (
+            "LossReportError: critical sharpness: forward_step_func's loss_func did not report 'lm loss' as "
+            "[loss sum, token count] on the last pipeline stage (megatron-core's convention, which the probe "
+            "reduces); the error raised there says what it reported")
+        assert first[f"{case}-params-are-the-step"] == last[f"{case}-params-are-the-step"] == "True"
+
+
+def test_megatron_core_failure_inside_a_tensor_parallel_collective_is_printed_before_the_wait(megatron_bad_input):
+    """Tensor parallel 2: rank 1 raises inside the all-reduce of a probe forward at a trial point;
+    rank 0 waits in that all-reduce until the process-group timeout (a hang with NCCL). Rank 1 must
+    have printed its own error, with the trial lr and where it was raised, before it went into the
+    next collective: after the wait only timeouts are left to print."""
+    cases, outputs = megatron_bad_input
+    lines = outputs[1].splitlines()
+    reported = [index for index, line in enumerate(lines) if line.startswith("critical sharpness: rank 1: ")]
+    assert len(reported) == 1, outputs[1][-3000:]
+    line = lines[reported[0]]
+    assert re.fullmatch(r"critical sharpness: rank 1: a probe forward raised at trial lr \d\.\d{4}E[-+]\d\d: "
+                        r"RuntimeError: injected: rank 1 failed inside the tensor-parallel all-reduce of a probe "
+                        r"forward", line), line
+    assert float(line.split("trial lr ")[1].split(":")[0]) > 0
+    assert lines[reported[0] + 1] == "  innermost frames (most recent call last):"
+    frames = "\n".join(lines[reported[0] + 2:])
+    assert "in all_reduce" in frames and "megatron_bad_input.py" in frames
+    # printed before the wait: ahead of what rank 1 prints once the measurement is over
+    assert lines.index("CASE tp-fault: failed") > reported[0]
+    assert cases[0]["tp-fault"] == "failed"

@@ -129,22 +129,55 @@ def test_missing_file_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_step_logged_again_after_a_resume_keeps_the_last_record(tmp_path, capsys):
-    # The job ran to step 30, was killed, resumed from the checkpoint at step 20 and re-ran 20 and 30.
+def test_steps_that_go_backwards_in_a_log_are_kept_apart_as_a_leg_with_a_warning(tmp_path, capsys):
+    # A Megatron job ran to step 30, was killed, resumed from the checkpoint at step 20 into the same log and
+    # re-ran 30; another rank printed step 20 once more (the same line: no new leg).
     log = tmp_path / "job.log"
     log.write_text("\n".join([megatron_line(10, sharp=110.0), megatron_line(20, sharp=120.0),
-                              megatron_line(30, sharp=130.0), "resuming from checkpoint at iteration 20",
+                              megatron_line(30, sharp=130.0), "3: " + megatron_line(20, sharp=120.0),
+                              "resuming from checkpoint at iteration 20",
                               megatron_line(30, sharp=135.0), megatron_line(40, sharp=140.0)]) + "\n")
-    assert [(r.step, r.critical_sharpness) for r in parse_lines(log.read_text().splitlines())] == [
-        (10, 110.0), (20, 120.0), (30, 135.0), (40, 140.0)]
+    assert [(r.leg, r.step, r.critical_sharpness) for r in parse_lines(log.read_text().splitlines())] == [
+        (1, 10, 110.0), (1, 20, 120.0), (1, 30, 130.0), (2, 30, 135.0), (2, 40, 140.0)]
+    # A plain-PyTorch run restarted without its probe state into the same JSONL: steps 2, 4, 6, then 2, 4
+    # again (they were global steps 8 and 10). Nothing of the first leg may vanish.
+    jsonl = tmp_path / "sharpness.jsonl"
+    jsonl.write_text("".join(json.dumps({"step": s, "lr": 1e-3, "critical_sharpness": v, "relative": {}}) + "\n"
+                             for s, v in ((2, 1.0), (4, 2.0), (6, 3.0), (2, 8.0), (4, 10.0))))
+    assert main(["parse", str(jsonl), "--format", "json"]) == 0
+    result = capsys.readouterr()
+    assert [(r["leg"], r["step"], r["critical_sharpness"]) for r in json.loads(result.out)] == [
+        (1, 2, 1.0), (1, 4, 2.0), (1, 6, 3.0), (2, 2, 8.0), (2, 4, 10.0)]
+    assert result.err.splitlines() == [
+        f"megatron-sharpness parse: warning: {jsonl}: the steps go backwards at line 4 (step 2 after step 6): a run "
+        "restarted without its probe state, or resumed from an earlier checkpoint; its records are kept apart as "
+        "leg 2, not merged with the steps before (pass the run's iteration to the probe, or load its state, to "
+        "count on)"]
+    assert main(["summary", str(jsonl)]) == 0
+    out = capsys.readouterr().out
+    assert "leg 1 of 2:\n3 measured steps, steps 2-6" in out
+    assert "leg 2 of 2 (the log's steps went backwards before it):\n2 measured steps, steps 2-4" in out
+    # Files are merged leg by leg: a later file's record of a step wins (the logs of consecutive jobs).
     first, resumed = tmp_path / "first.jsonl", tmp_path / "resumed.jsonl"
-    first.write_text("\n".join(json.dumps({"step": s, "lr": 1e-3, "critical_sharpness": v, "relative": {}})
-                               for s, v in ((10, 1.0), (20, 2.0), (20, 2.5))) + "\n")
-    resumed.write_text(json.dumps({"step": 20, "lr": 1e-3, "critical_sharpness": 3.0, "relative": {}}) + "\n")
-    assert main(["parse", str(first), "--format", "json"]) == 0
-    assert [r["critical_sharpness"] for r in json.loads(capsys.readouterr().out)] == [1.0, 2.5]
+    first.write_text("".join(json.dumps({"step": s, "lr": 1e-3, "critical_sharpness": v, "relative": {}}) + "\n"
+                             for s, v in ((10, 1.0), (20, 2.0))))
+    resumed.write_text("".join(json.dumps({"step": s, "lr": 1e-3, "critical_sharpness": v, "relative": {}}) + "\n"
+                               for s, v in ((20, 3.0), (30, 4.0))))
     assert main(["parse", str(first), str(resumed), "--format", "json"]) == 0
-    assert [r["critical_sharpness"] for r in json.loads(capsys.readouterr().out)] == [1.0, 3.0]
+    result = capsys.readouterr()
+    assert [r["critical_sharpness"] for r in json.loads(result.out)] == [1.0, 3.0, 4.0] and result.err == ""
+    assert "leg" not in json.loads(result.out)[0]
+
+
+def test_the_lr_of_a_log_line_is_the_measured_step_s_own_not_megatron_s_next_one():
+    from megatron_sharpness.measurement import Measurement
+
+    # Megatron prints `learning rate` after the scheduler stepped: at step 15 of a cosine schedule the
+    # next iteration's 2.607e-4, where the step ran at 3.25e-4.
+    measurement = Measurement(step=15, lr=3.25e-4, task=None, skipped="the step changed no parameter")
+    line = megatron_line(15, lr=2.607e-4).split("critical sharpness:")[0] + measurement.log_fields()
+    (record,) = parse_lines([line])
+    assert record.lr == 3.25e-4 and record.status == "skipped"
 
 
 def records_jsonl(path, steps):
@@ -229,3 +262,16 @@ def test_plot_draws_numbers_as_lines_with_gaps_and_outcomes_as_markers():
     assert [r.relative_status["heldout"] for r in records] == ["converged", "ascent", "capped", "noisy"]
     assert list(lines["2/η (edge of stability)"].get_ydata()) == [2000.0, 1000.0, 1000.0, 2000.0]  # follows the lr
     assert lr_axis.get_ylabel() == "learning rate η" and list(lr_axis.get_lines()[0].get_ydata()) == [1e-3, 2e-3, 2e-3, 1e-3]
+
+
+def test_plot_draws_each_leg_of_a_log_apart():
+    pytest.importorskip("matplotlib")
+    from megatron_sharpness.report import figure
+
+    lines = [json.dumps({"step": s, "lr": 1e-3, "critical_sharpness": v, "relative": {}})
+             for s, v in ((2, 1.0), (4, 2.0), (2, 8.0), (4, 10.0))]
+    built = figure(parse_lines(lines))
+    drawn = {artist.get_label(): artist for artist in built.axes[0].get_lines()}
+    assert list(drawn["critical sharpness λ_c (leg 1)"].get_ydata()) == [1.0, 2.0]
+    assert list(drawn["critical sharpness λ_c (leg 2)"].get_ydata()) == [8.0, 10.0]
+    assert drawn["critical sharpness λ_c (leg 2)"].get_linestyle() != drawn["critical sharpness λ_c (leg 1)"].get_linestyle()

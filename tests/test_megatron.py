@@ -31,9 +31,10 @@ LAYOUTS = {
     "dp2-bf16-first-2-micro-batches-reusing-the-training-loss": (2, ["--bf16", "--micro-batches", "2",
                                                                      "--reuse-training-loss"],
                                                                  "Float16OptimizerWithFloat16Params"),
-    # reuse asked for, but dropout: the first measurement finds the losses differ and stops reusing
-    "dp2-bf16-dropout-reusing-the-training-loss": (2, ["--bf16", "--dropout", "0.1", "--reuse-training-loss"],
-                                                   "Float16OptimizerWithFloat16Params"),
+    # reuse asked for, but dropout: the first measurement finds the losses differ and stops reusing;
+    # the first transformer layer stays in eval mode (no dropout) throughout, as the user set it
+    "dp2-bf16-dropout-one-layer-in-eval-mode-reusing-the-training-loss": (
+        2, ["--bf16", "--dropout", "0.1", "--frozen-layer", "--reuse-training-loss"], "Float16OptimizerWithFloat16Params"),
     # the module breakdown at every measurement, through TP shards, pipeline stages and virtual chunks
     "tp2-bf16-module-breakdown": (2, ["--tp", "2", "--bf16", "--modules"], "Float16OptimizerWithFloat16Params"),
     "pp2-fp32": (2, ["--pp", "2"], "FP32Optimizer"),
@@ -100,7 +101,8 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
             assert (record["loss"] == training_loss) == exact_baseline
             # the first measurement checks the training loss against its own forward before trusting it
             assert record["baseline_reused"] is (reused and index > 0)
-            assert record["forwards"] == len(record["evaluations"]) + (0 if record["baseline_reused"] else 1)
+            assert record["forwards"] == (len(record["evaluations"]) + (0 if record["baseline_reused"] else 1)
+                                          + record["noise_forwards"])
             if "--modules" in args:
                 assert record["modules_trigger"] == "interval" and list(record["modules"])[-1] == "output"
                 assert record["modules_forwards"] == sum(m["forwards"] for m in record["modules"].values())

@@ -304,3 +304,85 @@ def test_a_loss_that_never_rises_is_capped_however_long_the_search(loss):
         assert result.outcome is Outcome.CAPPED and result.critical_lr is None
         assert math.isfinite(result.bracket_step_multiple[0]) and result.bracket_step_multiple[0] > 1
         assert result.forwards <= max_search
+
+
+def jagged(amplitude: float, seed: int):
+    """A deterministic stand-in for a bf16 loss's rounding error: a fixed draw per trial point."""
+    def error(s: float) -> float:
+        return amplitude * (random.Random(hash((seed, s))).random() * 2 - 1)
+    return error
+
+
+@pytest.mark.parametrize("method", ["fast", "paper"])
+def test_a_loss_flat_to_its_noise_gives_no_wrong_number_and_no_wrong_bound(method):
+    # A step that moved a few elements: the smooth loss falls by 1e-9 per step multiple and
+    # crosses at 1e7; the rounding error is up to 1e-5 per trial point. A "rise" below 1e4 is
+    # rounding's: no number and no bound from it. Where the baseline's own error happens to be
+    # high, nothing rises before the real crossing, which is then found.
+    numbers = 0
+    for seed in range(20):
+        noise = jagged(1e-5, seed)
+        result = critical_lr_search(lambda s: -1e-9 * s + 1e-16 * s * s + noise(s), noise(0.0),
+                                    method=method, loss_noise=2e-5)
+        if result.converged:
+            numbers += 1
+            assert abs(result.critical_step_multiple / 1e7 - 1) <= 1 / 16, result
+        else:
+            assert result.outcome in (Outcome.UNRESOLVED, Outcome.NOISY), result
+            assert result.sharpness_bound() is None or result.bracket_step_multiple[1] >= 1e7
+    assert numbers < 20
+
+
+@pytest.mark.parametrize("method", ["fast", "paper"])
+def test_a_bowl_as_shallow_as_the_noise_is_noisy_never_a_wrong_number(method):
+    # Crossing at 2.0, bowl depth 1e-4, rounding error up to 5e-5 per trial point (the baseline's
+    # own included): a bracket certified there is placed by the rounding.
+    numbers = 0
+    for seed in range(40):
+        noise = jagged(5e-5, seed)
+        result = critical_lr_search(lambda s: 1e-4 * s * (s - 2.0) + noise(s), noise(0.0), method=method,
+                                    loss_noise=1e-4)
+        if result.converged:
+            numbers += 1
+            assert abs(result.critical_step_multiple / 2.0 - 1) <= 1 / 16, result
+        else:
+            assert result.outcome in (Outcome.NOISY, Outcome.UNRESOLVED), result
+    # the same bowl ten times deeper resolves every time
+    for seed in range(40):
+        noise = jagged(5e-5, seed)
+        result = critical_lr_search(lambda s: 1e-2 * s * (s - 2.0) + noise(s), noise(0.0), method=method,
+                                    loss_noise=1e-4)
+        assert result.converged and abs(result.critical_step_multiple / 2.0 - 1) <= 1 / 16, result
+        assert result.crossing_uncertainty <= 1 / 32
+
+
+@pytest.mark.parametrize("method", ["fast", "paper"])
+def test_an_ascent_must_rise_beyond_the_noise(method):
+    # Uphill at slope 1e-6 per step multiple: L(1) − L(−1) = 2e-6, within a noise of 1e-5.
+    weak = critical_lr_search(lambda s: 1e-6 * s + 1e-7 * s * s, 0.0, method=method, loss_noise=1e-5)
+    assert weak.outcome is Outcome.UNRESOLVED and weak.sharpness_bound() is None
+    strong = critical_lr_search(lambda s: 1e-4 * s + 1e-7 * s * s, 0.0, method=method, loss_noise=1e-5)
+    assert strong.outcome is Outcome.ASCENT
+
+
+def test_a_stale_warm_start_does_not_set_the_slopes_step():
+    # Crossing at 10, but the warm start is 100× off and the floor (2) hides L(1): the smallest
+    # resolvable rise is the warm start itself. A symmetric difference there is the cubic term's
+    # (+100), not the slope (−1).
+    result = critical_lr_search(lambda s: -s + 0.1 * s * s + 1e-4 * s ** 3, 0.0, initial_step_multiple=1000.0,
+                                resolution_floor=2.0)
+    assert result.converged, result
+    assert abs(result.critical_step_multiple / first_crossing(lambda s: -s + 0.1 * s * s + 1e-4 * s ** 3) - 1) <= 1 / 16
+    assert all(abs(s) <= 2.0 or s > 0 for s, _ in result.evaluations)  # the slope at ±2, not ±1000
+
+
+def test_the_gradients_slope_places_the_first_point():
+    # With dL/ds(0) known, L(1) and the slope give the crossing of a quadratic exactly: the
+    # baseline, L(1) and two points certify, whatever the warm start (up to the 64× that one
+    # extrapolation may reach).
+    for critical in (3.0, 17.0, 60.0):
+        for guess in (1.0, critical * 0.3, critical * 3):
+            loss_at, calls = parabola(critical)
+            result = critical_lr_search(loss_at, 0.0, initial_step_multiple=guess, slope_hint=-critical)
+            assert result.converged and result.bracket_step_multiple[0] <= critical <= result.bracket_step_multiple[1]
+            assert 1 + len(calls) <= 4, (critical, guess, calls)

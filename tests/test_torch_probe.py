@@ -374,7 +374,7 @@ def test_jsonl_record_and_log_line(tmp_path):
         assert record["lr_over_critical_lr"] == pytest.approx(record["lr"] / record["critical_lr"])
         lo, hi = record["bracket"]
         assert lo < record["critical_lr"] < hi
-        assert record["forwards"] == 1 + len(record["evaluations"])
+        assert record["forwards"] == 1 + len(record["evaluations"]) + record["noise_forwards"]
         relative = record["relative"]["held-out"]
         assert {"critical_lr", "critical_sharpness", "forwards", "bracket", "converged"} <= relative.keys()
     assert len(lines) == 2 and lines[0].startswith(" iteration        2 | critical sharpness: ")

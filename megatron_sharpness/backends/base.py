@@ -6,7 +6,10 @@ forward-only loss on the step's recorded batch. It knows nothing of the search.
 
 Optionally a backend sets `non_finite_ranks` in loss(): the ranks whose own part of a non-finite
 loss was NaN/inf (None where the loss is finite or the reduction cannot tell); the probe puts them
-in the record.
+in the record. Optionally `gradient_slope()` returns gᵀ(θ_{t+1} − θ_t) from the step's own
+gradients (None where they are gone), a prior for placing the step's search. `loss_bits`: the significand bits of the dtype the loss itself is computed in
+(24 for fp32, the default where a backend does not say); the loss cannot resolve differences
+below its own rounding.
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ class ProbeBackend(Protocol):
         """Put θ(s) = lerp(θ_t, θ_{t+1}, s) into the parameters the forward pass reads (s may be
         negative: the slope is measured on both sides of θ_t); with a group selected, only the
         group's parameters move and every other one is θ_t."""
+
+    def write_rounding_noise(self, sample: int) -> bool:
+        """Put θ_t into the parameters the forward reads with every element the step changed
+        moved one compute-dtype ulp, up or down by a hash of its position and `sample`
+        (backends/lerp.py one_ulp_moved_into): the loss there differs from L(θ_t) by rounding
+        alone. Returns False, writing nothing, where the compute dtype is fp32 or wider."""
 
     def parameter_names(self) -> list[str]:
         """After after_step(): the names of the parameters the optimizer updates, the same list on

@@ -23,11 +23,14 @@ from torch._utils import _unflatten_dense_tensors
 
 from megatron_sharpness.backends.groups import (GroupSelection, Segment, local_names, union_in_rank_order,
                                                 view_segments, whole, write_group)
+from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_into
 from megatron_sharpness.backends.local import (LOCAL_DTYPES, LOCAL_FROM, LocalWrites, agree_on_snapshot, offset_in,
                                                wants_local)
+from megatron_sharpness.backends.modes import ModuleModes
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
-from megatron_sharpness.faults import CAUGHT, OUT_OF_MEMORY, agree_loss, snapshot_skip_reason, take_local_non_finite
+from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, agree_loss, report_local_failure, snapshot_skip_reason,
+                                       take_local_non_finite)
 
 SUPPORTED_OPTIMIZERS = ("DeepSpeedZeroOptimizer (ZeRO-1/2, with or without offload_optimizer)",
                         "DeepSpeedZeroOptimizer_Stage3 (ZeRO-3, with or without offload_optimizer)",
@@ -229,7 +232,10 @@ Evaluator = Callable[[Sequence[Batch], int], torch.Tensor]
 class DeepSpeedBackend:
     """batches: the micro-batches the step trained on, as the integration recorded them (middle
     pipeline stages record none). micro_batch_counts: how many micro-batches each task evaluates,
-    known on every stage. relative_batches: per relative task, in the same form as batches."""
+    known on every stage. relative_batches: per relative task, in the same form as batches.
+    loss_bits: DeepSpeed's losses are fp32."""
+
+    loss_bits = 24
 
     def __init__(self, engine, evaluate: Evaluator, write: str = "auto", write_memory_budget_mib: float | None = None):
         self.engine = engine
@@ -256,7 +262,7 @@ class DeepSpeedBackend:
         self._theta_t: list[torch.Tensor] | None = None
         self._theta_next: list[torch.Tensor] | None = None
         self._rng: RngState | None = None
-        self._module_training = True
+        self._modes: ModuleModes | None = None
         self._floor = 0.0
         self._snapshot_skipped: str | None = None
         # The ranks whose own part of the last loss was non-finite (None: finite, or not known).
@@ -304,7 +310,7 @@ class DeepSpeedBackend:
         self._theta_next = [m.clone() for m in masters] if self.layout.master_is_model else masters
         self._holds_next = True
         self._rng = RngState.capture()
-        self._module_training = self.engine.module.training
+        self._modes = ModuleModes([self.engine.module])
         # The histogram's counts also say whether any rank's step changed a parameter.
         pairs = self.layout.pairs()
         histogram = ResolutionHistogram.of_step([target for _, target in pairs], self._theta_t,
@@ -365,6 +371,25 @@ class DeepSpeedBackend:
         self._holds_next = whole_update and step_multiple == 1.0
 
     @torch.no_grad()
+    def write_rounding_noise(self, sample: int) -> bool:
+        assert self._theta_t is not None and self._theta_next is not None
+        pairs = self.layout.pairs()
+        # The same answer on every rank: the engine's model dtype is one for all ranks.
+        if not any(target.dtype in NOISY_COMPUTE_BITS for _, target in pairs):
+            return False
+        self.layout.before_write()
+        offset = 0
+        for (_, target), old, new in zip(pairs, self._theta_t, self._theta_next):
+            if target.dtype in NOISY_COMPUTE_BITS:
+                one_ulp_moved_into(target, old, new, target.dtype, sample, offset)
+            else:
+                target.copy_(old)
+            offset += old.numel()
+        self.layout.after_write()
+        self._holds_next = False
+        return True
+
+    @torch.no_grad()
     def loss(self, task: str | None) -> float:
         batches = self.batches if task is None else self.relative_batches[task]
         value, error = math.nan, None
@@ -374,6 +399,7 @@ class DeepSpeedBackend:
             value = self.evaluate(batches, self.micro_batch_counts[task]).detach().reshape(1).double().item()
         except CAUGHT as caught:
             error = caught
+            report_local_failure(caught)
         # Every rank must branch alike: rank 0's bits (rather than trust the transport's summation
         # order to be the same everywhere), whether any rank failed, and how many ranks' own part
         # of the loss was non-finite, in one all-reduce.
@@ -392,7 +418,7 @@ class DeepSpeedBackend:
                 self.layout.after_write()
             self.layout.settle()
             self._rng.restore()
-            self.engine.module.train(self._module_training)
+            self._modes.restore()
         self._theta_t = self._theta_next = self._rng = self._local = None
         self._holds_next = False
         self._group.clear()

@@ -84,11 +84,9 @@ def group_histogram(dtypes: Sequence[torch.dtype], olds: Sequence[torch.Tensor],
                     ranges: Sequence[Ranges], device: torch.device | str = "cpu") -> ResolutionHistogram:
     """This rank's resolution histogram over the group's elements only (sum it over ranks);
     dtypes: each pair's compute dtype."""
-    histogram = ResolutionHistogram(device)
-    for dtype, old, new, pair_ranges in zip(dtypes, olds, news, ranges):
-        for start, end in pair_ranges:
-            histogram.add(old.reshape(-1)[start:end], new.reshape(-1)[start:end], dtype)
-    return histogram
+    return ResolutionHistogram.of_segments([(old.reshape(-1)[start:end], new.reshape(-1)[start:end], dtype)
+                                            for dtype, old, new, pair_ranges in zip(dtypes, olds, news, ranges)
+                                            for start, end in pair_ranges], device)
 
 
 class GroupSelection:

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sharpness.backends.lerp import chunk_elements
-from megatron_sharpness.backends.resolution import ResolutionHistogram
+from megatron_sharpness.backends.resolution import SAMPLE_ELEMENTS, ResolutionHistogram
 from megatron_sharpness.faults import RankError, device_of, gather_errors
 
 # Trial points at this step multiple and above are written locally, below it through the sharded
@@ -125,21 +125,28 @@ class LocalWrites:
     @torch.no_grad()
     def histogram(self, shards: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
                   device: torch.device | str) -> ResolutionHistogram:
-        """This rank's share of the local line's resolution histogram: its shard's elements along
-        anchor + (s − 1)·step (sum it over the ranks). Reads this rank's part of the step only:
-        no need to wait for the gather."""
-        histogram = ResolutionHistogram(device)
-        for index, triples in enumerate(shards):
-            anchor = self.anchors[index]
-            for _, _, view in triples:
-                start = offset_in(self.flats[index], view)
-                step = self.step_view(index, view)
-                chunk = chunk_elements(anchor.device)
-                for first in range(0, view.numel(), chunk):
-                    end = min(first + chunk, view.numel())
-                    new = anchor[start + first:start + end].float()
-                    histogram.add(new - step[first:end].float(), new, anchor.dtype)
+        """This rank's share of the local line's resolution histogram: a systematic sample of its
+        shard's elements along anchor + (s − 1)·step (sum it over the ranks, as the sharded line's).
+        Reads this rank's part of the step only: no need to wait for the gather."""
+        views = [(self.anchors[index], self.step_view(index, view), offset_in(self.flats[index], view), view.numel())
+                 for index, triples in enumerate(shards) for _, _, view in triples]
+        stride = sample_stride(sum(numel for *_, numel in views))
+        segments = []
+        for anchor, step, start, numel in views:
+            new = anchor[start:start + numel][::stride].float()
+            segments.append((new - step[::stride].float(), new, anchor.dtype))
+        histogram = ResolutionHistogram.of_segments(segments, device)
+        histogram.counts *= stride  # each sampled element stands for `stride`, as in the sharded line's
         return histogram
+
+
+def sample_stride(numel: int) -> int:
+    """The smallest prime that takes at most SAMPLE_ELEMENTS of numel elements (a prime stride
+    does not alias with row lengths)."""
+    stride = max(-(-numel // SAMPLE_ELEMENTS), 1)
+    while stride > 2 and any(stride % k == 0 for k in range(2, int(stride ** 0.5) + 1)):
+        stride += 1
+    return stride
 
 
 def wants_local(mode: str, budget_mib: float | None, flats: Sequence[torch.Tensor]) -> bool:

@@ -20,8 +20,10 @@ from megatron.core.optimizer import (ChainedOptimizer, DistributedOptimizer, Flo
 from megatron_sharpness.backends.groups import GroupSelection, Segment, local_names, union_in_rank_order, whole, write_group
 from megatron_sharpness.backends.local import (LOCAL_DTYPES, LOCAL_FROM, LocalWrites, agree_on_snapshot, offset_in,
                                                wants_local)
-from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, agree_loss, note_local_loss, snapshot_skip_reason,
-                                       take_local_non_finite)
+from megatron_sharpness.backends.modes import ModuleModes
+from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, UsageError, agree_loss, note_local_loss,
+                                       report_local_failure, snapshot_skip_reason, take_local_non_finite)
+from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_into
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
 
@@ -127,11 +129,13 @@ def gathered_flats(leaves: Sequence) -> list[torch.Tensor]:
 
 
 class MegatronBackend:
-    """batches: per model chunk, the micro-batches its data iterator yielded during the step.
+    """loss_bits: megatron-core's losses are fp32 sums (loss_func's convention). batches: per model chunk, the micro-batches its data iterator yielded during the step.
     micro_batch_counts: how many micro-batches each task runs, the same on every rank.
     relative_batches: per relative task, in the same per-chunk form. step_applied: what
     optimizer.step() returned as its first value (False when the loss scaler skipped the step).
     write, write_memory_budget_mib: SharpnessConfig's (how trial points reach the params)."""
+
+    loss_bits = 24
 
     def __init__(self, optimizer, model_chunks: Sequence[torch.nn.Module], evaluate: Evaluator,
                  write: str = "auto", write_memory_budget_mib: float | None = None):
@@ -172,7 +176,7 @@ class MegatronBackend:
         self._theta_t: list[torch.Tensor] | None = None
         self._theta_next: list[torch.Tensor] | None = None
         self._rng: RngState | None = None
-        self._modes: list[bool] = []
+        self._modes: ModuleModes | None = None
         self._floor = 0.0
         self._snapshot_skipped: str | None = None
 
@@ -227,7 +231,7 @@ class MegatronBackend:
             self._sync_params()  # the all-gather of θ_{t+1} was deferred to the next forward
         self._holds_next = True
         self._rng = RngState.capture()
-        self._modes = [chunk.training for chunk in self.model_chunks]
+        self._modes = ModuleModes(self.model_chunks)
         # Summed over the world: tensor, pipeline and distributed-optimizer shards differ. The
         # counts also say whether any rank's step changed a parameter.
         histogram = ResolutionHistogram.of_step([target for _, target in self._pairs], self._theta_t,
@@ -280,6 +284,23 @@ class MegatronBackend:
         self._holds_next = whole_update and step_multiple == 1.0
 
     @torch.no_grad()
+    def write_rounding_noise(self, sample: int) -> bool:
+        assert self._theta_t is not None and self._theta_next is not None
+        # Every rank answers alike: the model dtype is the same across data, tensor and pipeline ranks.
+        if not any(target.dtype in NOISY_COMPUTE_BITS for _, target in self._pairs):
+            return False
+        offset = 0
+        for (_, target), old, new in zip(self._pairs, self._theta_t, self._theta_next):
+            if target.dtype in NOISY_COMPUTE_BITS:
+                one_ulp_moved_into(target, old, new, target.dtype, sample, offset)
+            else:
+                target.copy_(old)
+            offset += old.numel()
+        self._sync_params()
+        self._holds_next = False
+        return True
+
+    @torch.no_grad()
     def loss(self, task: str | None) -> float:
         batches = self.batches if task is None else self.relative_batches[task]
         value, error = math.nan, None
@@ -289,6 +310,7 @@ class MegatronBackend:
             value = self.evaluate(batches, self.micro_batch_counts[task]).detach().reshape(1).double().item()
         except CAUGHT as caught:
             error = caught
+            report_local_failure(caught)
         # Every rank must branch alike: rank 0's bits, whether any rank failed, and how many ranks'
         # own part of the loss was non-finite, in one all-reduce.
         value, self.non_finite_ranks = agree_loss(value, error, take_local_non_finite())
@@ -307,8 +329,7 @@ class MegatronBackend:
                 if self._local is None:
                     self._sync_params()
             self._reset_random_state()
-            for chunk, training in zip(self.model_chunks, self._modes):
-                chunk.train(training)
+            self._modes.restore()
         self._theta_t = self._theta_next = self._rng = self._local = None
         self._pairs, self._segments = [], []
         self._holds_next = False
@@ -357,25 +378,60 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+class LossReportError(UsageError, ValueError):
+    """forward_step_func's loss_func reports the loss in another form than the probe reduces."""
+
+
 def reduce_lm_loss(forward_data_store: Sequence[dict] | None, key: str = "lm loss") -> torch.Tensor:
     """The mean loss over micro-batches, tokens and data-parallel ranks, broadcast from the last
     pipeline stage so that every rank holds it. Each entry of forward_data_store (last stage only)
     is what loss_func reported: [loss sum, token count], megatron-core's convention. None: this
     rank's forward failed; it still joins the reductions (adding nothing) so that its peers do not
-    hang in them, and the caller raises its error afterwards."""
-    totals = torch.zeros(2, dtype=torch.float64, device=_device())
-    if forward_data_store is None:
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    elif parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        reported = [entry.get(key) if isinstance(entry, dict) else None for entry in forward_data_store]
-        if not reported or any(value is None or torch.as_tensor(value).numel() != 2 for value in reported):
-            raise ValueError(f"critical sharpness: loss_func must report {key!r} as [loss sum, token count] "
-                             f"for every micro-batch (megatron-core's convention); got {forward_data_store[:1]!r}")
-        totals += torch.stack([torch.as_tensor(value).double().reshape(2) for value in reported]).sum(0).to(totals.device)
-        note_local_loss(totals[0])
+    hang in them, and the caller raises its error afterwards. A report in another form is a
+    mistake of the setup: a flag in the same reductions tells every rank, and each raises
+    LossReportError after them (the ranks that saw the report say what it was)."""
+    totals = torch.zeros(3, dtype=torch.float64, device=_device())  # [loss sum, tokens, mistakes]
+    last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    mistake = None
+    if forward_data_store is not None and last_stage:
+        mistake = _report_mistake(forward_data_store, key)
+        if mistake is None:
+            reported = [torch.as_tensor(entry[key]).double().reshape(2) for entry in forward_data_store]
+            totals[:2] += torch.stack(reported).sum(0).to(totals.device)
+            note_local_loss(totals[0])
+        else:
+            totals[2] = 1.0
+    if last_stage:
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
+    if mistake is not None:
+        raise LossReportError(mistake)
+    if totals[2].item() > 0:
+        raise LossReportError(f"critical sharpness: forward_step_func's loss_func did not report {key!r} as "
+                              "[loss sum, token count] on the last pipeline stage (megatron-core's convention, "
+                              "which the probe reduces); the error raised there says what it reported")
     return totals[0] / totals[1]
+
+
+def _report_mistake(forward_data_store: Sequence[dict], key: str) -> str | None:
+    """What is wrong with the loss reports of the micro-batches, or None."""
+    if not forward_data_store:
+        return "critical sharpness: forward_step_func's loss_func reported nothing (no micro-batch ran)"
+    for entry in forward_data_store:
+        if not isinstance(entry, dict) or key not in entry:
+            keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            return (f"critical sharpness: forward_step_func's loss_func reported no {key!r} (got {keys}); report "
+                    f"[loss sum, token count] under {key!r} (megatron-core's convention, which the probe reduces), "
+                    "or name the key with MegatronSharpness(..., loss_key=...)")
+        value = entry[key]
+        try:
+            count = torch.as_tensor(value).numel()
+        except (TypeError, ValueError, RuntimeError):
+            count = None
+        if count != 2:
+            return (f"critical sharpness: forward_step_func's loss_func reported {key!r} as {value!r:.80}; "
+                    "megatron-core's convention, which the probe reduces, is [loss sum, token count] per "
+                    "micro-batch (e.g. torch.cat([loss_sum.view(1), num_tokens.view(1)]))")
+    return None

@@ -14,10 +14,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from megatron_sharpness.backends.groups import GroupSelection, Segment, local_names, whole, write_group
-from megatron_sharpness.backends.resolution import ResolutionHistogram
+from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_into
+from megatron_sharpness.backends.resolution import SIGNIFICAND_BITS, ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
 from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, ProbeFailure, RankError, UsageError, describe,
-                                       device_of, gather_errors, snapshot_skip_reason)
+                                       device_of, gather_errors, report_local_failure, snapshot_skip_reason)
 
 LossFn = Callable[[], "torch.Tensor | float"]
 
@@ -39,6 +40,7 @@ class TorchBackend:
         self.process_group = process_group
         self.compute_dtype = compute_dtype
         self.loss_fns: dict[str | None, LossFn] = {}
+        self.loss_bits = SIGNIFICAND_BITS[torch.float32]
         self._floor = 0.0
         # The ranks whose own loss was non-finite in the last reduction (None: none).
         self.non_finite_ranks: tuple[int, ...] | None = None
@@ -88,14 +90,27 @@ class TorchBackend:
         if not self._any_rank(changed):
             return "the step changed no parameter (skipped step or zero update)"
         # Every rank holds the same parameters (plain or DDP), so the floor needs no reduction.
-        histogram = ResolutionHistogram()
-        for param, old, new in zip(self.params, self._theta_t, self._theta_next):
-            histogram.add(old, new, self.compute_dtype or param.dtype)
-        self._floor = histogram.floor()
+        dtypes = [self.compute_dtype or param.dtype for param in self.params]
+        self._floor = ResolutionHistogram.of_segments(
+            [(old.reshape(-1), new.reshape(-1), dtype) for old, new, dtype in zip(self._theta_t, self._theta_next, dtypes)]).floor()
         return None
 
     def resolution_floor(self) -> float:
         return self._floor if self._group.floor is None else self._group.floor
+
+    @torch.no_grad()
+    def gradient_slope(self) -> float | None:
+        """gᵀ(θ_{t+1} − θ_t) from the gradients the step used (still in .grad): dL/ds at s = 0 of
+        the step's loss, up to what the caller did to them (clipping scales it). A placement prior
+        for the search, never a reading; rank 0's float on every rank, so that all place alike."""
+        assert self._theta_t is not None and self._theta_next is not None
+        if all(param.grad is None for param in self.params):
+            return None
+        total = 0.0
+        for param, old, new in zip(self.params, self._theta_t, self._theta_next):
+            if param.grad is not None:
+                total += float(torch.dot(param.grad.reshape(-1).double(), (new - old).reshape(-1).double()))
+        return self._gather([total])[0][0]
 
     def parameter_names(self) -> list[str]:
         # Every rank holds every parameter (plain or DDP): no union over ranks needed.
@@ -123,15 +138,34 @@ class TorchBackend:
             else:
                 write_group(param.detach(), old, new, step_multiple, ranges)
 
+    @torch.no_grad()
+    def write_rounding_noise(self, sample: int) -> bool:
+        assert self._theta_t is not None and self._theta_next is not None
+        dtypes = [self.compute_dtype or param.dtype for param in self.params]
+        if not any(dtype in NOISY_COMPUTE_BITS for dtype in dtypes):
+            return False
+        offset = 0
+        for param, old, new, dtype in zip(self.params, self._theta_t, self._theta_next, dtypes):
+            if dtype in NOISY_COMPUTE_BITS:
+                one_ulp_moved_into(param.detach(), old, new, dtype, sample, offset)
+            else:
+                param.detach().copy_(old)
+            offset += old.numel()
+        return True
+
     def loss(self, task: str | None) -> float:
         label = "the step's loss_fn" if task is None else f"the loss_fn of relative task {task!r}"
         value, error = math.nan, None
         try:
             self._reset_forward_state()
             with torch.no_grad():
-                value = self._scalar(self.loss_fns[task](), label)
+                raw = self.loss_fns[task]()
+            value = self._scalar(raw, label)
+            # A Python float gives no dtype: assume the fp32 of most losses, not float64's resolution.
+            self.loss_bits = SIGNIFICAND_BITS.get(getattr(raw, "dtype", None), SIGNIFICAND_BITS[torch.float32])
         except CAUGHT as caught:
             error = caught
+            report_local_failure(caught)
         return self._mean_over_ranks(value, error)
 
     def reduce_loss(self, value: object, label: str) -> float:

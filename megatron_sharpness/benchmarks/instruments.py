@@ -7,8 +7,8 @@
   DeepSpeed is imported, because both keep their own references to torch.distributed's
   functions (megatron-core's dist_all_gather_func, DeepSpeed's all_gather_function).
 - Phases: wall and CPU time inside each backend method (snapshot, after_step, write, loss,
-  restore), the probe's measure() and the resolution floor's histogram (ResolutionHistogram.add
-  and floor). The forwards are the time in loss(); everything else of a probe (the snapshot
+  restore), the probe's measure() and the resolution floor's histogram (ResolutionHistogram's
+  of_segments and floor). The forwards are the time in loss(); everything else of a probe (the snapshot
   before the optimizer step and measure() after it) is its non-forward part. The CPU time of the
   process is the work done: on a machine that other jobs share, the wall time also counts the
   waiting for a core (and a collective counts the slower rank's lag).
@@ -149,7 +149,7 @@ def instrument_backend(timer: PhaseTimer, probe: Any, backend: Any, param_gather
     for method in ("snapshot", "after_step", "write", "loss", "restore"):
         timer.wrap(backend, method)
     timer.wrap(probe, "measure")
-    timer.wrap(ResolutionHistogram, "add", "floor")
+    timer.wrap(ResolutionHistogram, "of_segments", "floor")
     timer.wrap(ResolutionHistogram, "floor", "floor")
     timer.wrap(*param_gather, "param_gather")
     timer.wrap(LocalWrites, "take_step", "step_gather")

@@ -24,7 +24,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from megatron_sharpness.backends.deepspeed import DeepSpeedBackend, Evaluator
 from megatron_sharpness.checks import checked_loggers, require_callable
 from megatron_sharpness.config import ConfigError, SharpnessConfig, require_config
-from megatron_sharpness.faults import CAUGHT, note_local_loss
+from megatron_sharpness.faults import CAUGHT, UsageError, note_local_loss, report_local_failure
 from megatron_sharpness.loggers import JsonlLogger, LogLineLogger, MeasurementLogger, WarningLogger
 from megatron_sharpness.measurement import Measurement
 from megatron_sharpness.integrations.recording import RecordingIterator
@@ -35,23 +35,30 @@ CONFIG_SECTION = "critical_sharpness"
 CLIENT_STATE_KEY = "critical_sharpness"
 
 
+class ModelOutputError(UsageError, TypeError):
+    """The model's output holds no scalar loss where loss_from_output looks for it: a mistake of
+    the setup, raised on every rank at the first measurement."""
+
+
 def loss_of(output: Any) -> torch.Tensor:
     """The loss in what the model's forward returned: the tensor itself, the first element of a
     tuple or list, or `.loss` / `["loss"]` (Hugging Face style outputs)."""
+    where = "the model's output"
     if isinstance(output, torch.Tensor):
         loss = output
     elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        loss = output[0]
+        loss, where = output[0], f"the first element of the model's output ({type(output).__name__} of {len(output)})"
     elif isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
-        loss = output["loss"]
+        loss, where = output["loss"], "the model's output['loss']"
     elif isinstance(getattr(output, "loss", None), torch.Tensor):
-        loss = output.loss
+        loss, where = output.loss, "the model's output.loss"
     else:
-        raise TypeError(f"critical sharpness: cannot find the loss in a model output of type "
-                        f"{type(output).__name__}; pass attach(..., loss_from_output=fn) that returns it")
+        raise ModelOutputError(f"critical sharpness: cannot find the loss in a model output of type "
+                               f"{type(output).__name__}; pass attach(..., loss_from_output=fn) that returns it")
     if loss.numel() != 1:
-        raise TypeError(f"critical sharpness: the model's loss must be a scalar, got shape {tuple(loss.shape)}; "
-                        "pass attach(..., loss_from_output=fn) that returns the mean loss")
+        raise ModelOutputError(f"critical sharpness: the loss must be a scalar, but {where} has shape "
+                               f"{tuple(loss.shape)}; pass attach(..., loss_from_output=fn) that returns the mean "
+                               "loss (e.g. lambda output: output[1] for a model returning (prediction, loss))")
     return loss
 
 
@@ -82,8 +89,10 @@ def engine_forward_loss(engine, loss_from_output: Callable[[Any], torch.Tensor] 
             for args, kwargs in batches[:count]:
                 total += loss_from_output(engine(*args, **kwargs)).detach().double()
         except CAUGHT as caught:
-            # Join the reduction anyway: the peers are waiting in it (see faults.py).
+            # Join the reduction anyway: the peers are waiting in it (see faults.py); said first, in
+            # case they wait in a collective of the forward instead (ZeRO-3's parameter all-gather).
             error = caught
+            report_local_failure(caught)
         note_local_loss(total)  # non-finite exactly where the mean is
         mean = data_parallel_mean(engine, total, count)
         if error is not None:

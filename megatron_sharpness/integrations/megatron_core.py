@@ -26,7 +26,7 @@ from megatron_sharpness.backends.megatron import MegatronBackend, reduce_lm_loss
 from megatron_sharpness.checks import (checked_loggers, require_callable, require_optimizer,
                                        require_positive_int)
 from megatron_sharpness.config import SharpnessConfig, require_config
-from megatron_sharpness.faults import CAUGHT
+from megatron_sharpness.faults import CAUGHT, report_local_failure
 from megatron_sharpness.loggers import JsonlLogger, MeasurementLogger, WarningLogger
 from megatron_sharpness.measurement import Measurement
 from megatron_sharpness.integrations.recording import RecordingIterator
@@ -83,8 +83,11 @@ class MegatronSharpness:
                         model=self.model, num_microbatches=count, seq_length=seq_length,
                         micro_batch_size=micro_batch_size, decoder_seq_length=decoder_seq_length, forward_only=True)
             except CAUGHT as caught:
-                # Join the loss reduction anyway: the peers are waiting in it (see faults.py).
+                # Join the loss reduction anyway: the peers are waiting in it (see faults.py). Said
+                # first: a failure inside a tensor-parallel collective of the forward leaves the peers
+                # in that collective, and the reduction waits until the process-group timeout.
                 error, forward_data_store = caught, None
+                report_local_failure(caught)
             loss = reduce_lm_loss(forward_data_store, loss_key)
             if error is not None:
                 raise error

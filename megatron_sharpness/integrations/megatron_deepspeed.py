@@ -14,11 +14,15 @@ Megatron's own forward_backward_func(forward_only=True) with the script's forwar
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import warnings
 from typing import Any, Callable, Iterator, Sequence
 
+import deepspeed
 import torch
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
+from megatron_sharpness.faults import UsageError
 from megatron_sharpness.integrations.deepspeed import DeepSpeedSharpness, _default_loggers
 from megatron_sharpness.integrations.deepspeed import attach as attach_to_engine
 from megatron_sharpness.integrations.deepspeed import config_from_engine
@@ -29,12 +33,45 @@ __all__ = ["add_critical_sharpness_args", "attach", "log_fields", "record"]
 
 _attached: DeepSpeedSharpness | None = None
 
+# Megatron-DeepSpeed's training.py (4efb479d, main in July 2025) imports this module, which
+# deepspeed 0.19.7 removed; 0.19.6 is the newest release that has it (and the one we test with).
+MEGATRON_DEEPSPEED_IMPORTS = "deepspeed.compression.compress"
+DEEPSPEED_FOR_MEGATRON_DEEPSPEED = "0.19.6"
+
+
+def deepspeed_problem(version: str, has_compression: bool) -> str | None:
+    """Why Megatron-DeepSpeed cannot run with the installed deepspeed, or None."""
+    if has_compression:
+        return None
+    return (f"critical sharpness: deepspeed {version} is installed, which has no {MEGATRON_DEEPSPEED_IMPORTS}: "
+            f"Megatron-DeepSpeed imports it in megatron/training.py and stops with ModuleNotFoundError; "
+            f"install deepspeed=={DEEPSPEED_FOR_MEGATRON_DEEPSPEED} "
+            f"(pip install 'deepspeed=={DEEPSPEED_FOR_MEGATRON_DEEPSPEED}')")
+
+
+def _has_compression() -> bool:
+    try:
+        return importlib.util.find_spec(MEGATRON_DEEPSPEED_IMPORTS) is not None
+    except ImportError:  # deepspeed.compression itself is gone
+        return False
+
+
+# Said at import, which Megatron-DeepSpeed's training.py does a few lines before its own import
+# of deepspeed.compression.compress fails.
+_problem = deepspeed_problem(deepspeed.__version__, _has_compression())
+if _problem is not None:
+    warnings.warn(_problem, RuntimeWarning, stacklevel=2)
+
+
+class LossReportError(UsageError, KeyError):
+    """forward_step_func's loss_func reports no loss under the key the probe reads."""
+
 
 def mean_reported_loss(losses_reduced: Sequence[dict], key: str = "lm loss") -> torch.Tensor:
     """Megatron's loss_func reports each micro-batch's loss already averaged over data parallelism."""
     if not losses_reduced or key not in losses_reduced[0]:
-        raise KeyError(f"critical sharpness: forward_step_func's loss_func reported no {key!r}; "
-                       f"got {sorted(losses_reduced[0]) if losses_reduced else 'nothing'}")
+        raise LossReportError(f"critical sharpness: forward_step_func's loss_func reported no {key!r}; "
+                              f"got {sorted(losses_reduced[0]) if losses_reduced else 'nothing'}")
     return torch.stack([torch.as_tensor(d[key]).double().reshape(()) for d in losses_reduced]).mean()
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sharpness.backends.pytorch import LossFn, TorchBackend
-from megatron_sharpness.checks import checked_loggers, require_callable, require_optimizer
+from megatron_sharpness.checks import checked_loggers, require_callable, require_optimizer, require_positive_int
 from megatron_sharpness.config import SharpnessConfig, require_config
 from megatron_sharpness.loggers import JsonlLogger, MeasurementLogger, WarningLogger
 from megatron_sharpness.measurement import Measurement
@@ -68,21 +68,35 @@ class TorchSharpnessProbe:
         self.relative_tasks[name] = loss_fn
 
     def step(self, loss_fn: LossFn, optimizer_step: Callable[[], Any] | None = None,
-             training_loss: torch.Tensor | float | None = None) -> Measurement | None:
+             training_loss: torch.Tensor | float | None = None, iteration: int | None = None) -> Measurement | None:
         """Run the optimizer step (optimizer.step() unless optimizer_step is given, e.g.
         `lambda: scaler.step(optimizer)`), and on measured iterations the probe around it.
 
         training_loss: the loss the training forward of this step computed, to be used as L(θ_t)
         instead of one more forward. Right only where loss_fn() at θ_t returns bitwise the same
         number (the same batch, no dropout, the same autocast): the first measurement given one
-        checks that with its own forward and, if they differ, warns and stops using them."""
+        checks that with its own forward and, if they differ, warns and stops using them.
+
+        iteration: the 1-based number of this optimizer step in the whole run (the training loop's
+        own count), which decides whether it is measured and labels its record. Without it the
+        probe counts its calls, starting after the optimizer's own step count (Adam's `step`,
+        restored by optimizer.load_state_dict) or after the iteration of a loaded probe state."""
         # Checked before the real step runs, so that a slip does not leave a half-done iteration.
         require_callable(loss_fn, "loss_fn", _LOSS_FN_ALLOWED)
         if optimizer_step is not None:
             require_callable(optimizer_step, "optimizer_step",
                              "a callable that runs the optimizer step, e.g. lambda: scaler.step(optimizer)")
+        if iteration is not None:
+            require_positive_int(iteration, "iteration")
         run_step = optimizer_step if optimizer_step is not None else self.optimizer.step
-        self.iteration += 1
+        if iteration is not None:
+            self.iteration = iteration
+        else:
+            if self.iteration == 0:
+                # A run resumed without load_state_dict() would count from 1 again and label its
+                # records with the steps of the first leg; the optimizer's count survived the resume.
+                self.iteration = optimizer_step_count(self.optimizer)
+            self.iteration += 1
         if not self.probe.is_due(self.iteration):
             run_step()
             return None
@@ -99,6 +113,14 @@ class TorchSharpnessProbe:
 
     def close(self) -> None:
         self.probe.close()
+
+
+def optimizer_step_count(optimizer: torch.optim.Optimizer) -> int:
+    """The steps the optimizer has taken, where it counts them (Adam, AdamW, RMSprop, Adagrad, ...
+    keep `step` per parameter; SGD keeps none: 0). The largest count: a parameter without a
+    gradient at some step was not stepped then."""
+    counts = [state["step"] for state in optimizer.state.values() if isinstance(state, dict) and "step" in state]
+    return max((int(count.item() if isinstance(count, torch.Tensor) else count) for count in counts), default=0)
 
 
 _LOSS_FN_ALLOWED = ("a callable without arguments that recomputes the step's mean loss, e.g. "

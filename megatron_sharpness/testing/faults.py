@@ -13,34 +13,56 @@ import torch.distributed as dist
 
 
 class InjectedFault:
-    """spec "RANK:STEP:CALL[:nan]": on global rank RANK, the CALL-th (1-based) loss computation of
-    the probe during optimizer step STEP raises torch.OutOfMemoryError, or with ":nan" returns its
-    result with every float tensor in it turned to NaN. None: never."""
+    """spec "RANK:STEP:CALL[:nan][@GROUP]", or several of them joined by commas: on global rank
+    RANK, the CALL-th (1-based) loss computation of the probe during optimizer step STEP raises
+    torch.OutOfMemoryError, or with ":nan" returns its result with every float tensor in it turned
+    to NaN. With "@GROUP" CALL counts the loss computations of the module breakdown's search of that
+    group only (see follow_groups). None: never."""
 
     def __init__(self, spec: str | None):
-        self.rank = self.step = self.call = None
-        self.nan = False
-        if spec is not None:
-            rank, step, call, *kind = spec.split(":")
-            if kind not in ([], ["nan"]):
-                raise ValueError(f"fault spec {spec!r}: allowed RANK:STEP:CALL or RANK:STEP:CALL:nan")
-            self.rank, self.step, self.call, self.nan = int(rank), int(step), int(call), kind == ["nan"]
+        self.faults: list[tuple[int, int, int, bool, str | None]] = []
+        for part in [] if spec is None else spec.split(","):
+            where, _, group = part.partition("@")
+            rank, step, call, *kind = where.split(":")
+            if kind not in ([], ["nan"]) or (group == "" and "@" in part):
+                raise ValueError(f"fault spec {part!r}: allowed RANK:STEP:CALL, RANK:STEP:CALL:nan, "
+                                 "either followed by @GROUP")
+            self.faults.append((int(rank), int(step), int(call), kind == ["nan"], group or None))
         self.current_step: int | None = None
         self.calls = 0
+        self.group: str | None = None  # the breakdown's group being searched (follow_groups)
+        self.group_calls = 0
 
     def at_step(self, step: int) -> None:
         self.current_step, self.calls = step, 0
 
+    def follow_groups(self, backend: Any, groups_of: Callable[[list[str]], dict[str, list[str]]]) -> None:
+        """Tell "@GROUP" faults which group the probe searches: backend.select_group(names) is the
+        probe's switch to a group; groups_of(parameter names) names the groups as the probe does."""
+        select = backend.select_group
+
+        def select_and_note(names):
+            select(names)
+            groups = groups_of(backend.parameter_names())
+            self.group = None if names is None else next(g for g, members in groups.items() if list(members) == list(names))
+            self.group_calls = 0
+
+        backend.select_group = select_and_note
+
     def check(self) -> bool:
-        """Counts a loss computation; raises where this fault says, or says to poison it."""
-        if self.rank is None or self.current_step != self.step or dist.get_rank() != self.rank:
-            return False
+        """Counts a loss computation; raises where a fault says, or says to poison it."""
         self.calls += 1
-        if self.calls != self.call:
-            return False
-        if self.nan:
-            return True
-        raise torch.OutOfMemoryError(f"injected on rank {self.rank} at probe loss {self.call} of step {self.step}")
+        self.group_calls += self.group is not None
+        for rank, step, call, nan, group in self.faults:
+            if self.current_step != step or dist.get_rank() != rank or group not in (None, self.group):
+                continue
+            if (self.calls if group is None else self.group_calls) != call:
+                continue
+            if nan:
+                return True
+            where = "" if group is None else f" of group {group}"
+            raise torch.OutOfMemoryError(f"injected on rank {rank} at probe loss {call}{where} of step {step}")
+        return False
 
     def wrap(self, loss: Callable) -> Callable:
         """loss, raising (or turning NaN) where this fault says."""
@@ -50,7 +72,6 @@ class InjectedFault:
             return _nan_in(result) if poisoned else result
 
         return checked
-
 
 def _nan_in(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.is_floating_point():

@@ -1,7 +1,8 @@
 """One rank of a DDP run: train a tiny GPT with dropout for N steps without the probe, then again
 with the probe on every step, and write what the test compares to OUT/rank{R}.json.
 
-    ddp_train.py OUT STEPS [--fail-at RANK:STEP:CALL] [--snapshot-oom RANK:STEP] [--on-error raise] [--modules]
+    ddp_train.py OUT STEPS [--fail-at RANK:STEP:CALL[@GROUP],...] [--snapshot-oom RANK:STEP] [--on-error raise]
+                 [--modules] [--log-file PATH]
 """
 
 import argparse
@@ -15,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from megatron_sharpness import SharpnessConfig, TorchSharpnessProbe
 from megatron_sharpness.data import ByteBatches, embedded_corpus
+from megatron_sharpness.modules import default_groups
 from megatron_sharpness.testing.faults import InjectedFault, snapshot_runs_out_of_memory
 from megatron_sharpness.testing.tiny_gpt import TinyGPT, lm_loss
 
@@ -28,9 +30,11 @@ def train(probe_on, steps, rank, a=None):
     probe = None
     if probe_on:
         modules = {"modules": "default", "modules_interval": 1} if a.modules else {}
-        probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=1, on_error=a.on_error, **modules))
+        probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=1, on_error=a.on_error,
+                                                                      log_file=a.log_file, **modules))
         probe.add_relative_task("held-out", lambda: lm_loss(model, *held_out))
         fault = InjectedFault(a.fail_at)
+        fault.follow_groups(probe.backend, default_groups)
         snapshot_runs_out_of_memory(probe.backend, a.snapshot_oom, lambda: probe.iteration)
     torch.manual_seed(1 + rank)  # dropout masks differ per rank, as in real data parallelism
     records, local_baselines = [], []
@@ -56,6 +60,8 @@ def train(probe_on, steps, rank, a=None):
             records.append({"raised": str(error)})
             continue
         records.append(measurement.to_dict() | {"local_baseline": local_baselines[0] if local_baselines else None})
+    if probe is not None:
+        probe.close()
     state = [p.detach().clone() for p in model.parameters()]
     state += [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     return state, torch.get_rng_state(), records
@@ -65,10 +71,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
     parser.add_argument("steps", type=int)
-    parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL")
+    parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL[@GROUP],...")
     parser.add_argument("--snapshot-oom", default=None, metavar="RANK:STEP")
     parser.add_argument("--on-error", default="skip")
     parser.add_argument("--modules", action="store_true", help="the per-module breakdown at every measurement")
+    parser.add_argument("--log-file", default=None, help="the probe's JSONL file (written by rank 0)")
     a = parser.parse_args()
     out_dir, steps = a.out_dir, a.steps
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))

@@ -22,6 +22,7 @@ from deepspeed.pipe import PipelineModule  # noqa: E402
 from megatron_sharpness.backends.deepspeed import DeepSpeedBackend, master_layout  # noqa: E402
 from megatron_sharpness.data import ByteBatches, embedded_corpus  # noqa: E402
 from megatron_sharpness.integrations import megatron_deepspeed  # noqa: E402
+from megatron_sharpness.config import SharpnessConfig  # noqa: E402
 from megatron_sharpness.integrations.deepspeed import attach, engine_forward_loss, loss_of  # noqa: E402
 from megatron_sharpness.modules import default_groups  # noqa: E402
 from megatron_sharpness.testing.faults import InjectedFault, snapshot_runs_out_of_memory  # noqa: E402
@@ -34,8 +35,13 @@ class GPTWithLoss(nn.Module):
     def __init__(self, dropout):
         super().__init__()
         self.gpt = TinyGPT(width=WIDTH, layers=2, heads=HEADS, max_seq_len=SEQ, dropout=dropout)
+        # True: forward returns (logits, loss), a model that needs attach(..., loss_from_output=...).
+        self.returns_prediction = False
 
     def forward(self, tokens, targets):
+        if self.returns_prediction:
+            logits = self.gpt(tokens)
+            return logits, cross_entropy(logits, targets)
         return lm_loss(self.gpt, tokens, targets)
 
 
@@ -100,6 +106,8 @@ def build(a):
         model = GPTWithLoss(a.dropout)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
                                       config=ds_config(a))
+    if a.frozen_block:  # a submodule the user keeps in eval mode (its dropout off) while the rest trains
+        engine.module.gpt.blocks[0].eval()
     return engine
 
 
@@ -384,8 +392,35 @@ def probe_run(a, rank, write):
     probed = state(engine)
     optimizer = type(engine.optimizer).__name__
     sharpness.detach()
+    mistake = model_output_mistake(engine, data) if a.mistake and write == a.writes[0] else None
     engine.destroy()
-    return probed, records, training_losses, optimizer, errors
+    return probed, records, training_losses, optimizer, errors, mistake
+
+
+def model_output_mistake(engine, data):
+    """One more step with the model returning (logits, loss) and the probe attached without
+    loss_from_output: a mistake of the setup, which must raise on every rank at the first
+    measurement (not be recorded as failed), with θ_{t+1} in place."""
+    engine.module.returns_prediction = True
+    sharpness = attach(engine, SharpnessConfig(interval=1), loggers=[])
+    real_step, after_step = sharpness._original, []
+
+    def step_and_keep_params(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        after_step.extend(full_params(engine))
+        return result
+
+    sharpness._original = step_and_keep_params
+    tokens, targets = next(data)
+    engine.backward(engine(tokens, targets)[1])
+    try:
+        engine.step()
+        raised = None
+    except Exception as error:
+        raised = f"{type(error).__name__}: {error}"
+    in_place = bool(after_step) and all(torch.equal(p, q) for p, q in zip(full_params(engine), after_step))
+    sharpness.detach()
+    return {"raised": raised, "params_are_the_step": in_place, "measured": sharpness.last_measurement is not None}
 
 
 def main():
@@ -416,6 +451,9 @@ def main():
     parser.add_argument("--log-file", default=None)
     parser.add_argument("--interval", type=int, default=1)
     parser.add_argument("--modules", action="store_true", help="the per-module breakdown at every measurement")
+    parser.add_argument("--frozen-block", action="store_true", help="the first block in eval mode throughout")
+    parser.add_argument("--mistake", action="store_true",
+                        help="after the run, one step with a model returning (logits, loss) and no loss_from_output")
     parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL[:nan]",
                         help="rank RANK raises torch.OutOfMemoryError in its CALL-th probe loss of step STEP")
     parser.add_argument("--snapshot-oom", default=None, metavar="RANK:STEP",
@@ -432,11 +470,13 @@ def main():
     reference, checks = reference_run(a, rank)
     runs = {}
     for write in a.writes:
-        probed, records, training_losses, optimizer, errors = probe_run(a, rank, write)
+        probed, records, training_losses, optimizer, errors, mistake = probe_run(a, rank, write)
         equal = {key: len(reference[key]) == len(probed[key]) and all(
             x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(reference[key], probed[key])) for key in reference}
         runs[write] = {"optimizer": optimizer, "bitwise_equal": equal, "records": records,
                        "training_losses": training_losses, "fp64_errors": errors}
+        if mistake is not None:
+            runs[write]["mistake"] = mistake
     result = {"rank": rank, "checks": checks, **runs[a.writes[0]], "writes": runs}
     with open(os.path.join(a.out, f"rank{rank}.json"), "w") as out:
         json.dump(result, out)

@@ -36,6 +36,13 @@ def setup_of(a):
                         layers=a.layers, dropout=a.dropout)
 
 
+def build(a):
+    chunks, optimizer = build_model_and_optimizer(a.setup)
+    if a.frozen_layer:  # a submodule the user keeps in eval mode (its dropout off) while the rest trains
+        next(m for chunk in chunks for m in chunk.modules() if type(m).__name__ == "TransformerLayer").eval()
+    return chunks, optimizer
+
+
 def data_iterators(a, seed_base, steps):
     """One long-lived iterator per model chunk over all steps: a probe that consumed a micro-batch
     would shift every later step."""
@@ -115,7 +122,7 @@ def ulps_apart(x, y, scale):
 
 
 def reference_run(a):
-    chunks, optimizer = build_model_and_optimizer(a.setup)
+    chunks, optimizer = build(a)
     iterators = data_iterators(a, 0, a.steps + 1)
     losses = [reduce_lm_loss(train_step(a, chunks, optimizer, iterators)[0]).item() for _ in range(a.steps)]
     reference = state(chunks, optimizer)
@@ -156,7 +163,7 @@ def reference_run(a):
 
 
 def probe_run(a, write):
-    chunks, optimizer = build_model_and_optimizer(a.setup)
+    chunks, optimizer = build(a)
     iterators = data_iterators(a, 0, a.steps + 1)
     held_out = data_iterators(a, 777_000, 64)
     config = SharpnessConfig(interval=1, micro_batches=a.micro_batches, reuse_training_loss=a.reuse_training_loss,
@@ -201,6 +208,7 @@ def main():
     parser.add_argument("--micro-batches", type=int, default=None)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--reuse-training-loss", action="store_true")
+    parser.add_argument("--frozen-layer", action="store_true", help="the first transformer layer in eval mode throughout")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--writes", nargs="+", default=["auto"], choices=["auto", "local", "sharded"],
                         help="write modes of the probe runs (one run each; the first is reported in full)")
