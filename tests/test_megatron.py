@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from megatron_sharpness.search import DEFAULT_TOL
 from megatron_sharpness.testing.launch import run_ranks
 
 pytest.importorskip("megatron.core", reason="the megatron extra is not installed (pip install -e '.[megatron]')")
@@ -107,9 +108,12 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
                 assert record["modules_trigger"] == "interval" and list(record["modules"])[-1] == "output"
                 assert record["modules_forwards"] == sum(m["forwards"] for m in record["modules"].values())
             relative = record["relative"]["held-out"]
-            # a held-out update may go uphill (ascent) or, in bf16, cross where rounding decides (noisy)
+            # a held-out update may go uphill (ascent) or, in bf16, cross where rounding decides (noisy:
+            # its slope off its trend's, or the loss noise moving the crossing by more than tol/2)
             assert relative["status"] in ("converged", "ascent", "unresolved", "noisy"), relative
-            assert relative["status"] != "noisy" or not 1 / 3 <= relative["bracket_slope_ratio"] <= 3
+            ratio = relative["bracket_slope_ratio"]
+            assert relative["status"] != "noisy" or (ratio is not None and not 1 / 3 <= ratio <= 3) \
+                or relative["crossing_uncertainty"] > DEFAULT_TOL / 2, relative
         first_iteration = int(args[args.index("--first-iteration") + 1]) if "--first-iteration" in args else 1
         assert [r["step"] for r in first] == [first_iteration, first_iteration + 1, first_iteration + 2]
 
