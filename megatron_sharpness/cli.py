@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     spike_demo.add_argument("--group", default="output", choices=("embedding", "layer_0", "layer_1", "output"),
                             help="the default module group whose lr is multiplied (default output)")
     spike_demo.add_argument("--calm", action="store_true", help="the same run without the provocation")
+    spike_demo.add_argument("--guard", default="off", choices=("off", "shorten", "lr"),
+                            help="the probe's guard at its defaults (default off)")
     spike_demo.add_argument("--output-dir", default="sharpness-demo-spike",
                             help="train.log, critical_sharpness.jsonl and .png go here (default sharpness-demo-spike)")
 
@@ -192,7 +194,7 @@ def _spike_demo(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     run_spike_demo(steps=args.steps, provoke_at=None if args.calm else args.provoke_at, factor=args.factor,
-                   group=args.group, log_file=log_file, print_fn=show)
+                   group=args.group, log_file=log_file, print_fn=show, guard=args.guard)
     train_log = os.path.join(args.output_dir, "train.log")
     with open(train_log, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")

@@ -20,6 +20,8 @@ from megatron_sharpness.search import DEFAULT_MAX_SEARCH, DEFAULT_TOL, SEARCH_ME
 ON_ERROR = ("skip", "raise")
 # How trial points reach the parameters the forward reads (README "Trial-point writes").
 WRITE_MODES = ("auto", "local", "sharded")
+# What the guard does at a measured step past guard_ratio (policies.py).
+GUARD_MODES = ("off", "shorten", "lr")
 
 
 class ConfigError(ValueError):
@@ -61,8 +63,20 @@ class SharpnessConfig:
         bracketed (doubling from the whole update's critical lr): a group that has not crossed by
         then is reported as capped, far from unstable; bounds the breakdown's cost.
     warn_ratio: warn when lr/critical lr of the step's batch exceeds this, or the step raised its
-        batch's loss. 1.0 is where the step passes the batch's own critical lr along its direction:
-        a step beyond it overshoots, and the paper's mini-batch runs sit below it until they spike.
+        batch's loss. 1.0 is where the step passes the batch's own critical lr along its direction;
+        0.5 (the default) is half way there: on the instability suite (benchmarks/instability.py)
+        Adam mini-batch runs spiked while reading 0.5-1, and 0.5 warned ahead of 3× as many spikes
+        as 1.0 (30 % against 10 %) at 1.7 false alarms per 1000 calm steps (all of them in one calm
+        run that sits at 0.3-0.7: raise it for such runs).
+    budget: None measures every `interval` steps. A number in (0, 1) is the adaptive interval
+        (policies.py): at most this share of the training compute on average (0.01 = 1 %), measuring
+        every `interval` steps far from the edge and down to every step at it.
+    guard: "off" (default), "shorten" or "lr": what to do at a measured step whose lr/critical lr
+        exceeds guard_ratio (policies.py): shorten the step just taken to guard_target·η_c/η_t of
+        itself, or scale the following steps' lr by that factor, recovering over guard_recovery steps.
+    guard_ratio: lr/critical lr above which the guard acts.
+    guard_target: κ in (0, 1]: the guard aims at κ times the critical lr.
+    guard_recovery: steps over which the lr guard's factor returns to 1.
     write: how trial points reach the parameters the forward reads, where the optimizer shards its
         fp32 master over data parallelism (Megatron's distributed optimizer, ZeRO-1/2,
         BF16_Optimizer). "sharded": each rank writes its master shard's trial point and the
@@ -89,7 +103,12 @@ class SharpnessConfig:
     modules_interval: int = 10
     modules_on_warning: bool = True
     modules_max_search: int = 8
-    warn_ratio: float = 1.0
+    warn_ratio: float = 0.5
+    budget: float | None = None
+    guard: str = "off"
+    guard_ratio: float = 0.5
+    guard_target: float = 0.5
+    guard_recovery: int = 100
     write: str = "auto"
     write_memory_budget_mib: float | None = None
 
@@ -122,6 +141,15 @@ class SharpnessConfig:
                  self.modules_max_search, "an integer >= 1 (evaluations of a group's search before a bracket)")
         _require(_is_real(self.warn_ratio) and math.isfinite(self.warn_ratio) and self.warn_ratio > 0,
                  "warn_ratio", self.warn_ratio, "a finite number > 0 (lr/critical lr above which to warn)")
+        _require(self.budget is None or (_is_real(self.budget) and 0.0 < self.budget < 1.0), "budget", self.budget,
+                 "null (measure every interval steps) or a share of the training compute in (0, 1), e.g. 0.01")
+        _require(self.guard in GUARD_MODES, "guard", self.guard, " or ".join(GUARD_MODES))
+        _require(_is_real(self.guard_ratio) and math.isfinite(self.guard_ratio) and self.guard_ratio > 0,
+                 "guard_ratio", self.guard_ratio, "a finite number > 0 (lr/critical lr above which the guard acts)")
+        _require(_is_real(self.guard_target) and 0.0 < self.guard_target <= 1.0, "guard_target", self.guard_target,
+                 "a number in (0, 1] (the fraction of the critical lr the guard aims at)")
+        _require(_is_int(self.guard_recovery) and self.guard_recovery >= 1, "guard_recovery", self.guard_recovery,
+                 "an integer >= 1 (steps for the lr guard's factor to return to 1)")
         _require(self.write in WRITE_MODES, "write", self.write, " or ".join(WRITE_MODES))
         budget = self.write_memory_budget_mib
         _require(budget is None or (_is_real(budget) and math.isfinite(budget) and budget >= 0),

@@ -32,10 +32,11 @@ class SpikeRun:
 
 def run_spike_demo(steps: int = 40, provoke_at: int | None = 30, factor: float = 100.0, group: str = "layer_0",
                    lr: float = 2e-3, batch_size: int = 8, seq_len: int = 32, seed: int = 0,
-                   log_file: str | None = None, print_fn: Callable[[str], None] = print) -> SpikeRun:
+                   log_file: str | None = None, print_fn: Callable[[str], None] = print,
+                   guard: str = "off") -> SpikeRun:
     """provoke_at: the iteration whose step first runs with the lr of `group` (a default group:
     embedding, layer_N, output) × factor (None: never). Base lr constant, so that any change in
-    lr/critical lr is the provocation's."""
+    lr/critical lr is the provocation's. guard: the probe's guard (off, shorten, lr) at its defaults."""
     torch.manual_seed(seed)
     batches = ByteBatches(embedded_corpus(), batch_size, seq_len, seed)
     model = TinyGPT(width=48, layers=2, heads=4, max_seq_len=seq_len)
@@ -45,7 +46,7 @@ def run_spike_demo(steps: int = 40, provoke_at: int | None = 30, factor: float =
     optimizer = torch.optim.AdamW([{"params": [p for n, p in named.items() if n not in provoked]},
                                    {"params": [p for n, p in named.items() if n in provoked]}],
                                   lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    config = SharpnessConfig(interval=1, modules="default", modules_interval=10)
+    config = SharpnessConfig(interval=1, modules="default", modules_interval=10, guard=guard)
     loggers = [WarningLogger(print_fn)] + ([JsonlLogger(log_file)] if log_file else [])
     probe = TorchSharpnessProbe(model, optimizer, config, loggers=loggers)
     losses, measurements = [], []

@@ -59,6 +59,8 @@ class StepRecord:
     # Whether this measurement warned, and the run's warning count so far.
     warning: bool | None = None
     warnings: int | None = None
+    # What the guard did at this measurement, as the log line writes it ("shorten output ×0.125").
+    guard: str | None = None
     # Which leg of its log the record belongs to (1: the first): a new leg starts where a log's
     # steps go backwards or repeat with other values (a run restarted from step 1, or resumed from
     # an earlier checkpoint). line: where in its log the record was read (1-based).
@@ -117,7 +119,16 @@ def _from_json(record: dict) -> StepRecord | None:
                                       if (bound := _bound(relative_status[name], task.get("bracket")))},
                       modules=modules, worst_module=next(iter(modules.items())) if ranked else None,
                       warning=("warning" in record and record["warning"] is not None) if "warning" in record else None,
-                      warnings=warnings if isinstance(warnings, int) and not isinstance(warnings, bool) else None)
+                      warnings=warnings if isinstance(warnings, int) and not isinstance(warnings, bool) else None,
+                      guard=_json_guard(record.get("guard")))
+
+
+def _json_guard(guard: object) -> str | None:
+    """A record's guard action as the log line's text; None where it did not act."""
+    if not isinstance(guard, dict) or not isinstance(guard.get("factor"), (int, float)):
+        return None
+    where = f" {guard['group']}" if isinstance(guard.get("group"), str) else ""
+    return f"{guard.get('mode')}{where} ×{guard['factor']:.3g}"
 
 
 def _ascent_slope(entry: dict) -> float:
@@ -221,7 +232,8 @@ def _from_fields(step: int, text: str) -> StepRecord | None:
                       relative_bound={name: bound for name, text in relative_texts.items()
                                       if (bound := _text_status(text)[1])},
                       error=error, worst_module=worst,
-                      warnings=int(warnings) if warnings is not None and warnings.isdigit() else None)
+                      warnings=int(warnings) if warnings is not None and warnings.isdigit() else None,
+                      guard=fields.get("sharpness guard"))
 
 
 def _parenthesised(text: str) -> str:

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megatron_sharpness.search import TRUSTED_SLOPE_RATIO, Outcome, SearchResult
+
+if TYPE_CHECKING:
+    from megatron_sharpness.policies import GuardAction
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,10 @@ class Measurement:
     # The instability warning of this measurement, and how many the run has had so far.
     warning: str | None = None
     warnings: int = 0
+    # What the guard did at this measurement (policies.py), and the adaptive interval's gap to the
+    # next measurement (None: a fixed interval).
+    guard: GuardAction | None = None
+    next_interval: int | None = None
 
     @property
     def status(self) -> str:
@@ -215,6 +222,7 @@ class Measurement:
             "lr_over_critical_lr": self.lr_over_critical_lr,
             "step_raised_loss": None if search is None else search.step_raised_loss,
             "slope": None if search is None or search.slope is None else _json_float(search.slope),
+            "gradient_slope": None if search is None else _optional_float(search.gradient_slope),
             "bracket_slope_ratio": None if search is None else _optional_float(search.bracket_slope_ratio),
             "loss_noise": None if search is None else search.loss_noise,
             "crossing_uncertainty": None if search is None else _optional_float(search.crossing_uncertainty),
@@ -237,6 +245,8 @@ class Measurement:
             "modules_error": None if self.modules_error is None else self.modules_error.to_dict(),
             "warning": self.warning,
             "warnings": self.warnings,
+            "guard": None if self.guard is None else self.guard.to_dict(),
+            "next_interval": self.next_interval,
         }
         if task is not None:
             record["evaluations"] = task.evaluations()
@@ -262,6 +272,10 @@ class Measurement:
                 values[f"module_critical_sharpness/{name}"] = task.search.critical_sharpness
         if self.warning is not None:  # an event: a point where a measurement warned, none elsewhere
             values["sharpness_warning"] = 1.0
+        if self.guard is not None:  # an event too: the factor the guard applied
+            values["sharpness_guard_factor"] = self.guard.factor
+        if self.next_interval is not None:
+            values["sharpness_interval"] = float(self.next_interval)
         return values
 
     def log_fields(self) -> str:
@@ -269,10 +283,11 @@ class Measurement:
         `step lr` is the lr of the measured step: Megatron's own `learning rate` field is printed
         after the scheduler has stepped, i.e. the next iteration's lr."""
         step_lr = [f"step lr: {self.lr:.6E}"] if math.isfinite(self.lr) else []
+        interval = [] if self.next_interval is None else [f"sharpness interval: {self.next_interval}"]
         if self.error is not None:
-            return " | ".join([f"critical sharpness: failed ({self.error.text()})", *step_lr]) + " |"
+            return " | ".join([f"critical sharpness: failed ({self.error.text()})", *step_lr, *interval]) + " |"
         if self.task is None:
-            return " | ".join([f"critical sharpness: skipped ({self.skipped})", *step_lr]) + " |"
+            return " | ".join([f"critical sharpness: skipped ({self.skipped})", *step_lr, *interval]) + " |"
         parts = [f"critical sharpness: {self.task.value_text(sharpness=True)}"]
         if self.task.search.outcome is not Outcome.ASCENT:
             parts.append(f"critical lr: {self.task.value_text(sharpness=False)}")
@@ -290,7 +305,9 @@ class Measurement:
             parts.append(f"modules failed: {self.modules_error.text()}")
         if self.warnings:
             parts.append(f"sharpness warnings: {self.warnings}")
-        return " | ".join(parts) + " |"
+        if self.guard is not None:
+            parts.append(f"sharpness guard: {self.guard.text()}")
+        return " | ".join(parts + interval) + " |"
 
 
 def _ranks(ranks: tuple[int, ...] | None) -> list[int] | None:

@@ -17,7 +17,8 @@ from megatron_sharpness.loggers import MeasurementLogger
 from megatron_sharpness.faults import ProbeFailure, trial_point
 from megatron_sharpness.measurement import Measurement, ProbeError, TaskMeasurement, warning_reasons, warning_text
 from megatron_sharpness.modules import resolve_groups
-from megatron_sharpness.search import Outcome, critical_lr_search
+from megatron_sharpness.policies import FORWARDS_PER_STEP, guard_policy, interval_policy
+from megatron_sharpness.search import Outcome, SearchResult, critical_lr_search
 
 # Version of state_dict()'s layout, checked on load.
 STATE_VERSION = 1
@@ -31,9 +32,10 @@ MODULE_SEARCH = "paper"
 # A task's loss noise ν is the rms of |L(θ_t, changed elements moved one compute-dtype ulp) −
 # L(θ_t)| over its last NOISE_WINDOW measurements, one sample each; the first measurement takes
 # NOISE_FIRST_SAMPLES (one sample of a zero-mean change can come out arbitrarily small: measured
-# 0.04–6.6× its rms on a tiny GPT in bf16). Two roundings of the loss value itself bound ν below.
+# 0.04–6.6× its rms on a tiny GPT in bf16; with 3 first samples one reading in 146 first
+# measurements was 14 % off where ν said 4.7 %, with 6 none). Two roundings of the loss value bound ν below.
 NOISE_WINDOW = 8
-NOISE_FIRST_SAMPLES = 3
+NOISE_FIRST_SAMPLES = 6
 
 
 class SharpnessProbe:
@@ -53,8 +55,17 @@ class SharpnessProbe:
         self._last_module_lr: dict[str, float] = {}
         self.warnings = 0
         self._groups: tuple[list[str], dict[str, list[str]]] | None = None
+        # Policies beside the probe (policies.py): when the next measurement is due, and the guard.
+        self.schedule = interval_policy(config)
+        self.guard = guard_policy(config)
+        # The share of a training step one probe forward costs (the adaptive interval's budget):
+        # integrations with gradient accumulation set evaluated / (3 × trained) micro-batches.
+        self.step_share = 1.0 / FORWARDS_PER_STEP
         # Per task, the last NOISE_WINDOW rounding-noise samples (loss changes, ≥ 0).
         self._noise_samples: dict[str | None, list[float]] = {}
+        # Whether the gradients' slope agreed with the loss at the last measurement that could
+        # tell (None: none could yet): where the caller clips or scales the gradients it does not.
+        self._gradient_slope_fits: bool | None = None
         # Loggers that have raised (warned about once; they are tried again at every measurement).
         self._failed_loggers: set[int] = set()
 
@@ -67,7 +78,10 @@ class SharpnessProbe:
                 "training_loss_matches": self.training_loss_matches,
                 "modules": {"last_critical_lr": [[name, lr] for name, lr in self._last_module_lr.items()],
                             "warnings": self.warnings},
-                "loss_noise": [[name, list(samples)] for name, samples in self._noise_samples.items()]}
+                "loss_noise": [[name, list(samples)] for name, samples in self._noise_samples.items()],
+                "gradient_slope_fits": self._gradient_slope_fits,
+                "schedule": self.schedule.state_dict(),
+                "guard": {} if self.guard is None else self.guard.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
@@ -105,9 +119,18 @@ class SharpnessProbe:
                                  "allowed: [task name or None, [finite numbers >= 0]]")
             noise[name] = samples[-NOISE_WINDOW:]
         self._noise_samples = noise
+        fits = state.get("gradient_slope_fits")  # absent in states saved before it existed
+        if fits not in (None, True, False):
+            raise ValueError(f"critical sharpness: bad gradient_slope_fits {fits!r} in the probe state; "
+                             "allowed: true, false or null")
+        self._gradient_slope_fits = fits
+        # Written by versions without the policies, or with a fixed interval / no guard: fresh ones.
+        self.schedule.load_state_dict(state.get("schedule") or {})
+        if self.guard is not None:
+            self.guard.load_state_dict(state.get("guard") or {})
 
     def is_due(self, step: int) -> bool:
-        return self.config.enabled and step % self.config.interval == 0
+        return self.config.enabled and self.schedule.is_due(step)
 
     def measure(self, backend: ProbeBackend, step: int, lr: float,
                 relative_tasks: Sequence[str] = (), training_loss: float | None = None) -> Measurement:
@@ -120,7 +143,7 @@ class SharpnessProbe:
         searches: dict[str | None, TaskMeasurement] = {}
         modules: dict[str, TaskMeasurement] = {}
         reasons: list[str] = []
-        skipped = failure = error = trigger = modules_error = None
+        skipped = failure = error = trigger = modules_error = action = None
         reuse = training_loss is not None and self.training_loss_matches is True
         try:
             skipped = self._skip_reason(backend, lr)
@@ -137,20 +160,29 @@ class SharpnessProbe:
             if skipped is None:
                 noise, noise_forwards = self._loss_noise(backend, baselines, step, lr)
                 floor = backend.resolution_floor()
-                hint = getattr(backend, "gradient_slope", lambda: None)()
+                slope = getattr(backend, "gradient_slope", lambda: None)()
+                hint = None if self._gradient_slope_fits is False else slope
                 searches = {name: self._search(backend, name, lr, baseline, floor, noise[name],
                                                baseline_reused=name is None and reuse,
                                                noise_forwards=noise_forwards[name],
                                                slope_hint=hint if name is None else None)
                             for name, baseline in baselines.items()}
+                fits = _slope_fits(searches[None].search, slope)
+                self._gradient_slope_fits = self._gradient_slope_fits if fits is None else fits
                 reasons = warning_reasons(searches[None], self.config.warn_ratio)
                 trigger = self._breakdown_trigger(step, searches[None], bool(reasons))
                 if trigger is not None:
                     modules, modules_error = self._breakdown(backend, lr, baselines[None],
                                                              searches[None].search.critical_lr, noise[None])
+                if self.guard is not None:
+                    action = self.guard.decide(step, searches[None], modules)
+                    if action is not None and action.mode == "shorten":
+                        # Before restore(): it then puts θ_t + s·Δθ where θ_{t+1} was.
+                        backend.commit(action.factor, None if action.group is None else self._groups[1][action.group])
         except _FailedAt as caught:
             # Every rank raised this in the same collective: all of them restore below alike.
             failure, error, searches, modules, trigger, reasons = caught.error, caught.__cause__, {}, {}, None, []
+            action = None
         finally:
             backend.restore()
         if isinstance(error, ProbeFailure) and error.usage:
@@ -162,7 +194,10 @@ class SharpnessProbe:
         measurement = Measurement(step=step, lr=lr, task=task, relative=searches,
                                   probe_seconds=time.perf_counter() - started, skipped=skipped, error=failure,
                                   modules=modules, modules_trigger=trigger, modules_error=modules_error,
-                                  warning=warning, warnings=self.warnings)
+                                  warning=warning, warnings=self.warnings, guard=action)
+        gap = self.schedule.observe(measurement, self.step_share)
+        if gap is not None:
+            measurement = dataclasses.replace(measurement, next_interval=gap)
         for logger in self.loggers:
             self._guarded(logger, "log", measurement)
         if self.config.on_error == "raise" and (failure or modules_error) is not None:
@@ -316,9 +351,25 @@ class SharpnessProbe:
         ranks = self._non_finite_ranks.get(name)
         return TaskMeasurement(search, baseline_reused, tuple(sorted(ranks)) if ranks else None, noise_forwards)
 
+    def group_members(self, group: str) -> list[str]:
+        """The parameter names of a module group of the breakdown (after a breakdown ran)."""
+        assert self._groups is not None, "no breakdown has run yet"
+        return self._groups[1][group]
+
     def close(self) -> None:
         for logger in self.loggers:
             self._guarded(logger, "close")
+
+
+def _slope_fits(search: SearchResult, slope: float | None) -> bool | None:
+    """Whether the gradients' slope is within 25 % of the slope a converged search implies (the
+    quadratic through L(θ_t), L(1) and the crossing s*: L(1) − L(θ_t) = a·(1 − 1/s*)); None where
+    this search cannot tell (no slope, no number, a crossing too close to 1)."""
+    if slope is None or not search.converged or search.critical_step_multiple < 1.5:
+        return None
+    rise = next(loss for s, loss in search.evaluations if s == 1.0) - search.baseline_loss
+    implied = rise / (1.0 - 1.0 / search.critical_step_multiple)
+    return implied < 0 and 0.8 <= slope / implied <= 1.25
 
 
 def _ulp(value: float, bits: int) -> float:

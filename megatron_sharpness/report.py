@@ -95,6 +95,10 @@ def _leg_summary(records: list[StepRecord], phases: int) -> str:
     raised = [r.step_raised_loss for r in records if r.step_raised_loss is not None]
     if raised:
         outcomes.append(f"  the step raised its batch's loss at {sum(raised)} of {len(raised)} measured steps")
+    guarded = [r for r in records if r.guard is not None]
+    if guarded:
+        shown = ", ".join(f"{r.step} ({r.guard})" for r in guarded[:8]) + (", ..." if len(guarded) > 8 else "")
+        outcomes.append(f"  the guard acted at {len(guarded)} of {len(records)} measured steps: {shown}")
     for name in relative_names(records):
         statuses = [r.relative_status[name] for r in records if name in r.relative_status]
         values = [r.relative[name] for r in records if is_finite(r.relative.get(name))]
@@ -138,6 +142,8 @@ def _reading(record: StepRecord, spike_step: int) -> str:
         parts.append(f"step raised loss: {'yes' if record.step_raised_loss else 'no'}")
     if record.warning:
         parts.append("WARNING")
+    if record.guard is not None:
+        parts.append(f"guard: {record.guard}")
     if record.modules:
         ranked = [(name, r) for name, r in record.modules.items() if r is not None]  # worst first already
         parts.append("modules: " + (", ".join(f"{name} {_ratio(r)}" for name, r in ranked[:3]) or

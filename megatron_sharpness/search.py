@@ -83,7 +83,7 @@ class SearchResult:
     the crossing; outside 1/3…3 the outcome is NOISY); None where too few points were near.
     loss_noise: the ν the search was given. crossing_uncertainty: for a certified bracket, how far
     ν moves the crossing, relative to it (ν / (slope there × crossing)); above tol/2 the outcome is
-    NOISY or UNRESOLVED.
+    NOISY or UNRESOLVED. slope_hint: the gradient's gᵀΔθ the search was given (per step multiple).
     """
 
     lr: float
@@ -98,6 +98,7 @@ class SearchResult:
     bracket_slope_ratio: float | None = None
     loss_noise: float = 0.0
     crossing_uncertainty: float | None = None
+    slope_hint: float | None = None
 
     @property
     def converged(self) -> bool:
@@ -118,6 +119,11 @@ class SearchResult:
     def bracket(self) -> tuple[float, float | None]:
         lo, hi = self.bracket_step_multiple
         return lo * self.lr, None if hi is None else hi * self.lr
+
+    @property
+    def gradient_slope(self) -> float | None:
+        """The gradient's dL(θ_t − η·Δθ)/dη at η = 0, in loss per unit of learning rate, where given."""
+        return None if self.slope_hint is None else self.slope_hint / self.lr
 
     @property
     def resolution_floor_lr(self) -> float:
@@ -294,7 +300,8 @@ def critical_lr_search(
     if outcome is Outcome.UNRESOLVED and hi is not None and not trials.rise_beyond_noise(hi):
         hi = None  # a rise within the noise bounds nothing
     return SearchResult(lr, baseline_loss, outcome, critical, (lo or 0.0, hi), trials.evaluations(),
-                        resolution_floor, step_raised_loss, search.slope, slope_ratio, loss_noise, uncertainty)
+                        resolution_floor, step_raised_loss, search.slope, slope_ratio, loss_noise, uncertainty,
+                        slope_hint)
 
 
 def _crossing_uncertainty(trials: _Trials, lo: float, hi: float, slope_ratio: float | None) -> float:

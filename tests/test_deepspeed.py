@@ -10,6 +10,7 @@ ZeRO-2 also trains with each.
 """
 
 import json
+import math
 import os
 import time
 
@@ -118,7 +119,10 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
             assert "--modules" not in args or sharded.pop("group_moves_alone")
             assert optimizer != "DeepSpeedZeroOptimizer_Stage3" or sharded.pop("zero3_state")
             assert sharded == hand
-            assert checks == {"after_step": None, "sharded_after_step": None, **hand}
+            if "--modules" not in args:  # the guard's shortened step lands in the master partition exactly
+                assert checks.pop("masters_committed")
+            assert checks == {"after_step": None, "sharded_after_step": None, **hand, "committed": True,
+                              "commit_keeps_optimizer_state": True}
     # The probe's L(θ_t) on the recorded micro-batches is the step's training loss, bitwise, unless
     # dropout draws other masks, or the pipeline reports all 4 micro-batches where the probe uses 2.
     exact_baseline = "--dropout" not in args and not ("--pipeline" in args and "--micro-batches" in args)
@@ -150,6 +154,32 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
                           "loss_from_output=fn) that returns the mean loss (e.g. lambda output: output[1] for a model "
                           "returning (prediction, loss))",
                 "params_are_the_step": True, "measured": False}, result["rank"]
+
+
+@pytest.mark.parametrize("mode", ["shorten", "lr"])
+def test_the_guard_acts_through_the_engine_and_training_goes_on(mode, tmp_path):
+    """ZeRO-2 bf16, the guard firing at every measured step (guard_ratio 1e-6, aiming at 1e-3 × the
+    critical lr): every rank records the same actions, the master partitions and the bf16 params
+    agree after training, shorten keeps the lr, and the lr guard scales the steps after it while the
+    engine's own lr stays the configured one."""
+    _, ranks = launch(tmp_path, ["--stage", "2", "--guard", mode])
+    for result in ranks:
+        assert result["masters_match_model"] and result["lr_after"] == 3e-3
+        assert not result["bitwise_equal"]["params"]  # the guard changed training, as it should
+    first, second = (strip_timing(result["records"]) for result in ranks)
+    assert first == second
+    assert all(math.isfinite(loss) for loss in ranks[0]["training_losses"])
+    # Every measurement acts, except where the lr guard has already brought lr/critical lr below
+    # its target (1e-3): nothing left to do there.
+    actions = [record["guard"] for record in first if record["guard"] is not None]
+    assert first[0]["guard"] is not None and len(actions) >= (4 if mode == "shorten" else 1)
+    assert all(a["mode"] == mode and a["group"] is None and 0 < a["factor"] < 1 for a in actions)
+    factor = first[0]["guard"]["factor"]
+    if mode == "shorten":
+        assert [r["lr"] for r in first] == [3e-3] * 4 and factor == pytest.approx(1e-3 / first[0]["lr_over_critical_lr"])
+    else:  # the factor set at step 1 (at least 0.05), one step into its 100-step recovery
+        assert factor == max(0.05, 1e-3 / first[0]["lr_over_critical_lr"])
+        assert first[1]["lr"] == pytest.approx(3e-3 * factor ** 0.99, rel=1e-12)
 
 
 def test_fp16_overflow_steps_are_reported_as_skipped_then_measured(tmp_path):

@@ -26,6 +26,14 @@ def test_flags_map_onto_the_config():
                                                      micro_batches=2, log_file="out/s.jsonl")
 
 
+def test_guard_and_budget_flags_map_onto_the_config():
+    args = parse("--critical-sharpness-interval", "50", "--critical-sharpness-budget", "0.01",
+                 "--critical-sharpness-guard", "lr", "--critical-sharpness-guard-ratio", "2",
+                 "--critical-sharpness-guard-target", "0.25", "--critical-sharpness-guard-recovery", "30")
+    assert config_from_args(args) == SharpnessConfig(interval=50, budget=0.01, guard="lr", guard_ratio=2.0,
+                                                     guard_target=0.25, guard_recovery=30)
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--critical-sharpness-interval", "-1", "-1 is invalid; allowed: an integer >= 1, or 0 for off"),
     ("--critical-sharpness-interval", "ten", "'ten' is not an integer"),
@@ -34,6 +42,9 @@ def test_flags_map_onto_the_config():
     ("--critical-sharpness-max-search", "0", "max_search=0 is invalid"),
     ("--critical-sharpness-initial-guess", "-2", "initial_guess=-2.0 is invalid"),
     ("--critical-sharpness-micro-batches", "0", "micro_batches=0 is invalid"),
+    ("--critical-sharpness-budget", "2", "budget=2.0 is invalid; allowed: null (measure every interval steps) or a share"),
+    ("--critical-sharpness-guard", "clip", "guard='clip' is invalid; allowed: off or shorten or lr"),
+    ("--critical-sharpness-guard-target", "0", "guard_target=0.0 is invalid; allowed: a number in (0, 1]"),
 ])
 def test_bad_values_fail_at_parsing_naming_the_flag(flag, value, message):
     code = ("import argparse; from megatron_sharpness.integrations.flags import add_critical_sharpness_args;"

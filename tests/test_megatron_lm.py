@@ -29,7 +29,10 @@ def test_hook_log_line_tensorboard_wandb_and_jsonl_agree(tmp_path):
                          "--critical-sharpness-log-file", str(log_file),
                          # A threshold every step passes: each measurement warns and is broken down.
                          "--critical-sharpness-modules", "default", "--critical-sharpness-modules-interval", "0",
-                         "--critical-sharpness-warn-ratio", "1e-9"],
+                         "--critical-sharpness-warn-ratio", "1e-9",
+                         # And a guard that acts at each of them on the worst group, aiming far below its edge.
+                         "--critical-sharpness-guard", "shorten", "--critical-sharpness-guard-ratio", "1e-9",
+                         "--critical-sharpness-guard-target", "1e-4"],
                         world_size=2, timeout=300, env={"PYTHONWARNINGS": "ignore"})
     assert "iteration" not in results[0].output  # Megatron prints from the last rank only
     assert "WARNING: critical sharpness" not in results[0].output
@@ -54,9 +57,15 @@ def test_hook_log_line_tensorboard_wandb_and_jsonl_agree(tmp_path):
         assert from_log.critical_sharpness == pytest.approx(record["critical_sharpness"], rel=1e-4)
         assert from_log.lr == pytest.approx(record["lr"], rel=1e-6)
         assert set(record["relative"]) == {"heldout"} and record["relative"]["heldout"]["forwards"] >= 2
+        # The guard shortened the worst group's part of the step (on its own pipeline stage).
+        guard = record["guard"]
+        assert guard["mode"] == "shorten" and guard["group"] == from_log.worst_module[0] and 0 <= guard["factor"] < 1
+        assert from_log.guard == f"shorten {guard['group']} ×{guard['factor']:.3g}"
 
     written = json.loads((tmp_path / "rank1.json").read_text())
     assert json.loads((tmp_path / "rank0.json").read_text())["left"] == 0  # training read every micro-batch
+    # After the shortened steps every rank's bf16 params are its fp32 master shard's cast.
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text())["masters_match_model"] for r in range(2)] == [True, True]
     scalars = {(kind, tag, step): value for kind, tag, value, step in written["scalars"]}
     for record in records:
         samples = record["step"] * 2 * 4  # micro batch 2, 4 micro-batches, data parallel 1
@@ -65,6 +74,7 @@ def test_hook_log_line_tensorboard_wandb_and_jsonl_agree(tmp_path):
         assert scalars[("tb", "lr over critical lr", record["step"])] == record["lr_over_critical_lr"]
         assert scalars[("wandb", "critical lr", record["step"])] == record["critical_lr"]
         assert scalars[("tb", "sharpness warning", record["step"])] == 1.0
+        assert scalars[("tb", "sharpness guard factor", record["step"])] == record["guard"]["factor"]
         for group, entry in record["modules"].items():
             if entry["lr_over_critical_lr"] is not None:
                 assert scalars[("tb", f"module lr over critical lr {group}", record["step"])] == entry["lr_over_critical_lr"]

@@ -251,7 +251,7 @@ def cnn_state():
         optimizer.zero_grad()
         cnn_bf16_loss(model, *digits(64, 100 + step)).backward()
         optimizer.step()
-    return model.state_dict(), optimizer.state_dict()
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
 
 
 def cnn_measurements(state, lr, search, steps=1, warm_starts=None):
@@ -261,7 +261,7 @@ def cnn_measurements(state, lr, search, steps=1, warm_starts=None):
     model, heldout = DigitsCNN(), digits(64, 2)
     model.load_state_dict(state[0])
     optimizer = torch.optim.AdamW(model.parameters())
-    optimizer.load_state_dict(state[1])
+    optimizer.load_state_dict(copy.deepcopy(state[1]))  # its moment tensors would be shared, and stepped
     for group in optimizer.param_groups:
         group["lr"] = lr
     probe = TorchSharpnessProbe(model, optimizer, SharpnessConfig(interval=1, search=search),

@@ -275,6 +275,24 @@ def test_real_pretrain_gpt_resumed_from_a_checkpoint_measures_bitwise_as_uninter
 
 
 @pytest.mark.parametrize("checkout", ["user" if USER_CHECKOUT else RESUME_SNAPSHOT], indirect=True)
+def test_real_pretrain_gpt_with_the_guard_shortens_the_measured_step_and_trains_on(checkout, tmp_path):
+    # The guard provoked at the measured iteration (any lr/critical lr passes a ratio of 1e-9; it
+    # aims at 1e-4 of the critical lr): PP2, each stage commits its part of the shortened step.
+    world_size, flags = LAYOUTS["pp2"]
+    guard = ["--critical-sharpness-guard", "shorten", "--critical-sharpness-guard-ratio", "1e-9",
+             "--critical-sharpness-guard-target", "1e-4"]
+    guarded = _train(checkout, tmp_path / "guarded", world_size, [*flags, *guard], probe=True)
+    [record] = guarded.jsonl
+    action = record["guard"]
+    assert action["mode"] == "shorten" and action["group"] is None
+    assert action["factor"] == pytest.approx(1e-4 / record["lr_over_critical_lr"]) and 0 < action["factor"] < 1
+    assert guarded.lines[MEASURED]["sharpness guard"] == f"shorten ×{action['factor']:.3g}"
+    assert guarded.scalars["sharpness guard factor"] == {MEASURED: pytest.approx(action["factor"], rel=1e-6)}
+    assert "sharpness guard" not in guarded.lines[1] and "sharpness guard" not in guarded.lines[3]
+    assert 0 < float(guarded.lines[3]["lm loss"]) < 20  # training goes on after the shortened step
+
+
+@pytest.mark.parametrize("checkout", ["user" if USER_CHECKOUT else RESUME_SNAPSHOT], indirect=True)
 def test_real_pretrain_gpt_reuses_its_training_loss_as_the_probes_baseline(checkout, tmp_path):
     # --critical-sharpness-reuse-training-loss: Megatron's losses_reduced of the step, reduced as the
     # probe reduces its own forwards, stands for L(θ_t) once the first measurement found it bitwise

@@ -55,6 +55,12 @@ class ProbeBackend(Protocol):
         """Forward-only loss at the current parameters, reduced so that every rank gets the same
         float. task None is the batch of the step; a name is a relative task's batch."""
 
+    def commit(self, step_multiple: float, names: Collection[str] | None) -> None:
+        """Before restore(): make θ_t + s·Δθ (on the named parameters' elements only; all where
+        None) what restore() puts back in place of θ_{t+1}: the fp32 master shard and, through
+        restore's own copy and all-gather, the model params. The optimizer's state (moments, step
+        count) stays as the real step left it. Local: no collective."""
+
     def restore(self) -> None:
         """Put θ_{t+1} and the state kept by after_step back, bitwise, and free the snapshot.
         Safe to call at any point after snapshot(), also when after_step() was never reached."""

@@ -21,8 +21,8 @@ from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch._utils import _unflatten_dense_tensors
 
-from megatron_sharpness.backends.groups import (GroupSelection, Segment, local_names, union_in_rank_order,
-                                                view_segments, whole, write_group)
+from megatron_sharpness.backends.groups import (GroupSelection, Segment, commit_pairs, local_names,
+                                                union_in_rank_order, view_segments, whole, write_group)
 from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_into
 from megatron_sharpness.backends.local import (LOCAL_DTYPES, LOCAL_FROM, LocalWrites, agree_on_snapshot, offset_in,
                                                wants_local)
@@ -369,6 +369,18 @@ class DeepSpeedBackend:
                 write_group(target, old, new, step_multiple, self._group.pair(index))
             self.layout.after_write()
         self._holds_next = whole_update and step_multiple == 1.0
+
+    def commit(self, step_multiple: float, names: Collection[str] | None) -> None:
+        # θ_{t+1} is this rank's fp32 master partition itself (a clone where the master is the
+        # model param): the shortened step lands there, and restore() copies and gathers it.
+        assert self._theta_t is not None and self._theta_next is not None
+        commit_pairs(self._theta_t, self._theta_next, step_multiple, self._segments_of_pairs(), names)
+        # The params no longer hold θ_{t+1}, and local writes' anchor is not the committed point:
+        # restore() takes the sharded path.
+        self._holds_next = False
+        if self._local is not None:
+            self._local.wait()  # its step's all-gather may still write into the step
+            self._local = None
 
     @torch.no_grad()
     def write_rounding_noise(self, sample: int) -> bool:

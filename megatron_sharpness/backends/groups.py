@@ -80,6 +80,17 @@ def write_group(target: torch.Tensor, old: torch.Tensor, new: torch.Tensor, weig
         lerp_into(target.view(-1)[start:end], old.view(-1)[start:end], new.view(-1)[start:end], weight)
 
 
+@torch.no_grad()
+def commit_pairs(olds: Sequence[torch.Tensor], news: Sequence[torch.Tensor], weight: float,
+                 segments: Sequence[Sequence[Segment]], names: Collection[str] | None) -> None:
+    """news ← lerp(olds, news, weight) in place, on the named parameters' elements (None: all):
+    the step θ_t → θ_{t+1} shortened to `weight` of itself, the rest of θ_{t+1} untouched."""
+    ranges = None if names is None else group_ranges(segments, names)
+    for index, (old, new) in enumerate(zip(olds, news)):
+        for start, end in [(0, new.numel())] if ranges is None else ranges[index]:
+            lerp_into(new.view(-1)[start:end], old.view(-1)[start:end], new.view(-1)[start:end], weight)
+
+
 def group_histogram(dtypes: Sequence[torch.dtype], olds: Sequence[torch.Tensor], news: Sequence[torch.Tensor],
                     ranges: Sequence[Ranges], device: torch.device | str = "cpu") -> ResolutionHistogram:
     """This rank's resolution histogram over the group's elements only (sum it over ranks);

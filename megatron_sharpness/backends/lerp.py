@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_sharpness.backends.resolution import SIGNIFICAND_BITS
+
 # Trial points are computed in slices, so that a write needs a bounded temporary instead of a
 # second copy of the whole master shard. On a GPU a slice of 16 MiB of fp32 keeps the kernel
 # launches few; on the CPU one of 1 MiB stays in the caches: 3–4× faster per element than 16 MiB
@@ -26,9 +28,9 @@ def lerp_into(target: torch.Tensor, old: torch.Tensor, new: torch.Tensor, weight
         target_flat[start:end].copy_(torch.lerp(old_flat[start:end], new_flat[start:end], weight))
 
 
-# Significand bits (the implicit one included) of the low-precision compute dtypes whose rounding
-# makes the loss noisy; fp32 and wider round below what the loss's own dtype resolves.
-NOISY_COMPUTE_BITS = {torch.bfloat16: 8, torch.float16: 11}
+# Significand bits of the low-precision compute dtypes whose rounding makes the loss noisy; fp32
+# and wider round below what the loss's own dtype resolves.
+NOISY_COMPUTE_BITS = {dtype: SIGNIFICAND_BITS[dtype] for dtype in (torch.bfloat16, torch.float16)}
 # Elements per slice of the noise write (its temporaries are a few of these).
 _NOISE_CHUNK_ELEMENTS = 1 << 18
 _HASH_MULTIPLIER, _SAMPLE_MULTIPLIER = 0x9E3779B1, 0x85EBCA77

@@ -93,7 +93,8 @@ class LocalWrites:
                     step[start:end].copy_(new_flat[start:end] - old_flat[start:end])
         self._pending = self.gather_steps(self.steps)
 
-    def _wait(self) -> None:
+    def wait(self) -> None:
+        """Until the step's all-gather has landed."""
         for work in self._pending:
             work.wait()
         self._pending = []
@@ -101,7 +102,7 @@ class LocalWrites:
     @torch.no_grad()
     def write(self, step_multiple: float) -> None:
         if step_multiple != 1.0:
-            self._wait()
+            self.wait()
         for flat, anchor, step in zip(self.flats, self.anchors, self.steps):
             if step_multiple == 1.0:
                 flat.copy_(anchor)  # bitwise, also for −0.0 and non-finite elements
@@ -118,7 +119,7 @@ class LocalWrites:
 
     @torch.no_grad()
     def restore(self) -> None:
-        self._wait()  # no collective may still write into the step when it is freed
+        self.wait()  # no collective may still write into the step when it is freed
         for flat, anchor in zip(self.flats, self.anchors):
             flat.copy_(anchor)
 

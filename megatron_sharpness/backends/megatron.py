@@ -13,11 +13,13 @@ from typing import Any, Callable, Collection, Sequence
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.optimizer import (ChainedOptimizer, DistributedOptimizer, Float16OptimizerWithFloat16Params,
                                      FP32Optimizer)
+from megatron.core.transformer.module import param_is_not_shared
 
-from megatron_sharpness.backends.groups import GroupSelection, Segment, local_names, union_in_rank_order, whole, write_group
+from megatron_sharpness.backends.groups import (GroupSelection, Segment, commit_pairs, local_names, union_in_rank_order,
+                                                whole, write_group)
 from megatron_sharpness.backends.local import (LOCAL_DTYPES, LOCAL_FROM, LocalWrites, agree_on_snapshot, offset_in,
                                                wants_local)
 from megatron_sharpness.backends.modes import ModuleModes
@@ -166,9 +168,12 @@ class MegatronBackend:
         self.relative_batches: dict[str, list[list[Any]]] = {}
         self.micro_batch_counts: dict[str | None, int] = {}
         self.step_applied = True
+        # The total gradient norm optimizer.step() returned (before clipping), for gradient_slope().
+        self.grad_norm: float | None = None
         # The ranks whose own part of the last loss was non-finite (None: finite, or not known).
         self.non_finite_ranks: tuple[int, ...] | None = None
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._models: list[torch.nn.Parameter] = []  # the model param of each pair
         self._flat_of_pair: list[int | None] = []
         self._segments: list[list[Segment]] = []
         self._all_names: list[str] | None = None
@@ -184,6 +189,7 @@ class MegatronBackend:
     def snapshot(self) -> None:
         triples = [triple for leaf in self.leaves for triple in master_triples(leaf)]
         self._pairs = [(main, target) for main, target, _ in triples]
+        self._models = [model for _, _, model in triples]
         # Per pair, the gathered param buffer its model side lies in (None: not gathered).
         self._flat_of_pair = [next((index for index, flat in enumerate(self._flats)
                                     if offset_in(flat.view(-1), target) is not None), None)
@@ -214,7 +220,7 @@ class MegatronBackend:
             self._local = None
         self._snapshot_skipped = snapshot_skip_reason(errors)
         if self._snapshot_skipped is not None:
-            self._theta_t, self._pairs, self._local = None, [], None
+            self._theta_t, self._pairs, self._models, self._local = None, [], [], None
         self.writes_locally = self._local is not None  # this measurement's mode, for logs and benchmarks
 
     @torch.no_grad()
@@ -254,6 +260,32 @@ class MegatronBackend:
     def resolution_floor(self) -> float:
         return self._floor if self._group.floor is None else self._group.floor
 
+    @torch.no_grad()
+    def gradient_slope(self) -> float | None:
+        """gᵀ(θ_{t+1} − θ_t) from the main grads the step used (still on the main params after
+        step()), unscaled, with Megatron's clipping undone, each shard counted once as Megatron's
+        own grad norm counts it (no shared or tensor-parallel duplicate); rank 0's float on every
+        rank. A placement prior for the search: None where a rank holds no grads."""
+        assert self._theta_t is not None and self._theta_next is not None
+        # The main tensor holds the grad the step used (a distributed-optimizer shard, a Float16
+        # optimizer's fp32 copy); FP32Optimizer gives the model param main_grad as its grad.
+        grads = [main.grad if main.grad is not None else model.grad for (main, _), model in zip(self._pairs, self._models)]
+        missing = bool(self._pairs) and all(grad is None for grad in grads)
+        dot = torch.tensor([0.0, float(missing)], dtype=torch.float64, device=_device())
+        for grad, model, old, new in zip(grads, self._models, self._theta_t, self._theta_next):
+            if grad is not None and param_is_not_shared(model) and \
+                    tensor_parallel.param_is_not_tensor_parallel_duplicate(model):
+                dot[0] += torch.dot(grad.reshape(-1).double(), (new - old).reshape(-1).double())
+        # Shards and model-parallel slices differ across the world; replicas add the same sum,
+        # which the broadcast from rank 0 makes one float everywhere.
+        dist.all_reduce(dot, group=self.leaves[0].get_grad_stats_parallel_group() if self.leaves else None)
+        dist.broadcast(dot, src=0)
+        if dot[1].item() > 0:
+            return None
+        clip = getattr(getattr(self.leaves[0], "config", None), "clip_grad", 0.0) if self.leaves else 0.0
+        coefficient = clip / (self.grad_norm + 1.0e-6) if clip and self.grad_norm else 1.0
+        return dot[0].item() / min(coefficient, 1.0)
+
     def parameter_names(self) -> list[str]:
         if self._all_names is None:  # the model's parameters do not change: gathered once
             gathered: list[list[str] | None] = [None] * dist.get_world_size()
@@ -282,6 +314,18 @@ class MegatronBackend:
         if not local:
             self._sync_params()
         self._holds_next = whole_update and step_multiple == 1.0
+
+    def commit(self, step_multiple: float, names: Collection[str] | None) -> None:
+        # θ_{t+1} is the fp32 master itself (a clone where the master is the model param): the
+        # shortened step lands in the master shard, and restore() copies and gathers it.
+        assert self._theta_t is not None and self._theta_next is not None
+        commit_pairs(self._theta_t, self._theta_next, step_multiple, self._segments, names)
+        # The params no longer hold θ_{t+1}, and local writes' anchor is not the committed point:
+        # restore() takes the sharded path.
+        self._holds_next = False
+        if self._local is not None:
+            self._local.wait()  # its step's all-gather may still write into the step
+            self._local = None
 
     @torch.no_grad()
     def write_rounding_noise(self, sample: int) -> bool:
@@ -331,7 +375,7 @@ class MegatronBackend:
             self._reset_random_state()
             self._modes.restore()
         self._theta_t = self._theta_next = self._rng = self._local = None
-        self._pairs, self._segments = [], []
+        self._pairs, self._segments, self._models = [], [], []
         self._holds_next = False
         self._group.clear()
 

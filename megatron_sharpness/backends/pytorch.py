@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from megatron_sharpness.backends.groups import GroupSelection, Segment, local_names, whole, write_group
+from megatron_sharpness.backends.groups import GroupSelection, Segment, commit_pairs, local_names, whole, write_group
 from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_into
 from megatron_sharpness.backends.resolution import SIGNIFICAND_BITS, ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
@@ -138,6 +138,9 @@ class TorchBackend:
             else:
                 write_group(param.detach(), old, new, step_multiple, ranges)
 
+    def commit(self, step_multiple: float, names) -> None:
+        assert self._theta_t is not None and self._theta_next is not None
+        commit_pairs(self._theta_t, self._theta_next, step_multiple, self._segments(), names)
     @torch.no_grad()
     def write_rounding_noise(self, sample: int) -> bool:
         assert self._theta_t is not None and self._theta_next is not None

@@ -39,7 +39,7 @@ _BINS = (_LOG2_MAX - _LOG2_MIN) * _BINS_PER_OCTAVE
 _EXACT_CHUNK = 1 << 20
 
 # (θ_t elements, θ_{t+1} elements, the compute dtype the forward reads them in), flat.
-Segment = tuple[torch.Tensor, torch.Tensor, torch.dtype]
+StepElements = tuple[torch.Tensor, torch.Tensor, torch.dtype]
 
 
 class ResolutionHistogram:
@@ -58,7 +58,7 @@ class ResolutionHistogram:
         return cls.of_segments(segments, device, sample_elements)
 
     @classmethod
-    def of_segments(cls, segments: Sequence[Segment], device: torch.device | str = "cpu",
+    def of_segments(cls, segments: Sequence[StepElements], device: torch.device | str = "cpu",
                     sample_elements: int = SAMPLE_ELEMENTS) -> ResolutionHistogram:
         for _, _, dtype in segments:
             if dtype not in SIGNIFICAND_BITS:

@@ -15,6 +15,7 @@ client_state, so a resumed run measures what the uninterrupted one would have.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -28,6 +29,7 @@ from megatron_sharpness.faults import CAUGHT, UsageError, note_local_loss, repor
 from megatron_sharpness.loggers import JsonlLogger, LogLineLogger, MeasurementLogger, WarningLogger
 from megatron_sharpness.measurement import Measurement
 from megatron_sharpness.integrations.recording import RecordingIterator
+from megatron_sharpness.policies import FORWARDS_PER_STEP, lr_scaled
 from megatron_sharpness.probe import SharpnessProbe
 
 CONFIG_SECTION = "critical_sharpness"
@@ -257,7 +259,37 @@ class DeepSpeedSharpness:
         if torch.is_grad_enabled() and self._next_step_is_due() and len(self._training_losses) < self.micro_batches:
             self._training_losses.append(self._loss_from_output(output).detach().double())
 
+    def _lr_factor(self) -> float:
+        """The lr guard's factor for the next optimizer step (1: no guard, or none in force)."""
+        guard = self.probe.guard
+        return 1.0 if guard is None else guard.lr_factor(self.engine.global_steps + 1)[0]
+
+    @contextlib.contextmanager
+    def _lr_guarded(self) -> Iterator[None]:
+        """The engine's optimizer.step() with every param group's lr × the guard's factor: the
+        engine calls its scheduler right after it, which then sets the lr as it always would."""
+        factor = self._lr_factor()
+        if factor == 1.0:
+            yield
+            return
+        optimizer = self.engine.optimizer
+        step = optimizer.step
+
+        def scaled_step(*args, **kwargs):
+            with lr_scaled(optimizer.param_groups, factor):
+                return step(*args, **kwargs)
+
+        optimizer.step = scaled_step
+        try:
+            yield
+        finally:
+            del optimizer.step
+
     def _step(self, *args, **kwargs):
+        with self._lr_guarded():
+            return self._step_or_measure(*args, **kwargs)
+
+    def _step_or_measure(self, *args, **kwargs):
         engine = self.engine
         if not (engine.is_gradient_accumulation_boundary() and self._next_step_is_due()):
             return self._original(*args, **kwargs)
@@ -278,6 +310,10 @@ class DeepSpeedSharpness:
         return self._measure_around(lambda: self._original(*args, **kwargs), training_loss)
 
     def _train_batch(self, data_iter: Iterator | None = None):
+        with self._lr_guarded():
+            return self._train_batch_or_measure(data_iter)
+
+    def _train_batch_or_measure(self, data_iter: Iterator | None):
         engine = self.engine
         if not self._next_step_is_due():
             return self._original(data_iter)
@@ -300,7 +336,8 @@ class DeepSpeedSharpness:
 
     def _measure_around(self, run_step: Callable[[], Any], training_loss: float | None = None):
         step_number = self.engine.global_steps + 1
-        lr = float(self.engine.get_lr()[0])
+        lr = float(self.engine.get_lr()[0]) * self._lr_factor()
+        self.probe.step_share = self.micro_batches / (FORWARDS_PER_STEP * self.engine.gradient_accumulation_steps())
         self.backend.snapshot()
         try:
             result = run_step()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from megatron_sharpness.config import ON_ERROR, WRITE_MODES, ConfigError, SharpnessConfig
+from megatron_sharpness.config import GUARD_MODES, ON_ERROR, WRITE_MODES, ConfigError, SharpnessConfig
 from megatron_sharpness.search import SEARCH_METHODS
 
 # flag suffix -> SharpnessConfig field
@@ -22,6 +22,11 @@ FLAG_FIELDS = {
     "reuse-training-loss": "reuse_training_loss",
     "modules-interval": "modules_interval",
     "warn-ratio": "warn_ratio",
+    "budget": "budget",
+    "guard": "guard",
+    "guard-ratio": "guard_ratio",
+    "guard-target": "guard_target",
+    "guard-recovery": "guard_recovery",
     "write": "write",
     "write-memory-budget-mib": "write_memory_budget_mib",
 }
@@ -124,6 +129,23 @@ def add_critical_sharpness_args(parser: argparse.ArgumentParser) -> argparse.Arg
     group.add_argument("--critical-sharpness-warn-ratio", type=_validated("warn_ratio", float),
                        default=defaults.warn_ratio, metavar="R",
                        help=f"warn when lr/critical lr exceeds R or the step raised its batch's loss (default {defaults.warn_ratio})")
+    group.add_argument("--critical-sharpness-budget", type=_validated("budget", float), default=None, metavar="SHARE",
+                       help="adaptive interval: measure every N iterations (--critical-sharpness-interval) far from the "
+                            "edge, down to every iteration at it, spending at most SHARE of the training compute on "
+                            "average (e.g. 0.01); default: a fixed interval")
+    group.add_argument("--critical-sharpness-guard", type=_validated("guard", str), default=defaults.guard,
+                       choices=GUARD_MODES, help="at a measured iteration whose lr/critical lr exceeds the guard ratio: "
+                                                 "shorten the step just taken, or lower the lr for the next ones "
+                                                 f"(default {defaults.guard})")
+    group.add_argument("--critical-sharpness-guard-ratio", type=_validated("guard_ratio", float),
+                       default=defaults.guard_ratio, metavar="R",
+                       help=f"lr/critical lr above which the guard acts (default {defaults.guard_ratio})")
+    group.add_argument("--critical-sharpness-guard-target", type=_validated("guard_target", float),
+                       default=defaults.guard_target, metavar="K",
+                       help=f"the guard aims at K × the critical lr (default {defaults.guard_target})")
+    group.add_argument("--critical-sharpness-guard-recovery", type=_validated("guard_recovery", int),
+                       default=defaults.guard_recovery, metavar="N",
+                       help=f"iterations for the lr guard's factor to return to 1 (default {defaults.guard_recovery})")
     group.add_argument("--critical-sharpness-write", type=_validated("write", str), default=defaults.write,
                        choices=WRITE_MODES, help="how trial points reach the params with the distributed optimizer: "
                                                  "local (no all-gather per trial point; holds θ_{t+1} and the step in "

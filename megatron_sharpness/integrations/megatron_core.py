@@ -30,6 +30,7 @@ from megatron_sharpness.faults import CAUGHT, report_local_failure
 from megatron_sharpness.loggers import JsonlLogger, MeasurementLogger, WarningLogger
 from megatron_sharpness.measurement import Measurement
 from megatron_sharpness.integrations.recording import RecordingIterator
+from megatron_sharpness.policies import FORWARDS_PER_STEP, lr_scaled
 from megatron_sharpness.probe import SharpnessProbe
 
 
@@ -109,6 +110,7 @@ class MegatronSharpness:
             return data_iterator
         count = self._count(num_microbatches)
         self.backend.micro_batch_counts[None] = count
+        self.probe.step_share = count / (FORWARDS_PER_STEP * num_microbatches)
         for name in self.relative_data_iterators:
             self.backend.micro_batch_counts[name] = self.relative_micro_batches or count
         iterators = data_iterator if isinstance(data_iterator, list) else [data_iterator]
@@ -124,6 +126,13 @@ class MegatronSharpness:
         config.reuse_training_loss: their first micro-batches, reduced as the probe reduces its
         own, stand for a forward at θ_t."""
         self.iteration = self.iteration + 1 if iteration is None else iteration
+        # The lr guard's factor scales every param group for this one step (Megatron's scheduler
+        # sets the lr afresh after it); 1 without a guard, and then nothing is touched.
+        factor = 1.0 if self.probe.guard is None else self.probe.guard.lr_factor(self.iteration)[0]
+        with lr_scaled(self.optimizer.param_groups, factor):
+            return self._step(training_losses)
+
+    def _step(self, training_losses: Sequence[dict] | None):
         if not self.probe.is_due(self.iteration):
             return self.optimizer.step()
         if not self._recorders:
@@ -149,7 +158,7 @@ class MegatronSharpness:
         except BaseException:
             self.backend.restore()
             raise
-        self.backend.step_applied = bool(result[0])
+        self.backend.step_applied, self.backend.grad_norm = bool(result[0]), result[1]
         with _rerun_state_machine_disabled():
             self.last_measurement = self.probe.measure(self.backend, self.iteration, lr,
                                                        list(self.relative_data_iterators), training_loss)

@@ -8,11 +8,12 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from megatron_sharpness.backends.pytorch import LossFn, TorchBackend
+from megatron_sharpness.backends.pytorch import LossFn, TorchBackend, _unwrapped
 from megatron_sharpness.checks import checked_loggers, require_callable, require_optimizer, require_positive_int
 from megatron_sharpness.config import SharpnessConfig, require_config
 from megatron_sharpness.loggers import JsonlLogger, MeasurementLogger, WarningLogger
 from megatron_sharpness.measurement import Measurement
+from megatron_sharpness.policies import lr_scaled
 from megatron_sharpness.probe import SharpnessProbe
 
 
@@ -97,19 +98,34 @@ class TorchSharpnessProbe:
                 # records with the steps of the first leg; the optimizer's count survived the resume.
                 self.iteration = optimizer_step_count(self.optimizer)
             self.iteration += 1
-        if not self.probe.is_due(self.iteration):
-            run_step()
-            return None
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        self.backend.snapshot()
-        try:
-            run_step()
-        except BaseException:
-            self.backend.restore()
-            raise
+        with lr_scaled(*self._guarded_groups()):
+            if not self.probe.is_due(self.iteration):
+                run_step()
+                return None
+            lr = float(self.optimizer.param_groups[0]["lr"])
+            self.backend.snapshot()
+            try:
+                run_step()
+            except BaseException:
+                self.backend.restore()
+                raise
         self.backend.loss_fns = {None: loss_fn, **self.relative_tasks}
         baseline = None if training_loss is None else self.backend.reduce_loss(training_loss, "training_loss")
         return self.probe.measure(self.backend, self.iteration, lr, list(self.relative_tasks), baseline)
+
+    def _guarded_groups(self) -> tuple[list[dict], float]:
+        """The param groups the lr guard scales at this step, and by how much: every group, or where
+        the guard acted on one module group, the param groups that hold its parameters."""
+        guard = self.probe.guard
+        if guard is None:
+            return [], 1.0
+        factor, module_group = guard.lr_factor(self.iteration)
+        groups = self.optimizer.param_groups
+        if module_group is not None and factor != 1.0:
+            names = set(self.probe.group_members(module_group))
+            held = {id(param) for name, param in _unwrapped(self.backend.model).named_parameters() if name in names}
+            groups = [group for group in groups if any(id(param) in held for param in group["params"])]
+        return groups, factor
 
     def close(self) -> None:
         self.probe.close()

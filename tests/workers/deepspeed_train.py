@@ -79,7 +79,9 @@ def ds_config(a):
         "critical_sharpness": {"enabled": True, "interval": a.interval, "micro_batches": a.micro_batches,
                                "log_file": a.log_file, "reuse_training_loss": a.reuse_training_loss,
                                "write": a.write,
-                               **({"modules": "default", "modules_interval": 1} if a.modules else {})},
+                               **({"modules": "default", "modules_interval": 1} if a.modules else {}),
+                               # The guard at every measured step, aiming far below the critical lr.
+                               **({"guard": a.guard, "guard_ratio": 1e-6, "guard_target": 1e-3} if a.guard else {})},
     }
     if a.dtype == "bf16":
         config["bf16"] = {"enabled": True}
@@ -254,6 +256,7 @@ def reference_run(a, rank):
         checks.update(hand_checks(a, engine, local, before, after))
         checks["sharded"] = {key: value for key, value in hand_checks(a, engine, sharded, before, after).items()
                              if key != "groups"}
+        checks.update(commit_checks(engine, a, data, local))
     engine.destroy()
     return reference, checks
 
@@ -351,6 +354,45 @@ def fp64_errors(engine, record, theta_t, theta_next, batches):
     return errors
 
 
+def commit_checks(engine, a, data, backend):
+    """One more step, shortened to a quarter by the guard's commit() (of layer_1 alone with
+    --modules): the gathered params are the trial point s = 1/4 (the group's; θ_{t+1} elsewhere), this
+    rank's master partition holds lerp(θ_t, θ_{t+1}, 1/4) exactly, and the optimizer's state is what
+    the real step left."""
+    layout = master_layout(engine)
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+    def moments():
+        return [t.clone() for s in base.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+
+    for micro in range(a.gas):
+        tokens, targets = next(data)
+        engine.set_gradient_accumulation_boundary(micro == a.gas - 1)
+        engine.backward(engine(tokens, targets))
+    theta_t = [m.detach().clone() for m, _ in layout.pairs()]
+    backend.snapshot()
+    engine.step()
+    skipped = backend.after_step()
+    if skipped is not None:  # an fp16 overflow: the test sees this key instead of the commit's
+        backend.restore()
+        return {"commit_step_skipped": skipped}
+    after, state_after = full_params(engine), moments()
+    theta_next = [m.detach().clone() for m, _ in layout.pairs()]
+    group = default_groups(backend.parameter_names())["layer_1"] if a.modules else None
+    backend.write(0.25)
+    quarter = full_params(engine)
+    backend.commit(0.25, group)
+    backend.restore()
+    in_group = [group is None or name in group for name, _ in engine.module.named_parameters()]
+    checks = {"committed": all(torch.equal(p, q if moved else r) for p, q, r, moved in
+                               zip(full_params(engine), quarter, after, in_group)),
+              "commit_keeps_optimizer_state": all(torch.equal(x, y) for x, y in zip(moments(), state_after))}
+    if group is None:
+        checks["masters_committed"] = all(torch.equal(m, torch.lerp(old, new, 0.25)) for (m, _), old, new
+                                          in zip(layout.pairs(), theta_t, theta_next))
+    return checks
+
+
 def probe_run(a, rank, write):
     a.write = write
     engine = build(a)
@@ -390,6 +432,9 @@ def probe_run(a, rank, write):
             errors += fp64_errors(engine, records[-1], theta_t, full_masters(engine),
                                   {None: drawn[-1], "held-out": held_out})
     probed = state(engine)
+    probed["consistent"] = [torch.tensor(all(torch.equal(target, master.to(target.dtype))
+                                             for master, target in master_layout(engine).pairs()))]
+    probed["lr_after"] = [torch.tensor(float(engine.get_lr()[0]), dtype=torch.float64)]
     optimizer = type(engine.optimizer).__name__
     sharpness.detach()
     mistake = model_output_mistake(engine, data) if a.mistake and write == a.writes[0] else None
@@ -454,6 +499,7 @@ def main():
     parser.add_argument("--frozen-block", action="store_true", help="the first block in eval mode throughout")
     parser.add_argument("--mistake", action="store_true",
                         help="after the run, one step with a model returning (logits, loss) and no loss_from_output")
+    parser.add_argument("--guard", default=None, choices=["shorten", "lr"], help="the guard, firing at every measurement")
     parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL[:nan]",
                         help="rank RANK raises torch.OutOfMemoryError in its CALL-th probe loss of step STEP")
     parser.add_argument("--snapshot-oom", default=None, metavar="RANK:STEP",
@@ -474,7 +520,8 @@ def main():
         equal = {key: len(reference[key]) == len(probed[key]) and all(
             x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(reference[key], probed[key])) for key in reference}
         runs[write] = {"optimizer": optimizer, "bitwise_equal": equal, "records": records,
-                       "training_losses": training_losses, "fp64_errors": errors}
+                       "training_losses": training_losses, "fp64_errors": errors,
+                       "masters_match_model": bool(probed["consistent"][0]), "lr_after": probed["lr_after"][0].item()}
         if mistake is not None:
             runs[write]["mistake"] = mistake
     result = {"rank": rank, "checks": checks, **runs[a.writes[0]], "writes": runs}

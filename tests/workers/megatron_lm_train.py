@@ -14,6 +14,7 @@ install_cpu_shims()
 
 from megatron.core import parallel_state as ps  # noqa: E402
 
+from megatron_sharpness.backends.megatron import leaf_optimizers, master_pairs  # noqa: E402
 from megatron_sharpness.integrations import megatron_lm  # noqa: E402
 from megatron_sharpness.testing.megatron_gpt import (TinyGPTSetup, build_model_and_optimizer,  # noqa: E402
                                                       init_gloo_model_parallel, megatron_lm_train_step,
@@ -66,8 +67,13 @@ def main():
             megatron_lm.write_scalars(writer, wandb_writer, iteration, consumed_samples)
             print(log_string, flush=True)
     rank = torch.distributed.get_rank()
+    for chunk in model:  # the last step's param all-gather, before comparing shards
+        chunk.start_param_sync(force_sync=True)
+    consistent = all(torch.equal(target, main.to(target.dtype))
+                     for leaf in leaf_optimizers(optimizer) for main, target in master_pairs(leaf))
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as out:
-        json.dump({"scalars": writer.scalars + wandb_writer.scalars, "left": sum(1 for _ in train_data)}, out)
+        json.dump({"scalars": writer.scalars + wandb_writer.scalars, "left": sum(1 for _ in train_data),
+                   "masters_match_model": consistent}, out)
     shutdown_model_parallel()
 
 

@@ -123,7 +123,7 @@ def ulps_apart(x, y, scale):
 
 def reference_run(a):
     chunks, optimizer = build(a)
-    iterators = data_iterators(a, 0, a.steps + 1)
+    iterators = data_iterators(a, 0, a.steps + 2)
     losses = [reduce_lm_loss(train_step(a, chunks, optimizer, iterators)[0]).item() for _ in range(a.steps)]
     reference = state(chunks, optimizer)
 
@@ -159,7 +159,45 @@ def reference_run(a):
     checks.update(hand_checks(a, chunks, local, before, after, params))
     checks["sharded"] = {key: value for key, value in hand_checks(a, chunks, sharded, before, after, params).items()
                          if key not in ("groups", "group_nonempty_here")}
+    checks.update(commit_checks(a, chunks, optimizer, iterators, params))
     return reference, checks, losses
+
+
+def commit_checks(a, chunks, optimizer, iterators, params):
+    """One more step, shortened to a quarter by the guard's commit() (of layer_1 alone with
+    --modules): the model params are the trial point s = 1/4 (the group's elements; θ_{t+1} elsewhere),
+    the master shard holds lerp(θ_t, θ_{t+1}, 1/4) exactly, and the optimizer's state is what the
+    real step left."""
+    leaves = leaf_optimizers(optimizer)
+
+    def mains():
+        return [main.detach().clone() for leaf in leaves for main, _ in master_pairs(leaf)]
+
+    def moments():
+        return [t.clone() for leaf in leaves for s in leaf.optimizer.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor)]
+
+    backend = MegatronBackend(optimizer, chunks, evaluate=None)
+    forward_backward(a, chunks, optimizer, iterators if a.vpp else iterators[0])
+    theta_t = mains()
+    backend.snapshot()
+    optimizer.step()
+    backend.after_step()
+    after, theta_next, state_after = params(), mains(), moments()
+    group = default_groups(backend.parameter_names())["layer_1"] if a.modules else None
+    backend.write(0.25)
+    quarter = params()
+    backend.commit(0.25, group)
+    backend.restore()
+    by_id = canonical_names(chunks)
+    in_group = [group is None or by_id[id(p)] in group for c in chunks for p in c.parameters()]
+    checks = {"committed": all(torch.equal(p, q if moved else r) for p, q, r, moved in
+                               zip(params(), quarter, after, in_group)),
+              "commit_keeps_optimizer_state": all(torch.equal(x, y) for x, y in zip(moments(), state_after))}
+    if group is None:
+        checks["masters_committed"] = all(torch.equal(m, torch.lerp(old, new, 0.25))
+                                          for m, old, new in zip(mains(), theta_t, theta_next))
+    return checks
 
 
 def probe_run(a, write):
