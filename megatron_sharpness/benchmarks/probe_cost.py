@@ -55,9 +55,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--ranks", type=int, default=2, help="ranks per job (data parallelism)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows here (cost_model.py reads them)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds one job may run (default 3600)")
     a = parser.parse_args(argv)
 
-    rows = []
+    from megatron_sharpness.testing.launch import LaunchError
+
+    rows, failed = [], []
     for size in a.sizes:
         for name, module, args, writes in SETUPS:
             if name not in a.setups:
@@ -66,15 +69,25 @@ def main(argv: list[str] | None = None) -> None:
                 label = f"{name.replace('DP', f'DP{a.ranks}')} {size}"
                 setups = {label: (a.ranks, [*args, *worker_args(module, size, a), "--write", write])}
                 env = {"PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": a.device}
-                [(label, result)] = run_setups(module, setups, [], env)
+                try:
+                    [(label, result)] = run_setups(module, setups, [], env, a.timeout)
+                except LaunchError as error:  # the other rows still count
+                    failed.append(f"{label}, write {write}: {str(error).splitlines()[0]}")
+                    continue
                 rows.append((label, {**result, "setup": name, "size": size}))
+                if a.json:  # after every row: a run cut short keeps what it measured
+                    with open(a.json, "w") as out:
+                        json.dump({"device": a.device, "ranks": a.ranks, "rows": [row for _, row in rows]}, out,
+                                  indent=1)
     print(f"{a.ranks} ranks ({a.device}), one micro-batch of {a.micro_batch_size}×{a.seq_length} per step and per "
           f"probe forward, probe every {a.interval} steps; medians over the probes after the first")
     print(cost_table(rows))
+    for line in failed:
+        print(f"failed: {line}")
     if a.json:
-        with open(a.json, "w") as out:
-            json.dump({"device": a.device, "ranks": a.ranks, "rows": [row for _, row in rows]}, out, indent=1)
         print(f"rows written to {a.json}", file=sys.stderr)
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
