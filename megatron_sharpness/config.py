@@ -18,6 +18,8 @@ from megatron_sharpness.search import DEFAULT_MAX_SEARCH, DEFAULT_TOL, SEARCH_ME
 
 # What a failed probe forward does: record the failure and go on, or fail fast.
 ON_ERROR = ("skip", "raise")
+# How trial points reach the parameters the forward reads (README "Trial-point writes").
+WRITE_MODES = ("auto", "local", "sharded")
 # What the guard does at a measured step past guard_ratio (policies.py).
 GUARD_MODES = ("off", "shorten", "lr")
 
@@ -75,6 +77,15 @@ class SharpnessConfig:
     guard_ratio: lr/critical lr above which the guard acts.
     guard_target: κ in (0, 1]: the guard aims at κ times the critical lr.
     guard_recovery: steps over which the lr guard's factor returns to 1.
+    write: how trial points reach the parameters the forward reads, where the optimizer shards its
+        fp32 master over data parallelism (Megatron's distributed optimizer, ZeRO-1/2,
+        BF16_Optimizer). "sharded": each rank writes its master shard's trial point and the
+        framework all-gathers the parameters, per trial point. "local": every rank keeps θ_{t+1}
+        and the step in the model dtype (2 + 2 bytes per parameter of its tensor/pipeline slice)
+        and writes trial points from 1/2 of the step on into its own full parameters, with no
+        collective. "auto": local where the optimizer allows it and it fits write_memory_budget_mib.
+    write_memory_budget_mib: with write "auto", the most memory per rank (MiB) that local writes
+        may hold; None: no limit.
     """
 
     enabled: bool = True
@@ -98,6 +109,8 @@ class SharpnessConfig:
     guard_ratio: float = 0.5
     guard_target: float = 0.5
     guard_recovery: int = 100
+    write: str = "auto"
+    write_memory_budget_mib: float | None = None
 
     def __post_init__(self) -> None:
         _require(isinstance(self.enabled, bool), "enabled", self.enabled, "true or false")
@@ -137,6 +150,12 @@ class SharpnessConfig:
                  "a number in (0, 1] (the fraction of the critical lr the guard aims at)")
         _require(_is_int(self.guard_recovery) and self.guard_recovery >= 1, "guard_recovery", self.guard_recovery,
                  "an integer >= 1 (steps for the lr guard's factor to return to 1)")
+        _require(self.write in WRITE_MODES, "write", self.write, " or ".join(WRITE_MODES))
+        budget = self.write_memory_budget_mib
+        _require(budget is None or (_is_real(budget) and math.isfinite(budget) and budget >= 0),
+                 "write_memory_budget_mib", budget, "a finite number >= 0 (MiB per rank), or null for no limit")
+        _require(budget is None or self.write == "auto", "write_memory_budget_mib", budget,
+                 f"null unless write is \"auto\" (write={self.write!r} does not choose)")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -39,6 +39,11 @@ def test_defaults_follow_the_paper():
     ("modules_on_warning", "yes", "true or false"),
     ("warn_ratio", 0.0, "finite number > 0"),
     ("warn_ratio", math.inf, "finite number > 0"),
+    ("write", "fast", "auto or local or sharded"),
+    ("write", None, "auto or local or sharded"),
+    ("write_memory_budget_mib", -1, "finite number >= 0"),
+    ("write_memory_budget_mib", math.nan, "finite number >= 0"),
+    ("write_memory_budget_mib", "1 GiB", "finite number >= 0"),
 ])
 def test_each_bad_value_names_the_field_and_what_is_allowed(field, value, allowed):
     with pytest.raises(ConfigError) as error:
@@ -74,3 +79,11 @@ def test_modules_from_a_ds_config_section_normalise_to_pattern_lists():
     assert config.modules == {"emb": ["embedding.*"], "out": ["output_layer.*", "re:final"]}
     assert config.to_dict()["modules"] == config.modules and config.warn_ratio == 2
     assert SharpnessConfig().modules is None and SharpnessConfig(modules="default").modules == "default"
+
+
+def test_a_write_memory_budget_only_with_write_auto():
+    assert SharpnessConfig(write_memory_budget_mib=512).write == "auto"
+    with pytest.raises(ConfigError) as error:
+        SharpnessConfig(write="local", write_memory_budget_mib=512)
+    assert "write_memory_budget_mib=512 is invalid" in str(error.value) and "write='local'" in str(error.value)
+    assert SharpnessConfig.from_dict({"write": "sharded"}).write == "sharded"

@@ -66,7 +66,16 @@ def test_module_flags_map_onto_the_config():
     assert config_from_args(args).modules == {"emb": ["embedding.*"], "attn": ["*.self_attention.*", "re:linear_proj"]}
 
 
+def test_write_flags_map_onto_the_config():
+    args = parse("--critical-sharpness-interval", "5", "--critical-sharpness-write-memory-budget-mib", "2048")
+    assert config_from_args(args) == SharpnessConfig(interval=5, write="auto", write_memory_budget_mib=2048.0)
+    args = parse("--critical-sharpness-interval", "5", "--critical-sharpness-write", "sharded")
+    assert config_from_args(args) == SharpnessConfig(interval=5, write="sharded")
+
+
 @pytest.mark.parametrize("flag, value, message", [
+    ("--critical-sharpness-write", "fast", "write='fast' is invalid; allowed: auto or local or sharded"),
+    ("--critical-sharpness-write-memory-budget-mib", "-1", "write_memory_budget_mib=-1.0 is invalid"),
     ("--critical-sharpness-modules", "embedding", "'embedding' is invalid; allowed: default, or NAME=PATTERN"),
     ("--critical-sharpness-modules", "x=re:(", "modules={'x': ['re:(']} is invalid; allowed: valid regular expressions after re:"),
     ("--critical-sharpness-modules-interval", "-1", "modules_interval=-1 is invalid"),

@@ -24,11 +24,13 @@ from torch._utils import _unflatten_dense_tensors
 from megatron_sharpness.backends.groups import (GroupSelection, Segment, commit_pairs, local_names,
                                                 union_in_rank_order, view_segments, whole, write_group)
 from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_into
+from megatron_sharpness.backends.local import (LOCAL_DTYPES, LOCAL_FROM, LocalWrites, agree_on_snapshot, offset_in,
+                                               wants_local)
 from megatron_sharpness.backends.modes import ModuleModes
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
-from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, agree_loss, any_rank_failed, report_local_failure,
-                                       snapshot_skip_reason, take_local_non_finite)
+from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, agree_loss, report_local_failure, snapshot_skip_reason,
+                                       take_local_non_finite)
 
 SUPPORTED_OPTIMIZERS = ("DeepSpeedZeroOptimizer (ZeRO-1/2, with or without offload_optimizer)",
                         "DeepSpeedZeroOptimizer_Stage3 (ZeRO-3, with or without offload_optimizer)",
@@ -41,6 +43,8 @@ class _MasterLayout:
 
     # True where the master *is* the model param: writing a trial point then overwrites θ_{t+1}.
     master_is_model = False
+    # True where a trial point reaches the other ranks' params only through a collective.
+    needs_gather = False
 
     def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
@@ -54,6 +58,18 @@ class _MasterLayout:
 
     def after_write(self) -> None:
         pass
+
+    def settle(self) -> None:
+        """At the end of a probe, with θ_{t+1} back: the state the optimizer's own step leaves."""
+
+    def local_flats(self) -> list[torch.Tensor]:
+        """The full model-dtype tensors (one per pair, in pair order) that hold every rank's
+        params after the step's all-gather, where local writes can serve; [] elsewhere."""
+        return []
+
+    def gather_steps(self, steps: list[torch.Tensor]) -> list:
+        """Starts the all-gathers of the step buffers (laid out like local_flats()); their works."""
+        raise NotImplementedError
 
 
 class _PartitionedLayout(_MasterLayout):
@@ -75,6 +91,8 @@ class _PartitionedLayout(_MasterLayout):
         return [view_segments(partition, [(names[id(p)], p.data) for p in params])
                 for (_, partition), params in zip(self.pairs(), self.params)]
 
+    needs_gather = True
+
     def after_write(self):
         optimizer = self.optimizer
         all_gather_dp_groups(groups_flat=self.groups_flat, partitioned_param_groups=self.partitions,
@@ -82,8 +100,26 @@ class _PartitionedLayout(_MasterLayout):
                              start_alignment_factor=optimizer.nccl_start_alignment_factor,
                              allgather_bucket_size=optimizer.allgather_bucket_size)
 
+    def local_flats(self):
+        return list(self.groups_flat) if all(flat.dtype in LOCAL_DTYPES for flat in self.groups_flat) else []
+
+    def gather_steps(self, steps):
+        # As all_gather_dp_groups gathers the params: this rank's partition of each step buffer
+        # lies where its partition of the params does.
+        works = []
+        for step, flat, parts, group in zip(steps, self.groups_flat, self.partitions,
+                                            self.optimizer.real_dp_process_group):
+            if ds_comm.get_world_size(group=group) > 1:
+                own = parts[ds_comm.get_rank(group=group)]
+                start = offset_in(flat, own)
+                works.append(ds_comm.all_gather_into_tensor(step, step[start:start + own.numel()], group=group,
+                                                            async_op=True))
+        return works
+
 
 class _Zero3Layout(_MasterLayout):
+    needs_gather = True
+
     def __init__(self, optimizer: DeepSpeedZeroOptimizer_Stage3):
         self.optimizer = optimizer
 
@@ -102,12 +138,24 @@ class _Zero3Layout(_MasterLayout):
         self.optimizer.parameter_offload.partition_all_parameters()
 
     def after_write(self):
+        # The persistent params stay released: the next forward fetches them with their modules'
+        # other params (one coalesced all-gather each) instead of one all-gather per param here.
         optimizer = self.optimizer
         for sub_group in range(len(optimizer.fp16_partitioned_groups_flat)):
             optimizer._unflatten_partitioned_parameters(sub_group)
-        if optimizer.persistent_parameters:
-            optimizer.persistent_parameters[0].all_gather(optimizer.persistent_parameters)
         optimizer.invalidate_secondary_tensor()
+
+    def settle(self):
+        # As the optimizer's step leaves them: the persistent params gathered, every other one
+        # released (a probe forward keeps its params gathered "for the backward", as a training
+        # forward does). Coalesced, as ZeRO-3's forward fetches (by whether a param holds a
+        # secondary partition), where the step gathers them one collective each.
+        self.before_write()
+        persistent = self.optimizer.persistent_parameters
+        for group in ([p for p in persistent if p.ds_secondary_tensor is not None],
+                      [p for p in persistent if p.ds_secondary_tensor is None]):
+            if group:
+                group[0].all_gather_coalesced(group).wait()
 
 
 class _FusedFp16Layout(_MasterLayout):
@@ -189,10 +237,25 @@ class DeepSpeedBackend:
 
     loss_bits = 24
 
-    def __init__(self, engine, evaluate: Evaluator):
+    def __init__(self, engine, evaluate: Evaluator, write: str = "auto", write_memory_budget_mib: float | None = None):
         self.engine = engine
         self.layout = master_layout(engine)
         self.evaluate = evaluate
+        self._flats = self.layout.local_flats()
+        if write == "local" and self.layout.needs_gather and not self._flats:
+            kind = type(engine.optimizer).__name__
+            raise ValueError(f"critical sharpness: write='local' needs every rank to hold the full bf16/fp16 params "
+                             f"after the step (ZeRO-1/2, BF16_Optimizer); {kind} "
+                             f"{'partitions them (ZeRO-3)' if isinstance(self.layout, _Zero3Layout) else 'holds fp32 params'}"
+                             "; use write='sharded' or 'auto'")
+        self.write_mode, self.write_memory_budget_mib = write, write_memory_budget_mib
+        # auto stops asking for local writes once their buffers did not fit on some rank.
+        self._local_failed = False
+        self._local: LocalWrites | None = None
+        self.writes_locally = False
+        # Whether the params hold θ_{t+1} now (right after the step, after restore or s = 1): a
+        # write of s = 1 then needs no collective.
+        self._holds_next = False
         self.batches: list[Batch] = []
         self.relative_batches: dict[str, Sequence[Batch]] = {}
         self.micro_batch_counts: dict[str | None, int] = {}
@@ -210,15 +273,31 @@ class DeepSpeedBackend:
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        error = None
+        error = local_error = None
         try:
             self._theta_t = [master.detach().clone() for master, _ in self.layout.pairs()]
         except OUT_OF_MEMORY as caught:
             error, self._theta_t = caught, None
-        # Every rank skips the measurement if any rank's partition did not fit.
-        self._snapshot_skipped = snapshot_skip_reason(any_rank_failed(error))
+        wanted = (bool(self._flats) and not self._local_failed
+                  and wants_local(self.write_mode, self.write_memory_budget_mib, self._flats))
+        self._local = None
+        if wanted and error is None:
+            try:
+                self._local = LocalWrites(self._flats, self.layout.gather_steps)
+            except OUT_OF_MEMORY as caught:
+                local_error = caught
+        # Every rank skips the measurement if any rank's partition did not fit, and writes locally
+        # only where every rank can.
+        errors, local_errors, everywhere = agree_on_snapshot(error, local_error, wanted)
+        if local_errors and self.write_mode == "local":
+            errors = errors or local_errors
+        self._local_failed = self._local_failed or bool(local_errors)
+        if local_errors or not everywhere:
+            self._local = None
+        self._snapshot_skipped = snapshot_skip_reason(errors)
         if self._snapshot_skipped is not None:
-            self._theta_t = None
+            self._theta_t = self._local = None
+        self.writes_locally = self._local is not None  # this measurement's mode, for logs and benchmarks
 
     @torch.no_grad()
     def after_step(self) -> str | None:
@@ -229,13 +308,27 @@ class DeepSpeedBackend:
             return "DeepSpeed skipped the step (fp16 gradient overflow)"
         masters = [master for master, _ in self.layout.pairs()]
         self._theta_next = [m.clone() for m in masters] if self.layout.master_is_model else masters
+        self._holds_next = True
         self._rng = RngState.capture()
         self._modes = ModuleModes([self.engine.module])
         # The histogram's counts also say whether any rank's step changed a parameter.
-        histogram = ResolutionHistogram.of_step([target for _, target in self.layout.pairs()], self._theta_t,
+        pairs = self.layout.pairs()
+        histogram = ResolutionHistogram.of_step([target for _, target in pairs], self._theta_t,
                                                 self._theta_next, self.engine.device)
-        ds_comm.all_reduce(histogram.counts)
-        self._floor = histogram.floor()
+        if self._local is None:
+            ds_comm.all_reduce(histogram.counts)
+            self._floor = histogram.floor()
+        else:
+            # One pair per flat: a param group's master partition and this rank's partition.
+            shards = [[(new, old, target)] for (_, target), old, new in zip(pairs, self._theta_t, self._theta_next)]
+            self._local.take_step(shards)
+            line = self._local.histogram(shards, self.engine.device)
+            both = torch.cat([histogram.counts, line.counts])
+            ds_comm.all_reduce(both)
+            histogram.counts, line.counts = both.split(histogram.counts.numel())
+            # Trial points on either side of LOCAL_FROM come from a different line: none below
+            # the floor of either.
+            self._floor = max(histogram.floor(), line.floor())
         return None if histogram.counts.sum().item() > 0 else "the step changed no parameter (zero update)"
 
     def resolution_floor(self) -> float:
@@ -265,16 +358,29 @@ class DeepSpeedBackend:
     @torch.no_grad()
     def write(self, step_multiple: float) -> None:
         assert self._theta_t is not None and self._theta_next is not None
-        self.layout.before_write()
-        for index, ((_, target), old, new) in enumerate(zip(self.layout.pairs(), self._theta_t, self._theta_next)):
-            write_group(target, old, new, step_multiple, self._group.pair(index))
-        self.layout.after_write()
+        whole_update = self._group.ranges is None
+        if whole_update and step_multiple == 1.0 and self._holds_next:
+            return
+        if self._local is not None and whole_update and step_multiple >= LOCAL_FROM:
+            self._local.write(step_multiple)
+        else:
+            self.layout.before_write()
+            for index, ((_, target), old, new) in enumerate(zip(self.layout.pairs(), self._theta_t, self._theta_next)):
+                write_group(target, old, new, step_multiple, self._group.pair(index))
+            self.layout.after_write()
+        self._holds_next = whole_update and step_multiple == 1.0
 
     def commit(self, step_multiple: float, names: Collection[str] | None) -> None:
         # θ_{t+1} is this rank's fp32 master partition itself (a clone where the master is the
         # model param): the shortened step lands there, and restore() copies and gathers it.
         assert self._theta_t is not None and self._theta_next is not None
         commit_pairs(self._theta_t, self._theta_next, step_multiple, self._segments_of_pairs(), names)
+        # The params no longer hold θ_{t+1}, and local writes' anchor is not the committed point:
+        # restore() takes the sharded path.
+        self._holds_next = False
+        if self._local is not None:
+            self._local.wait()  # its step's all-gather may still write into the step
+            self._local = None
 
     @torch.no_grad()
     def write_rounding_noise(self, sample: int) -> bool:
@@ -292,6 +398,7 @@ class DeepSpeedBackend:
                 target.copy_(old)
             offset += old.numel()
         self.layout.after_write()
+        self._holds_next = False
         return True
 
     @torch.no_grad()
@@ -314,13 +421,18 @@ class DeepSpeedBackend:
     @torch.no_grad()
     def restore(self) -> None:
         if self._theta_next is not None:
-            self.layout.before_write()
-            for (_, target), new in zip(self.layout.pairs(), self._theta_next):
-                target.copy_(new)
-            self.layout.after_write()
+            if self._local is not None and not self._holds_next:
+                self._local.restore()
+            elif not self._holds_next:
+                self.layout.before_write()
+                for (_, target), new in zip(self.layout.pairs(), self._theta_next):
+                    target.copy_(new)
+                self.layout.after_write()
+            self.layout.settle()
             self._rng.restore()
             self._modes.restore()
-        self._theta_t = self._theta_next = self._rng = None
+        self._theta_t = self._theta_next = self._rng = self._local = None
+        self._holds_next = False
         self._group.clear()
 
 

@@ -20,8 +20,10 @@ from megatron.core.transformer.module import param_is_not_shared
 
 from megatron_sharpness.backends.groups import (GroupSelection, Segment, commit_pairs, local_names, union_in_rank_order,
                                                 whole, write_group)
+from megatron_sharpness.backends.local import (LOCAL_DTYPES, LOCAL_FROM, LocalWrites, agree_on_snapshot, offset_in,
+                                               wants_local)
 from megatron_sharpness.backends.modes import ModuleModes
-from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, UsageError, agree_loss, any_rank_failed, note_local_loss,
+from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, UsageError, agree_loss, note_local_loss,
                                        report_local_failure, snapshot_skip_reason, take_local_non_finite)
 from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_into
 from megatron_sharpness.backends.resolution import ResolutionHistogram
@@ -117,20 +119,51 @@ def reject_unsupported_model(model_chunks: Sequence[torch.nn.Module]) -> None:
             raise _unsupported(f"a model chunk of type {kind} (wrap it in megatron.core DistributedDataParallel)")
 
 
+def gathered_flats(leaves: Sequence) -> list[torch.Tensor]:
+    """The param buffers the distributed optimizers all-gather after their step (one per model
+    chunk and dtype): every model param of the slice is a view into one of them."""
+    flats = {}
+    for leaf in leaves:
+        if isinstance(leaf, DistributedOptimizer) and not getattr(leaf, "is_stub_optimizer", False):
+            for buffer in leaf.buffers:
+                flats[buffer.param_data.data_ptr()] = buffer.param_data
+    return list(flats.values())
+
+
 class MegatronBackend:
     """loss_bits: megatron-core's losses are fp32 sums (loss_func's convention). batches: per model chunk, the micro-batches its data iterator yielded during the step.
     micro_batch_counts: how many micro-batches each task runs, the same on every rank.
     relative_batches: per relative task, in the same per-chunk form. step_applied: what
-    optimizer.step() returned as its first value (False when the loss scaler skipped the step)."""
+    optimizer.step() returned as its first value (False when the loss scaler skipped the step).
+    write, write_memory_budget_mib: SharpnessConfig's (how trial points reach the params)."""
 
     loss_bits = 24
 
-    def __init__(self, optimizer, model_chunks: Sequence[torch.nn.Module], evaluate: Evaluator):
+    def __init__(self, optimizer, model_chunks: Sequence[torch.nn.Module], evaluate: Evaluator,
+                 write: str = "auto", write_memory_budget_mib: float | None = None):
         reject_unsupported_model(model_chunks)
         self.leaves = leaf_optimizers(optimizer)
         self.model_chunks = list(model_chunks)
         self.evaluate = evaluate
         self.uses_param_gather = any(isinstance(leaf, DistributedOptimizer) for leaf in self.leaves)
+        self.overlap_param_gather = any(getattr(getattr(chunk, "ddp_config", None), "overlap_param_gather", False)
+                                        for chunk in self.model_chunks)
+        self._flats = gathered_flats(self.leaves)
+        # Local writes serve where every gathered param is bf16/fp16 (fp32 params under the
+        # distributed optimizer alias their master: nothing to gain).
+        self.local_possible = bool(self._flats) and all(flat.dtype in LOCAL_DTYPES for flat in self._flats)
+        if write == "local" and self.uses_param_gather and not self.local_possible:
+            raise ValueError("critical sharpness: write='local' needs the distributed optimizer's params in bf16 or "
+                             f"fp16; this model's gathered params are {sorted({str(f.dtype) for f in self._flats})}; "
+                             "use write='sharded' or 'auto'")
+        self.write_mode, self.write_memory_budget_mib = write, write_memory_budget_mib
+        # auto stops asking for local writes once their buffers did not fit on some rank.
+        self._local_failed = False
+        self._local: LocalWrites | None = None
+        self.writes_locally = False
+        # Whether the params hold θ_{t+1} now (right after the step, after restore or s = 1): a
+        # write of s = 1 then needs no all-gather.
+        self._holds_next = False
         self.batches: list[list[Any]] = []
         self.relative_batches: dict[str, list[list[Any]]] = {}
         self.micro_batch_counts: dict[str | None, int] = {}
@@ -141,6 +174,7 @@ class MegatronBackend:
         self.non_finite_ranks: tuple[int, ...] | None = None
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._models: list[torch.nn.Parameter] = []  # the model param of each pair
+        self._flat_of_pair: list[int | None] = []
         self._segments: list[list[Segment]] = []
         self._all_names: list[str] | None = None
         self._group = GroupSelection(dist.all_reduce)  # shards differ across the world
@@ -156,18 +190,38 @@ class MegatronBackend:
         triples = [triple for leaf in self.leaves for triple in master_triples(leaf)]
         self._pairs = [(main, target) for main, target, _ in triples]
         self._models = [model for _, _, model in triples]
+        # Per pair, the gathered param buffer its model side lies in (None: not gathered).
+        self._flat_of_pair = [next((index for index, flat in enumerate(self._flats)
+                                    if offset_in(flat.view(-1), target) is not None), None)
+                              for _, target in self._pairs]
         names = canonical_names(self.model_chunks)
         self._segments = [whole(names.get(id(model), f"unnamed_{index}"), main)
                           for index, (main, _, model) in enumerate(triples)]
-        error = None
+        error = local_error = None
         try:
             self._theta_t = [main.detach().clone() for main, _ in self._pairs]
         except OUT_OF_MEMORY as caught:
             error, self._theta_t = caught, None
-        # Every rank skips the measurement if any rank's shard did not fit.
-        self._snapshot_skipped = snapshot_skip_reason(any_rank_failed(error))
+        wanted = (self.local_possible and not self._local_failed
+                  and wants_local(self.write_mode, self.write_memory_budget_mib, self._flats))
+        self._local = None
+        if wanted and error is None:
+            try:
+                self._local = LocalWrites(self._flats, self._gather_steps)
+            except OUT_OF_MEMORY as caught:
+                local_error = caught
+        # Every rank skips the measurement if any rank's shard did not fit, and writes locally only
+        # where every rank can.
+        errors, local_errors, everywhere = agree_on_snapshot(error, local_error, wanted)
+        if local_errors and self.write_mode == "local":
+            errors = errors or local_errors
+        self._local_failed = self._local_failed or bool(local_errors)
+        if local_errors or not everywhere:
+            self._local = None
+        self._snapshot_skipped = snapshot_skip_reason(errors)
         if self._snapshot_skipped is not None:
-            self._theta_t, self._pairs, self._models = None, [], []
+            self._theta_t, self._pairs, self._models, self._local = None, [], [], None
+        self.writes_locally = self._local is not None  # this measurement's mode, for logs and benchmarks
 
     @torch.no_grad()
     def after_step(self) -> str | None:
@@ -179,15 +233,28 @@ class MegatronBackend:
         # Where the master is the model tensor itself a trial point would overwrite θ_{t+1}.
         self._theta_next = [main.detach().clone() if main.data_ptr() == target.data_ptr() else main
                             for main, target in self._pairs]
-        self._sync_params()  # also drains a param all-gather that overlap_param_gather deferred
+        if self.overlap_param_gather:
+            self._sync_params()  # the all-gather of θ_{t+1} was deferred to the next forward
+        self._holds_next = True
         self._rng = RngState.capture()
         self._modes = ModuleModes(self.model_chunks)
         # Summed over the world: tensor, pipeline and distributed-optimizer shards differ. The
         # counts also say whether any rank's step changed a parameter.
         histogram = ResolutionHistogram.of_step([target for _, target in self._pairs], self._theta_t,
                                                 self._theta_next, _device())
-        dist.all_reduce(histogram.counts)
-        self._floor = histogram.floor()
+        if self._local is None:
+            dist.all_reduce(histogram.counts)
+            self._floor = histogram.floor()
+        else:
+            shards = self._local_shards()
+            self._local.take_step(shards)
+            line = self._local.histogram(shards, _device())
+            both = torch.cat([histogram.counts, line.counts])
+            dist.all_reduce(both)
+            histogram.counts, line.counts = both.split(histogram.counts.numel())
+            # Trial points on either side of LOCAL_FROM come from a different line: none below
+            # the floor of either.
+            self._floor = max(histogram.floor(), line.floor())
         return None if histogram.counts.sum().item() > 0 else "the step changed no parameter (zero update)"
 
     def resolution_floor(self) -> float:
@@ -235,15 +302,30 @@ class MegatronBackend:
     @torch.no_grad()
     def write(self, step_multiple: float) -> None:
         assert self._theta_t is not None and self._theta_next is not None
+        whole_update = self._group.ranges is None
+        if whole_update and step_multiple == 1.0 and self._holds_next:
+            return
+        local = self._local is not None and whole_update and step_multiple >= LOCAL_FROM
+        if local:
+            self._local.write(step_multiple)
         for index, ((_, target), old, new) in enumerate(zip(self._pairs, self._theta_t, self._theta_next)):
-            write_group(target, old, new, step_multiple, self._group.pair(index))
-        self._sync_params()
+            if not (local and self._flat_of_pair[index] is not None):
+                write_group(target, old, new, step_multiple, self._group.pair(index))
+        if not local:
+            self._sync_params()
+        self._holds_next = whole_update and step_multiple == 1.0
 
     def commit(self, step_multiple: float, names: Collection[str] | None) -> None:
         # θ_{t+1} is the fp32 master itself (a clone where the master is the model param): the
         # shortened step lands in the master shard, and restore() copies and gathers it.
         assert self._theta_t is not None and self._theta_next is not None
         commit_pairs(self._theta_t, self._theta_next, step_multiple, self._segments, names)
+        # The params no longer hold θ_{t+1}, and local writes' anchor is not the committed point:
+        # restore() takes the sharded path.
+        self._holds_next = False
+        if self._local is not None:
+            self._local.wait()  # its step's all-gather may still write into the step
+            self._local = None
 
     @torch.no_grad()
     def write_rounding_noise(self, sample: int) -> bool:
@@ -259,6 +341,7 @@ class MegatronBackend:
                 target.copy_(old)
             offset += old.numel()
         self._sync_params()
+        self._holds_next = False
         return True
 
     @torch.no_grad()
@@ -280,15 +363,49 @@ class MegatronBackend:
     @torch.no_grad()
     def restore(self) -> None:
         if self._theta_next is not None:
-            for (_, target), new in zip(self._pairs, self._theta_next):
-                if target.data_ptr() != new.data_ptr():
-                    target.copy_(new)
-            self._sync_params()
+            if not self._holds_next:
+                if self._local is not None:
+                    self._local.restore()
+                for index, ((_, target), new) in enumerate(zip(self._pairs, self._theta_next)):
+                    local = self._local is not None and self._flat_of_pair[index] is not None
+                    if target.data_ptr() != new.data_ptr() and not local:
+                        target.copy_(new)
+                if self._local is None:
+                    self._sync_params()
             self._reset_random_state()
             self._modes.restore()
-        self._theta_t = self._theta_next = self._rng = None
+        self._theta_t = self._theta_next = self._rng = self._local = None
         self._pairs, self._segments, self._models = [], [], []
+        self._holds_next = False
         self._group.clear()
+
+    def _local_shards(self) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """Per gathered buffer: this rank's (θ_{t+1} master shard, θ_t of it, model-side view)."""
+        shards: list[list] = [[] for _ in self._flats]
+        for (_, target), old, new, flat in zip(self._pairs, self._theta_t, self._theta_next, self._flat_of_pair):
+            if flat is not None:
+                shards[flat].append((new, old, target))
+        return shards
+
+    def _gather_steps(self, steps: list[torch.Tensor]) -> list:
+        """Starts the all-gathers of the step buffers as megatron-core all-gathers the param
+        buffers: per bucket, over the bucket group's distributed-optimizer instance."""
+        works = []
+        for chunk in self.model_chunks:
+            for bucket_group in [*chunk.bucket_groups, *getattr(chunk, "expert_parallel_bucket_groups", [])]:
+                size = bucket_group.intra_distributed_optimizer_instance_size
+                rank = bucket_group.intra_distributed_optimizer_instance_rank
+                for bucket in bucket_group.buckets:
+                    for flat, step in zip(self._flats, steps):
+                        start = offset_in(flat.view(-1), bucket.param_data)
+                        if start is None:
+                            continue
+                        region = step[start:start + bucket.param_data.numel()]
+                        shard = region.numel() // size
+                        works.append(dist.all_gather_into_tensor(
+                            region, region[rank * shard:(rank + 1) * shard],
+                            group=bucket_group.intra_distributed_optimizer_instance_group, async_op=True))
+        return works
 
     def _sync_params(self) -> None:
         if self.uses_param_gather:

@@ -16,13 +16,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def run_setups(module: str, setups: dict[str, tuple[int, list[str]]], common: list[str],
-               env: dict[str, str]) -> list[tuple[str, dict]]:
+               env: dict[str, str], timeout: float = 600) -> list[tuple[str, dict]]:
     """Runs `python -m module --worker ARGS` on each setup's ranks; rank 0 prints `RESULT {json}`."""
     from megatron_sharpness.testing.launch import run_ranks
 
     rows = []
     for name, (world_size, args) in setups.items():
-        results = run_ranks(["-m", module, "--worker", *args, *common], world_size=world_size, timeout=600, env=env)
+        results = run_ranks(["-m", module, "--worker", *args, *common], world_size=world_size, timeout=timeout, env=env)
         line = next(line for line in results[0].output.splitlines() if line.startswith("RESULT "))
         rows.append((name, json.loads(line[len("RESULT "):])))
         print(f"done: {name}", file=sys.stderr, flush=True)

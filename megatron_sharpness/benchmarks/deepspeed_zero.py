@@ -1,10 +1,12 @@
-"""Benchmark of the DeepSpeed probe per ZeRO stage: a tiny GPT on 2 ranks (CPU, gloo). Not a test.
+"""Benchmark of the DeepSpeed probe per ZeRO stage: a GPT on 2 ranks (CPU, gloo; or one GPU per rank
+with NCCL). Not a test.
 
-Launches one 2-rank job per setup and prints a table: training step, one forward pass, the probe's
-total per measurement, forwards per measurement, probe / (forwards × micro-batches × forward), and
-the extra bytes the probe holds per rank next to the parameter bytes per data-parallel rank.
+Launches one job per setup and prints the table of benchmarks/megatron_layouts.py: training step,
+one forward pass of the probed micro-batches, the probe per measurement, forwards, probe /
+(forwards × forward), the non-forward and resolution-floor shares, collectives per probe, and the
+extra peak memory per rank against the fp32 partition 4·P/DP (benchmarks/instruments.py).
 
-    python -m megatron_sharpness.benchmarks.deepspeed_zero [--steps 40] [--interval 5]
+    python -m megatron_sharpness.benchmarks.deepspeed_zero [--steps 40] [--interval 5] [--write local]
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
-from megatron_sharpness.benchmarks import markdown_table, run_setups
+from megatron_sharpness.benchmarks import run_setups
+from megatron_sharpness.benchmarks.megatron_layouts import cost_table, medians
 
 SETUPS = {
     "ZeRO-0 fp32": (2, ["--stage", "0", "--dtype", "fp32"]),
@@ -28,11 +29,14 @@ SETUPS = {
 
 
 def worker(a: argparse.Namespace) -> None:
+    from megatron_sharpness.benchmarks.instruments import (CollectiveCounter, PhaseTimer, ProbeStats, clock,
+                                                           count_inside, instrument_backend, peak_allocated, since)
+
+    counter = CollectiveCounter()  # before DeepSpeed binds torch.distributed's functions
     import deepspeed
     import torch
     from deepspeed import comm as ds_comm
 
-    from megatron_sharpness.backends.lerp import LERP_CHUNK_ELEMENTS
     from megatron_sharpness.config import SharpnessConfig
     from megatron_sharpness.data import ByteBatches, embedded_corpus
     from megatron_sharpness.integrations.deepspeed import attach
@@ -41,13 +45,17 @@ def worker(a: argparse.Namespace) -> None:
     class GPTWithLoss(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.gpt = TinyGPT(width=a.width, layers=a.layers, heads=4, max_seq_len=a.seq_len)
+            self.gpt = TinyGPT(width=a.width, layers=a.layers, heads=a.heads, max_seq_len=a.seq_len)
 
         def forward(self, tokens, targets):
             return lm_loss(self.gpt, tokens, targets)
 
-    torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo")
+    if a.device == "cpu":
+        torch.set_num_threads(1)
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        deepspeed.init_distributed(dist_backend="nccl")
     torch.manual_seed(0)
     model = GPTWithLoss()
     config = {
@@ -64,53 +72,93 @@ def worker(a: argparse.Namespace) -> None:
     if a.offload:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
-    sharpness = attach(engine, SharpnessConfig(interval=a.interval, micro_batches=a.micro_batches), loggers=[])
+    write = "sharded" if a.stage == 3 and a.write == "local" else a.write  # ZeRO-3 partitions the params
+    sharpness = attach(engine, SharpnessConfig(interval=a.interval, micro_batches=a.micro_batches, write=write),
+                       loggers=[])
+    timer = PhaseTimer()
+    instrument_backend(timer, sharpness.probe, sharpness.backend, (sharpness.backend.layout, "after_write"))
+    count_inside(counter, sharpness.backend, "snapshot")
+    count_inside(counter, sharpness.probe, "measure")
+    count_inside(counter, sharpness.backend, "loss", "in_loss")
+    stats = ProbeStats(timer, counter)
+    device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
     data = ByteBatches(embedded_corpus(), a.micro_batch_size, a.seq_len, seed=ds_comm.get_rank())
+    data = ((tokens.to(device), targets.to(device)) for tokens, targets in data)
 
-    step_seconds, probe_seconds, forwards = [], [], []
-    for _ in range(a.steps):
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         ds_comm.barrier()
-        started = time.perf_counter()
-        for _ in range(a.accumulation):
-            engine.backward(engine(*next(data)))
-            engine.step()
-        elapsed = time.perf_counter() - started
-        measurement, sharpness.last_measurement = sharpness.last_measurement, None
-        if measurement is None:
-            step_seconds.append(elapsed)
-        elif measurement.task is not None:
-            probe_seconds.append(measurement.probe_seconds)
-            forwards.append(measurement.task.forwards)
 
+    def train(window=None):
+        for micro in range(a.accumulation):
+            engine.backward(engine(*next(data)))
+            if micro < a.accumulation - 1 or window is None:
+                engine.step()
+                continue
+            with peak_allocated(device, window):  # the boundary step: the optimizer's and the probe's
+                engine.step()
+
+    step_seconds = []
+    for step in range(a.steps):
+        due = sharpness.probe.is_due(engine.global_steps + 1)
+        if due:
+            stats.start()
+        synchronize()
+        started = clock()
+        train()
+        synchronize()
+        elapsed = since(started)
+        measurement, sharpness.last_measurement = sharpness.last_measurement, None
+        if due and step >= a.interval:  # the first measurement starts cold: not counted
+            stats.stop(measurement)
+        elif not due:
+            step_seconds.append(elapsed)
+    timer.active = False
+
+    # One forward pass of a probed micro-batch, right after an (unprobed) optimizer step: where the
+    # probe's forwards start from (ZeRO-3: every param partitioned, fetched by the forward; a
+    # second no_grad forward would find them still gathered).
     batch = next(data)
+    due, sharpness.probe.is_due = sharpness.probe.is_due, lambda step: False
     forward_seconds = []
-    with torch.no_grad():
-        for _ in range(10):
-            ds_comm.barrier()
-            started = time.perf_counter()
+    for _ in range(2):
+        train()
+        synchronize()
+        started = clock()
+        with torch.no_grad():
             engine(*batch)
-            forward_seconds.append(time.perf_counter() - started)
+        synchronize()
+        forward_seconds.append(since(started))
+    sharpness.probe.is_due = due
+    # Memory, on steps of their own (the profiler slows them): a probed step's boundary step
+    # against an unprobed one's, and one forward.
+    plain, probed, forward = {}, {}, {}
+    while sharpness.probe.is_due(engine.global_steps + 1):
+        train()
+    train(plain)
+    while not sharpness.probe.is_due(engine.global_steps + 1):
+        train()
+    train(probed)
+    with torch.no_grad(), peak_allocated(device, forward):
+        engine(*batch)
 
     parameters = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    layout = sharpness.backend.layout
-    snapshot_bytes = sum(master.numel() * master.element_size() for master, _ in layout.pairs())
-    # θ_t always; θ_{t+1} too where the master is the model param; one lerp slice at a time.
-    largest = max(master.numel() for master, _ in layout.pairs())
-    extra_bytes = snapshot_bytes * (2 if layout.master_is_model else 1) + 4 * min(largest, LERP_CHUNK_ELEMENTS)
+    extra = torch.tensor([float(probed["peak"] - plain["peak"]), float(probed["peak_outside"] - plain["peak"]),
+                          float(probed["peak_writes"] - plain["peak"]), float(forward["peak"])],
+                         dtype=torch.float64, device=device)
+    ds_comm.all_reduce(extra, op=ds_comm.ReduceOp.MAX)
+    dp = ds_comm.get_world_size()
     if ds_comm.get_rank() == 0:
         micro_batches = min(a.micro_batches or a.accumulation, a.accumulation)
         print("RESULT " + json.dumps({
-            "optimizer": type(engine.optimizer).__name__,
-            "train_step_ms": 1e3 * statistics.median(step_seconds),
-            "forward_ms": 1e3 * statistics.median(forward_seconds),
-            "probe_ms": 1e3 * statistics.median(probe_seconds),
-            "forwards_median": statistics.median(forwards),
-            "forwards_max": max(forwards),
-            "probe_over_forwards": statistics.median(probe_seconds)
-            / (statistics.median(forwards) * micro_batches * statistics.median(forward_seconds)),
-            "extra_bytes": extra_bytes,
-            "params_bytes_per_dp": 4 * parameters / ds_comm.get_world_size(),
-            "parameters": parameters,
+            "optimizers": [type(engine.optimizer).__name__], "write": write, "local": sharpness.backend.writes_locally,
+            "tp": 1, "pp": 1, "dp": dp, "parameters": parameters,
+            **stats.summary(tuple(micro_batches * t for t in medians(forward_seconds)), medians(step_seconds)),
+            "extra_peak_bytes": int(extra[0].item()), "extra_peak_outside_forwards_bytes": int(extra[1].item()),
+            "extra_peak_writes_bytes": int(extra[2].item()), "forward_peak_bytes": int(extra[3].item()),
+            "shard_bytes": 4 * parameters / dp,
+            "slice_model_bytes": (2 if a.dtype != "fp32" else 4) * parameters,
         }), flush=True)
     sharpness.detach()
 
@@ -121,6 +169,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage", type=int, default=0)
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--offload", action="store_true")
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS), metavar="SETUP",
+                        help=f"which setups (default all): {', '.join(SETUPS)}")
+    add_model_args(parser)
+    a = parser.parse_args(argv)
+    if a.worker:
+        worker(a)
+        return
+
+    rows = run_setups("megatron_sharpness.benchmarks.deepspeed_zero", {name: SETUPS[name] for name in a.setups},
+                      model_argv(a), {"DS_ACCELERATOR": a.device})
+    print(f"GPT, {rows[0][1]['parameters']:,} parameters, {a.device}, {a.accumulation} micro-batches of "
+          f"{a.micro_batch_size}×{a.seq_len} per step, probe on the first {a.micro_batches}, every {a.interval} "
+          f"steps, write {a.write}")
+    print(cost_table(rows))
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--interval", type=int, default=5)
     parser.add_argument("--accumulation", type=int, default=2)
@@ -129,25 +194,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
-    a = parser.parse_args(argv)
-    if a.worker:
-        worker(a)
-        return
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--write", default="auto", choices=["auto", "local", "sharded"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cpu: gloo; cuda: NCCL, one GPU per rank")
 
-    common = ["--steps", str(a.steps), "--interval", str(a.interval), "--accumulation", str(a.accumulation),
-              "--micro-batches", str(a.micro_batches), "--micro-batch-size", str(a.micro_batch_size),
-              "--seq-len", str(a.seq_len), "--width", str(a.width), "--layers", str(a.layers)]
-    rows = run_setups("megatron_sharpness.benchmarks.deepspeed_zero", SETUPS, common, {"DS_ACCELERATOR": "cpu"})
-    print(f"tiny GPT, {rows[0][1]['parameters']:,} parameters, 2 ranks (CPU, gloo), {a.accumulation} micro-batches "
-          f"per step, probe on the first {a.micro_batches}, every {a.interval} steps")
-    print(markdown_table(
-        ("setup", "optimizer", "train step ms", "forward ms", "probe ms", "forwards med/max", "probe/(fw×fwd)",
-         "extra bytes/rank", "params/DP bytes"),
-        [(name, r["optimizer"], f"{r['train_step_ms']:.1f}", f"{r['forward_ms']:.1f}", f"{r['probe_ms']:.1f}",
-          f"{r['forwards_median']:.0f}/{r['forwards_max']}", f"{r['probe_over_forwards']:.2f}",
-          f"{r['extra_bytes']:,}", f"{r['params_bytes_per_dp']:,.0f}") for name, r in rows]))
+
+MODEL_ARGS = ("steps", "interval", "accumulation", "micro_batches", "micro_batch_size", "seq_len", "width", "layers",
+              "heads", "write", "device")
+
+
+def model_argv(a: argparse.Namespace) -> list[str]:
+    return [item for name in MODEL_ARGS for item in (f"--{name.replace('_', '-')}", str(getattr(a, name)))]
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     main()

@@ -169,7 +169,7 @@ class DeepSpeedSharpness:
         self._training_losses: list[torch.Tensor] = []
         if evaluate is None:
             evaluate = pipeline_loss(engine) if self.is_pipeline else engine_forward_loss(engine, loss_from_output)
-        self.backend = DeepSpeedBackend(engine, evaluate)
+        self.backend = DeepSpeedBackend(engine, evaluate, config.write, config.write_memory_budget_mib)
         self.probe = SharpnessProbe(config, _default_loggers(engine, config) if loggers is None else loggers)
         self.last_measurement: Measurement | None = None
         self._recorded: list[Any] = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from megatron_sharpness.config import GUARD_MODES, ON_ERROR, ConfigError, SharpnessConfig
+from megatron_sharpness.config import GUARD_MODES, ON_ERROR, WRITE_MODES, ConfigError, SharpnessConfig
 from megatron_sharpness.search import SEARCH_METHODS
 
 # flag suffix -> SharpnessConfig field
@@ -27,6 +27,8 @@ FLAG_FIELDS = {
     "guard-ratio": "guard_ratio",
     "guard-target": "guard_target",
     "guard-recovery": "guard_recovery",
+    "write": "write",
+    "write-memory-budget-mib": "write_memory_budget_mib",
 }
 
 
@@ -144,6 +146,15 @@ def add_critical_sharpness_args(parser: argparse.ArgumentParser) -> argparse.Arg
     group.add_argument("--critical-sharpness-guard-recovery", type=_validated("guard_recovery", int),
                        default=defaults.guard_recovery, metavar="N",
                        help=f"iterations for the lr guard's factor to return to 1 (default {defaults.guard_recovery})")
+    group.add_argument("--critical-sharpness-write", type=_validated("write", str), default=defaults.write,
+                       choices=WRITE_MODES, help="how trial points reach the params with the distributed optimizer: "
+                                                 "local (no all-gather per trial point; holds θ_{t+1} and the step in "
+                                                 "the model dtype, 4 bytes per parameter of this rank's TP/PP slice), "
+                                                 "sharded (all-gather per trial point), auto (default: local where it "
+                                                 "fits --critical-sharpness-write-memory-budget-mib)")
+    group.add_argument("--critical-sharpness-write-memory-budget-mib", type=_validated("write_memory_budget_mib", float),
+                       default=None, metavar="MIB",
+                       help="with --critical-sharpness-write auto: the most memory per rank local writes may hold")
     return parser
 
 

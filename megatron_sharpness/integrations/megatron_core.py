@@ -94,7 +94,7 @@ class MegatronSharpness:
                 raise error
             return loss
 
-        self.backend = MegatronBackend(optimizer, self.model, evaluate)
+        self.backend = MegatronBackend(optimizer, self.model, evaluate, config.write, config.write_memory_budget_mib)
         self.probe = SharpnessProbe(config, _default_loggers(config) if loggers is None else loggers)
         self.iteration = 0
         self.last_measurement: Measurement | None = None

@@ -39,6 +39,8 @@ class TinyGPTSetup:
     dropout: float = 0.0
     lr: float = 1e-3
     seed: int = 1234
+    # "cuda": the model on this rank's GPU (torch.cuda.set_device first; init_nccl_model_parallel)
+    device: str = "cpu"
 
 
 def build_model_and_optimizer(setup: TinyGPTSetup):
@@ -67,6 +69,8 @@ def build_model_and_optimizer(setup: TinyGPTSetup):
             max_sequence_length=setup.seq_length, vp_stage=stage,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage))
+        if setup.device == "cuda":
+            chunk = chunk.cuda(torch.cuda.current_device())  # as Megatron-LM's get_model does
         if setup.bf16:
             chunk = Float16Module(config, chunk)
         chunk = DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=virtual > 0)
@@ -86,7 +90,10 @@ def build_model_and_optimizer(setup: TinyGPTSetup):
 def synthetic_batch(setup: TinyGPTSetup, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, setup.vocab, (setup.micro_batch_size, setup.seq_length + 1), generator=generator)
-    return gpt_micro_batch(tokens)
+    batch = gpt_micro_batch(tokens)
+    if setup.device == "cuda":
+        batch = {key: value.cuda(torch.cuda.current_device()) for key, value in batch.items()}
+    return batch
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -134,6 +141,19 @@ def init_gloo_model_parallel(tensor_parallel: int, pipeline_parallel: int, virtu
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_seconds))
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                             pipeline_model_parallel_size=pipeline_parallel,
+                                             virtual_pipeline_model_parallel_size=virtual_pipeline)
+
+
+def init_nccl_model_parallel(tensor_parallel: int, pipeline_parallel: int, virtual_pipeline: int | None = None,
+                             timeout_seconds: float = 300) -> None:
+    """As init_gloo_model_parallel, on NCCL with one GPU per rank (LOCAL_RANK's)."""
+    import datetime
+    import os
+
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl", timeout=datetime.timedelta(seconds=timeout_seconds))
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
                                              pipeline_model_parallel_size=pipeline_parallel,
                                              virtual_pipeline_model_parallel_size=virtual_pipeline)

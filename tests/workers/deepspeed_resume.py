@@ -51,8 +51,10 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--cold", action="store_true")
     a = parser.parse_args()
-    # What deepspeed_train.build() reads: bf16, ZeRO-`stage`, torch AdamW, measured every 2nd step.
+    # What deepspeed_train.build() reads: bf16, ZeRO-`stage`, torch AdamW, measured every 2nd step
+    # (local writes where the stage allows them).
     a.dtype, a.gas, a.fused, a.pipeline, a.dropout, a.interval, a.micro_batches = "bf16", 1, False, False, 0.0, 2, None
+    a.write, a.guard = "auto", None
     a.log_file = a.csv_dir = a.persist = None
     a.offload = a.bf16_optimizer = a.reuse_training_loss = a.modules = a.frozen_block = False
 

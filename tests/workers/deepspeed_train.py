@@ -78,6 +78,7 @@ def ds_config(a):
         "zero_allow_untested_optimizer": True,
         "critical_sharpness": {"enabled": True, "interval": a.interval, "micro_batches": a.micro_batches,
                                "log_file": a.log_file, "reuse_training_loss": a.reuse_training_loss,
+                               "write": a.write,
                                **({"modules": "default", "modules_interval": 1} if a.modules else {}),
                                # The guard at every measured step, aiming far below the critical lr.
                                **({"guard": a.guard, "guard_ratio": 1e-6, "guard_target": 1e-3} if a.guard else {})},
@@ -212,45 +213,145 @@ def reference_run(a, rank):
     reference = state(engine)
     checks = {}
     if not a.pipeline:
-        backend = DeepSpeedBackend(engine, engine_forward_loss(engine))
-        backend.micro_batch_counts[None] = a.gas
+        # One more step with the backend driven by hand, in each write mode on the same step.
+        backends = {mode: DeepSpeedBackend(engine, engine_forward_loss(engine), write=mode) for mode in ("auto", "sharded")}
+        for backend in backends.values():
+            backend.micro_batch_counts[None] = a.gas
         before = full_params(engine)
         for micro in range(a.gas):  # one step() at the boundary, which works in either loop style
             tokens, targets = next(data)
-            backend.batches.append(((tokens, targets), {}))
+            for backend in backends.values():
+                backend.batches.append(((tokens, targets), {}))
             engine.set_gradient_accumulation_boundary(micro == a.gas - 1)
             engine.backward(engine(tokens, targets))
-        backend.snapshot()
+        # auto with a budget that local writes do not fit writes sharded
+        backends["auto, budget 0 MiB"] = DeepSpeedBackend(engine, engine_forward_loss(engine), write="auto",
+                                                          write_memory_budget_mib=0.0)
+        for backend in backends.values():
+            backend.snapshot()
         engine.step()
+        checks["budget_writes_locally"] = backends.pop("auto, budget 0 MiB").writes_locally
+        try:
+            DeepSpeedBackend(engine, engine_forward_loss(engine), write="local")
+            checks["local_refused"] = None
+        except ValueError as error:
+            checks["local_refused"] = str(error)
         after = full_params(engine)
-        checks["after_step"] = backend.after_step()
+        local, sharded = backends["auto"], backends["sharded"]
+        checks["after_step"] = local.after_step()
+        checks["sharded_after_step"] = sharded.after_step()
         if checks["after_step"] is not None:  # an fp16 overflow skipped the step: nothing to write
-            backend.restore()
+            local.restore()
+            sharded.restore()
             engine.destroy()
             return reference, checks
-        backend.write(1.0)
-        checks["s1_is_step"] = all(torch.equal(p, q) for p, q in zip(full_params(engine), after))
-        backend.write(0.0)
-        checks["s0_is_before"] = all(torch.equal(p, q) for p, q in zip(full_params(engine), before))
-        checks["repeatable_loss"] = backend.loss(None) == backend.loss(None)  # same dropout masks
-        backend.write(0.5)
-        checks["s_half_moves"] = not all(torch.equal(p, q) for p, q in zip(full_params(engine), after))
-        if a.modules:
-            # One group at s = 1, every other parameter exactly at θ_t, through the partitions.
-            names = backend.parameter_names()
-            checks["groups"] = list(default_groups(names))
-            group = default_groups(names)["layer_1"]
-            backend.select_group(group)
-            backend.write(1.0)
-            in_group = [name in group for name, _ in engine.module.named_parameters()]
-            checks["group_moves_alone"] = all(torch.equal(p, q if moved else r) for p, q, r, moved in
-                                              zip(full_params(engine), after, before, in_group))
-            backend.select_group(None)
-        backend.restore()
-        checks["restored"] = all(torch.equal(p, q) for p, q in zip(full_params(engine), after))
-        checks.update(commit_checks(engine, a, data, backend))
+        # Far along the step the local line follows the fp32 step: within the rounding of θ_{t+1}
+        # and of the trial point of the sharded write, also where the bf16 endpoints are equal.
+        sharded.write(8.0)
+        far = full_params(engine)
+        sharded.write(1.0)
+        local.write(8.0)
+        checks["local"] = local._local is not None
+        checks["local_far_ulps"] = max(ulps_apart(p, q, r) for p, q, r in zip(full_params(engine), far, after))
+        checks.update(hand_checks(a, engine, local, before, after))
+        checks["sharded"] = {key: value for key, value in hand_checks(a, engine, sharded, before, after).items()
+                             if key != "groups"}
+        checks.update(commit_checks(engine, a, data, local))
     engine.destroy()
     return reference, checks
+
+
+def hand_checks(a, engine, backend, before, after):
+    """s = 1, s = 0, s = 1/2 and restore through one backend, against the gathered params."""
+    backend.write(1.0)
+    checks = {"s1_is_step": all(torch.equal(p, q) for p, q in zip(full_params(engine), after))}
+    backend.write(0.0)
+    checks["s0_is_before"] = all(torch.equal(p, q) for p, q in zip(full_params(engine), before))
+    checks["repeatable_loss"] = backend.loss(None) == backend.loss(None)  # same dropout masks
+    backend.write(0.5)
+    checks["s_half_moves"] = not all(torch.equal(p, q) for p, q in zip(full_params(engine), after))
+    if a.modules:
+        # One group at s = 1, every other parameter exactly at θ_t, through the partitions.
+        names = backend.parameter_names()
+        checks["groups"] = list(default_groups(names))
+        group = default_groups(names)["layer_1"]
+        backend.select_group(group)
+        backend.write(1.0)
+        in_group = [name in group for name, _ in engine.module.named_parameters()]
+        checks["group_moves_alone"] = all(torch.equal(p, q if moved else r) for p, q, r, moved in
+                                          zip(full_params(engine), after, before, in_group))
+        backend.select_group(None)
+    backend.restore()
+    if hasattr(engine.optimizer, "persistent_parameters"):
+        # ZeRO-3 as its own step leaves it: the persistent params gathered, every other one released
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        checks["zero3_state"] = all((p.ds_status == ZeroParamStatus.AVAILABLE) == bool(p.ds_persist)
+                                    for p in engine.module.parameters())
+    checks["restored"] = all(torch.equal(p, q) for p, q in zip(full_params(engine), after))
+    return checks
+
+
+def ulps_apart(x, y, scale):
+    """How many bf16 ulps (the precision local writes keep the step in) x lies from y at most,
+    ulps taken at the largest of |x|, |y| and |scale| (θ_{t+1}: a trial point near zero has tiny
+    ulps of its own)."""
+    largest = torch.maximum(torch.maximum(x.float().abs(), y.float().abs()), scale.float().abs())
+    _, exponent = torch.frexp(largest)
+    ulp = torch.ldexp(torch.full_like(largest, torch.finfo(torch.bfloat16).eps), exponent - 1)
+    return ((x.float() - y.float()).abs() / ulp).max().item() if x.numel() else 0.0
+
+
+class Fp64Reference:
+    """L(θ_t + s·Δθ) in fp64 from the full fp32 masters of one step, on this rank's batch,
+    averaged over the data-parallel ranks as the probe's loss is (every rank calls it alike)."""
+
+    def __init__(self, engine, theta_t, theta_next, batch):
+        with torch.random.fork_rng(devices=[]):  # the training's RNG stays where it is
+            self.model = GPTWithLoss(0.0).double()
+        self.theta_t = [t.double() for t in theta_t]
+        self.delta = [n.double() - t for n, t in zip(theta_next, self.theta_t)]
+        self.batch, self.group = batch, engine.data_parallel_group
+        self.baseline = self.loss(0.0)
+
+    @torch.no_grad()
+    def loss(self, s):
+        for param, start, delta in zip(self.model.parameters(), self.theta_t, self.delta):
+            param.copy_(start + s * delta)
+        value = self.model(*self.batch).reshape(1)
+        ds_comm.all_reduce(value, group=self.group)
+        return value.item() / ds_comm.get_world_size(group=self.group)
+
+    def first_crossing(self, low, high):
+        """Smallest s of a geometric scan of [low, high] with L(s) > L(0), refined by bisection."""
+        previous = 0.0
+        for s in [low * (high / low) ** (i / 40) for i in range(41)]:
+            if self.loss(s) > self.baseline:
+                lo, hi = previous, s
+                for _ in range(16):
+                    mid = 0.5 * (lo + hi)
+                    lo, hi = (lo, mid) if self.loss(mid) > self.baseline else (mid, hi)
+                return hi
+            previous = s
+        return None
+
+
+def full_masters(engine):
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return [safe_get_full_fp32_param(p).detach().clone() for p in engine.module.parameters()]
+
+
+def fp64_errors(engine, record, theta_t, theta_next, batches):
+    """|λ_c / λ_c(fp64) − 1| of each converged search of a record (the step's batch, held-out)."""
+    errors = []
+    for task, result in ((None, record), *record["relative"].items()):
+        if result["status"] != "converged":
+            continue
+        reference = Fp64Reference(engine, theta_t, theta_next, batches[task])
+        lr = record["lr"]
+        truth = reference.first_crossing(result["resolution_floor_lr"] / lr / 4, 4 * result["bracket"][1] / lr)
+        errors.append([task, None if truth is None else abs(result["critical_lr"] / lr / truth - 1)])
+    return errors
 
 
 def commit_checks(engine, a, data, backend):
@@ -292,7 +393,8 @@ def commit_checks(engine, a, data, backend):
     return checks
 
 
-def probe_run(a, rank):
+def probe_run(a, rank, write):
+    a.write = write
     engine = build(a)
     held_out = next(ByteBatches(embedded_corpus(), batch_size=4, seq_len=SEQ, seed=7))
     fault = InjectedFault(a.fail_at)
@@ -309,10 +411,13 @@ def probe_run(a, rank):
         sharpness = attach(engine, loggers=None if a.csv_dir else [], relative_batches={"held-out": [held_out]},
                            loss_from_output=fault.wrap(loss_of))
     snapshot_runs_out_of_memory(sharpness.backend, a.snapshot_oom, lambda: fault.current_step)
-    data = batches(a, rank)
-    records, training_losses = [], []
+    drawn = []
+    data = (drawn.append(batch) or batch for batch in batches(a, rank))
+    records, training_losses, errors = [], [], []
     for step in range(a.steps):
         fault.at_step(step + 1)
+        if a.fp64_reference:
+            theta_t = full_masters(engine)
         if a.megatron_deepspeed:
             reported = megatron_train_step(engine, a, data)
             training_losses.append(megatron_deepspeed.mean_reported_loss(reported[:sharpness.micro_batches]).item())
@@ -323,15 +428,18 @@ def probe_run(a, rank):
         measurement = sharpness.last_measurement
         sharpness.last_measurement = None
         records.append(None if measurement is None else measurement.to_dict())
+        if a.fp64_reference and measurement is not None:
+            errors += fp64_errors(engine, records[-1], theta_t, full_masters(engine),
+                                  {None: drawn[-1], "held-out": held_out})
     probed = state(engine)
     probed["consistent"] = [torch.tensor(all(torch.equal(target, master.to(target.dtype))
                                              for master, target in master_layout(engine).pairs()))]
     probed["lr_after"] = [torch.tensor(float(engine.get_lr()[0]), dtype=torch.float64)]
     optimizer = type(engine.optimizer).__name__
     sharpness.detach()
-    mistake = model_output_mistake(engine, data) if a.mistake else None
+    mistake = model_output_mistake(engine, data) if a.mistake and write == a.writes[0] else None
     engine.destroy()
-    return probed, records, training_losses, optimizer, mistake
+    return probed, records, training_losses, optimizer, errors, mistake
 
 
 def model_output_mistake(engine, data):
@@ -380,6 +488,10 @@ def main():
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--reuse-training-loss", action="store_true")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--fp64-reference", action="store_true",
+                        help="(gas 1) compare every converged search with an fp64 reference on the same state")
+    parser.add_argument("--writes", nargs="+", default=["auto"], choices=["auto", "local", "sharded"],
+                        help="write modes of the probe runs (one run each; the first is reported in full)")
     parser.add_argument("--csv-dir", default=None, help="use the default loggers, with DeepSpeed's CSV monitor")
     parser.add_argument("--log-file", default=None)
     parser.add_argument("--interval", type=int, default=1)
@@ -400,13 +512,19 @@ def main():
         get_accelerator().is_fp16_supported = lambda: True
     deepspeed.init_distributed(dist_backend="gloo")
     rank = ds_comm.get_rank()
+    a.write = a.writes[0]
     reference, checks = reference_run(a, rank)
-    probed, records, training_losses, optimizer, mistake = probe_run(a, rank)
-    equal = {key: len(reference[key]) == len(probed[key]) and all(
-        x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(reference[key], probed[key])) for key in reference}
-    result = {"rank": rank, "optimizer": optimizer, "bitwise_equal": equal,
-              "masters_match_model": bool(probed["consistent"][0]), "lr_after": probed["lr_after"][0].item(),
-              "checks": checks, "records": records, "training_losses": training_losses, "mistake": mistake}
+    runs = {}
+    for write in a.writes:
+        probed, records, training_losses, optimizer, errors, mistake = probe_run(a, rank, write)
+        equal = {key: len(reference[key]) == len(probed[key]) and all(
+            x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(reference[key], probed[key])) for key in reference}
+        runs[write] = {"optimizer": optimizer, "bitwise_equal": equal, "records": records,
+                       "training_losses": training_losses, "fp64_errors": errors,
+                       "masters_match_model": bool(probed["consistent"][0]), "lr_after": probed["lr_after"][0].item()}
+        if mistake is not None:
+            runs[write]["mistake"] = mistake
+    result = {"rank": rank, "checks": checks, **runs[a.writes[0]], "writes": runs}
     with open(os.path.join(a.out, f"rank{rank}.json"), "w") as out:
         json.dump(result, out)
     ds_comm.barrier()

@@ -85,25 +85,10 @@ def state(chunks, optimizer):
     }
 
 
-def reference_run(a):
-    chunks, optimizer = build(a)
-    iterators = data_iterators(a, 0, a.steps + 2)
-    losses = [reduce_lm_loss(train_step(a, chunks, optimizer, iterators)[0]).item() for _ in range(a.steps)]
-    reference = state(chunks, optimizer)
-
-    # One more step with the backend driven by hand.
-    def params():
-        return [p.detach().clone() for c in chunks for p in c.parameters()]
-
-    backend = MegatronBackend(optimizer, chunks, evaluate=None)
-    forward_backward(a, chunks, optimizer, iterators if a.vpp else iterators[0])
-    before = params()
-    backend.snapshot()
-    optimizer.step()
-    checks = {"after_step": backend.after_step()}
-    after = params()
+def hand_checks(a, chunks, backend, before, after, params):
+    """s = 1, s = 0, s = 1/2 and restore through one backend, on the step it measured."""
     backend.write(1.0)
-    checks["s1_is_step"] = all(torch.equal(p, q) for p, q in zip(params(), after))
+    checks = {"s1_is_step": all(torch.equal(p, q) for p, q in zip(params(), after))}
     backend.write(0.0)
     checks["s0_is_before"] = all(torch.equal(p, q) for p, q in zip(params(), before))
     backend.write(0.5)
@@ -123,6 +108,57 @@ def reference_run(a):
         backend.select_group(None)
     backend.restore()
     checks["restored"] = all(torch.equal(p, q) for p, q in zip(params(), after))
+    return checks
+
+
+def ulps_apart(x, y, scale):
+    """How many bf16 ulps (the precision local writes keep the step in) x lies from y at most,
+    ulps taken at the largest of |x|, |y| and |scale| (θ_{t+1}: a trial point near zero has tiny
+    ulps of its own)."""
+    largest = torch.maximum(torch.maximum(x.float().abs(), y.float().abs()), scale.float().abs())
+    _, exponent = torch.frexp(largest)
+    ulp = torch.ldexp(torch.full_like(largest, torch.finfo(torch.bfloat16).eps), exponent - 1)
+    return ((x.float() - y.float()).abs() / ulp).max().item() if x.numel() else 0.0
+
+
+def reference_run(a):
+    chunks, optimizer = build(a)
+    iterators = data_iterators(a, 0, a.steps + 2)
+    losses = [reduce_lm_loss(train_step(a, chunks, optimizer, iterators)[0]).item() for _ in range(a.steps)]
+    reference = state(chunks, optimizer)
+
+    # One more step with the backend driven by hand, in each write mode on the same step.
+    def params():
+        return [p.detach().clone() for c in chunks for p in c.parameters()]
+
+    local, sharded = (MegatronBackend(optimizer, chunks, evaluate=None, write=mode) for mode in ("auto", "sharded"))
+    # auto with a budget that local writes do not fit writes sharded
+    budget = MegatronBackend(optimizer, chunks, evaluate=None, write="auto", write_memory_budget_mib=0.0)
+    forward_backward(a, chunks, optimizer, iterators if a.vpp else iterators[0])
+    before = params()
+    local.snapshot()
+    sharded.snapshot()
+    budget.snapshot()
+    optimizer.step()
+    checks = {"after_step": local.after_step(), "sharded_after_step": sharded.after_step(),
+              "budget_writes_locally": budget.writes_locally}
+    try:
+        MegatronBackend(optimizer, chunks, evaluate=None, write="local")
+        checks["local_refused"] = None
+    except ValueError as error:
+        checks["local_refused"] = str(error)
+    after = params()
+    # Far along the step the local line follows the fp32 step: within the rounding of θ_{t+1}
+    # and of the trial point of the sharded write, also where the bf16 endpoints are equal.
+    sharded.write(8.0)
+    far = params()
+    sharded.write(1.0)
+    local.write(8.0)
+    checks["local_far_ulps"] = max(ulps_apart(p, q, r) for p, q, r in zip(params(), far, after))
+    checks["local"] = local._local is not None
+    checks.update(hand_checks(a, chunks, local, before, after, params))
+    checks["sharded"] = {key: value for key, value in hand_checks(a, chunks, sharded, before, after, params).items()
+                         if key not in ("groups", "group_nonempty_here")}
     checks.update(commit_checks(a, chunks, optimizer, iterators, params))
     return reference, checks, losses
 
@@ -164,12 +200,12 @@ def commit_checks(a, chunks, optimizer, iterators, params):
     return checks
 
 
-def probe_run(a):
+def probe_run(a, write):
     chunks, optimizer = build(a)
     iterators = data_iterators(a, 0, a.steps + 1)
     held_out = data_iterators(a, 777_000, 64)
     config = SharpnessConfig(interval=1, micro_batches=a.micro_batches, reuse_training_loss=a.reuse_training_loss,
-                             **({"modules": "default", "modules_interval": 1} if a.modules else {}))
+                             write=write, **({"modules": "default", "modules_interval": 1} if a.modules else {}))
     fault = InjectedFault(a.fail_at)
 
     def probe_forward_step(data_iterator, model):
@@ -212,6 +248,8 @@ def main():
     parser.add_argument("--reuse-training-loss", action="store_true")
     parser.add_argument("--frozen-layer", action="store_true", help="the first transformer layer in eval mode throughout")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--writes", nargs="+", default=["auto"], choices=["auto", "local", "sharded"],
+                        help="write modes of the probe runs (one run each; the first is reported in full)")
     parser.add_argument("--modules", action="store_true", help="the per-module breakdown at every measurement")
     parser.add_argument("--first-iteration", type=int, default=None)
     parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL[:nan]",
@@ -223,13 +261,16 @@ def main():
 
     init_gloo_model_parallel(a.tp, a.pp, a.vpp, timeout_seconds=120)
     reference, checks, reference_losses = reference_run(a)
-    probed, records, training_losses, probed_losses, optimizers, left = probe_run(a)
-    equal = {key: len(reference[key]) == len(probed[key]) and all(
-        x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(reference[key], probed[key])) for key in reference}
+    runs = {}
+    for write in a.writes:
+        probed, records, training_losses, probed_losses, optimizers, left = probe_run(a, write)
+        equal = {key: len(reference[key]) == len(probed[key]) and all(
+            x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(reference[key], probed[key])) for key in reference}
+        runs[write] = {"optimizers": optimizers, "bitwise_equal": equal, "records": records,
+                       "training_losses": training_losses, "micro_batches_left": left,
+                       "same_training_losses": reference_losses == probed_losses}
     rank = torch.distributed.get_rank()
-    result = {"rank": rank, "optimizers": optimizers, "bitwise_equal": equal, "checks": checks, "records": records,
-              "training_losses": training_losses, "micro_batches_left": left,
-              "same_training_losses": reference_losses == probed_losses}
+    result = {"rank": rank, "checks": checks, **runs[a.writes[0]], "writes": runs}
     with open(os.path.join(a.out, f"rank{rank}.json"), "w") as out:
         json.dump(result, out)
     shutdown_model_parallel()
