@@ -18,23 +18,26 @@ def bare(cls, **attributes):
 
 
 @pytest.mark.parametrize("optimizer, message", [
-    (type("LayerWiseDistributedOptimizer", (), {})(), "LayerWiseDistributedOptimizer is not supported"),
+    (type("LayerWiseDistributedOptimizer", (), {})(), "LayerWiseDistributedOptimizer is not supported yet: each rank"),
     (type("Lion", (), {})(), "optimizer .*Lion is not supported"),
     (bare(DistributedOptimizer, config=types.SimpleNamespace(use_precision_aware_optimizer=True)),
      "use_precision_aware_optimizer"),
     (bare(DistributedOptimizer, config=types.SimpleNamespace(use_precision_aware_optimizer=False),
-          optimizer=type("HybridDeviceOptimizer", (), {})()), "HybridDeviceOptimizer"),
+          optimizer=type("HybridDeviceOptimizer", (), {})()), "HybridDeviceOptimizer .optimizer CPU offload. is not"),
 ])
 def test_unsupported_optimizers(optimizer, message):
     with pytest.raises(TypeError, match=message) as error:
         leaf_optimizers(optimizer)
-    assert "supported: DistributedOptimizer, Float16OptimizerWithFloat16Params and FP32Optimizer" in str(error.value)
+    assert "supported: DistributedOptimizer (also with the precision-aware optimizer), Float16OptimizerWithFloat16Params " \
+           "and FP32Optimizer" in str(error.value)
 
 
 @pytest.mark.parametrize("chunk, message", [
     (types.SimpleNamespace(ddp_config=types.SimpleNamespace(use_megatron_fsdp=True), start_param_sync=None),
      "Megatron-FSDP"),
-    (types.SimpleNamespace(config=types.SimpleNamespace(fp8_param=True), start_param_sync=None), "fp8 params"),
+    (type("TorchFullyShardedDataParallel", (), {"start_param_sync": None})(), "torch FSDP2 wrapper"),
+    (types.SimpleNamespace(config=types.SimpleNamespace(fp8_param=True), start_param_sync=None), "fp8/fp4 compute"),
+    (types.SimpleNamespace(config=types.SimpleNamespace(fp8="hybrid"), start_param_sync=None), "amax history"),
     (types.SimpleNamespace(), "wrap it in megatron.core DistributedDataParallel"),
 ])
 def test_unsupported_models(chunk, message):

@@ -293,3 +293,22 @@ def test_real_pretrain_gpt_reuses_its_training_loss_as_the_probes_baseline(check
         assert with_reuse["forwards"] == without["forwards"] - with_reuse["baseline_reused"]
     for tag in TRAINING_TAGS:
         assert reused.scalars[tag] == plain.scalars[tag], tag
+
+
+@pytest.mark.parametrize("checkout", ["user"] if USER_CHECKOUT else ["core_v0.16.1", "main-d98e8a64dd"], indirect=True)
+def test_real_pretrain_gpt_refuses_an_unsupported_setup_when_it_parses_its_flags(checkout, tmp_path):
+    # core_v0.16 parses inside pretrain(), main in parse_and_validate_args() before it: either way
+    # the refusal comes before Megatron's own validation (which would want TransformerEngine for
+    # fp8), before the model is built and a checkpoint loaded.
+    result = subprocess.run(
+        [checkout.python, "-m", "megatron_sharpness.testing.megatron_lm_cpu", str(checkout.path / "pretrain_gpt.py"),
+         *TINY_GPT, "--train-iters", "2", "--micro-batch-size", "1", "--global-batch-size", "1", "--bf16",
+         "--fp8-format", "hybrid", "--load", str(tmp_path / "checkpoint"), "--critical-sharpness-interval", "1"],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout.path), str(ROOT)]), "OMP_NUM_THREADS": "1",
+             "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599"})
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "pretrain_gpt.py: error: critical sharpness: --fp8-format hybrid (fp8/fp4 compute (TransformerEngine)) is not "
+        "supported yet: the delayed-scaling amax history"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "building GPT model" not in result.stdout

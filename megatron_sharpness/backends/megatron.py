@@ -22,11 +22,10 @@ from megatron_sharpness.backends.modes import ModuleModes
 from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, UsageError, agree_loss, any_rank_failed, note_local_loss,
                                        report_local_failure, snapshot_skip_reason, take_local_non_finite)
 from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_into
+from megatron_sharpness.backends.megatron_support import (CPU_OFFLOAD, FP8, LAYER_WISE, MEGATRON_FSDP, SUPPORTED,
+                                                          TORCH_FSDP2)
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
-
-SUPPORTED = ("DistributedOptimizer, Float16OptimizerWithFloat16Params and FP32Optimizer, alone or in a "
-             "ChainedOptimizer, over megatron-core DistributedDataParallel model chunks")
 
 # Reduced loss of a task over its micro-batches, the same value on every rank up to the bits,
 # given what this rank recorded (per model chunk) and how many micro-batches every rank runs.
@@ -40,17 +39,17 @@ def _unsupported(what: str) -> TypeError:
 def leaf_optimizers(optimizer) -> list:
     kind = type(optimizer).__name__
     if kind == "LayerWiseDistributedOptimizer":
-        raise _unsupported("LayerWiseDistributedOptimizer")
+        raise LAYER_WISE.error()
     if isinstance(optimizer, ChainedOptimizer):
         return [leaf for inner in optimizer.chained_optimizers for leaf in leaf_optimizers(inner)]
     if type(optimizer) not in (DistributedOptimizer, Float16OptimizerWithFloat16Params, FP32Optimizer):
         raise _unsupported(f"optimizer {type(optimizer).__module__}.{kind}")
+    inner = getattr(optimizer, "optimizer", None)
+    if inner is not None and type(inner).__name__ == "HybridDeviceOptimizer":
+        raise CPU_OFFLOAD.error()
     config = getattr(optimizer, "config", None)
     if getattr(config, "use_precision_aware_optimizer", False):
         raise _unsupported("use_precision_aware_optimizer (the fused optimizer holds the master weights)")
-    inner = getattr(optimizer, "optimizer", None)
-    if inner is not None and type(inner).__name__ == "HybridDeviceOptimizer":
-        raise _unsupported("HybridDeviceOptimizer (optimizer CPU offload)")
     return [optimizer]
 
 
@@ -108,9 +107,12 @@ def reject_unsupported_model(model_chunks: Sequence[torch.nn.Module]) -> None:
     for chunk in model_chunks:
         kind = type(chunk).__name__
         if kind == "FullyShardedDataParallel" or getattr(getattr(chunk, "ddp_config", None), "use_megatron_fsdp", False):
-            raise _unsupported("Megatron-FSDP")
-        if getattr(getattr(chunk, "config", None), "fp8_param", False):
-            raise _unsupported("fp8 params (fp8_param)")
+            raise MEGATRON_FSDP.error()
+        if kind == "TorchFullyShardedDataParallel":
+            raise TORCH_FSDP2.error()
+        config = getattr(chunk, "config", None)
+        if any(getattr(config, name, None) for name in ("fp8", "fp4", "fp8_param", "fp4_param")):
+            raise FP8.error()
         if not hasattr(chunk, "start_param_sync"):
             raise _unsupported(f"a model chunk of type {kind} (wrap it in megatron.core DistributedDataParallel)")
 
