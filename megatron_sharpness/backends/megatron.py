@@ -82,15 +82,26 @@ def master_triples(optimizer) -> list[tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 _LAYER = re.compile(r"^(.*?decoder\.layers\.)(\d+)(\..*)$")
+# An expert's index inside its layer's experts module: SequentialMLP's local_experts.K, the
+# grouped GEMM's (TEGroupedMLP) linear_fc1.weightK / biasK.
+_EXPERT = re.compile(r"^(.*\.experts)(\.local_experts\.|\.linear_fc[12]\.(?:weight|bias))(\d+)(\b.*)$")
 
 
 def canonical_names(model_chunks: Sequence[torch.nn.Module]) -> dict[int, str]:
     """id(model parameter) -> its name without wrapper prefixes (DDP's and Float16Module's
     `module.`), with `decoder.layers.N` numbered globally: a pipeline stage (and each virtual
-    chunk) numbers its layers from 0, its TransformerLayers know their global layer_number."""
+    chunk) numbers its layers from 0, its TransformerLayers know their global layer_number. Experts
+    are numbered globally too: with expert parallelism each rank numbers its own experts from 0."""
     names = {}
     for chunk in model_chunks:
         for name, param in chunk.named_parameters():
+            expert = _EXPERT.match(name)
+            if expert is not None:
+                module = chunk.get_submodule(expert.group(1))
+                group, local = getattr(module, "ep_group", None), getattr(module, "num_local_experts", None)
+                if group is not None and isinstance(local, int):
+                    index = group.rank() * local + int(expert.group(3))
+                    name = f"{expert.group(1)}{expert.group(2)}{index}{expert.group(4)}"
             layer = _LAYER.match(name)
             if layer is not None:
                 module = chunk.get_submodule(layer.group(1) + layer.group(2))
