@@ -47,4 +47,4 @@ TORCH_FSDP2 = Refusal(
     "Megatron's torch FSDP2 wrapper (TorchFullyShardedDataParallel)",
     "megatron-core's optimizer steps its DTensor shards, a layout the megatron-core backend does not read, and "
     "it cannot be tried on CPU (torch fails in fully_shard's init there); plain torch fully_shard models "
-    "are supported by FSDP2Sharpness")
+    "are supported by TorchSharpnessProbe")
