@@ -35,6 +35,12 @@ LAYOUTS = {
         2, ["--bf16", "--dropout", "0.1", "--frozen-layer", "--reuse-training-loss"], "Float16OptimizerWithFloat16Params"),
     # the module breakdown at every measurement, through TP shards, pipeline stages and virtual chunks
     "tp2-bf16-module-breakdown": (2, ["--tp", "2", "--bf16", "--modules"], "Float16OptimizerWithFloat16Params"),
+    # the precision-aware optimizer (its inner optimizer keeps the masters: testing.precision_aware's
+    # CPU stand-in for TransformerEngine's FusedAdam), masters as int16 remainders and as fp32
+    "dp2-bf16-precision-aware-optimizer-remainders-module-breakdown": (
+        2, ["--bf16", "--dist-opt", "--precision-aware", "remainders", "--modules"], "DistributedOptimizer"),
+    "dp2-bf16-precision-aware-optimizer-fp32-masters": (2, ["--bf16", "--dist-opt", "--precision-aware", "fp32"],
+                                                        "DistributedOptimizer"),
     "pp2-fp32": (2, ["--pp", "2"], "FP32Optimizer"),
     "pp2-bf16-distributed-optimizer": (2, ["--pp", "2", "--bf16", "--dist-opt"], "DistributedOptimizer"),
     "pp2-vpp2-fp32-module-breakdown": (2, ["--pp", "2", "--vpp", "2", "--layers", "4", "--modules"], "FP32Optimizer"),
@@ -60,8 +66,11 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
               env={"PYTHONWARNINGS": "ignore"})
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(world_size)]
     chunks = 2 if "--vpp" in args else 1
+    precision_aware = {"remainders": ["torch.int16"], "fp32": ["torch.float32"]}.get(
+        args[args.index("--precision-aware") + 1] if "--precision-aware" in args else None, [])
     for result in ranks:
         assert result["optimizers"] == [optimizer]
+        assert result["masters_in_optimizer_state"] == precision_aware
         assert all(result["bitwise_equal"].values()), f"rank {result['rank']}: {result['bitwise_equal']}"
         assert result["same_training_losses"]
         assert result["micro_batches_left"] == [4] * chunks  # exactly the unused last step's micro-batches
@@ -89,7 +98,9 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
         relative = record["relative"]["held-out"]
         # a held-out update may go uphill (ascent) or, in bf16, cross where rounding decides (noisy)
         assert relative["status"] in ("converged", "ascent", "unresolved", "noisy"), relative
-        assert relative["status"] != "noisy" or not 1 / 3 <= relative["bracket_slope_ratio"] <= 3
+        # (noisy: the slope across the bracket is off its trend, or the loss noise moves the crossing by more than tol/2)
+        assert relative["status"] != "noisy" or not 1 / 3 <= relative["bracket_slope_ratio"] <= 3 \
+            or relative["crossing_uncertainty"] > 0.0625 / 2
     first_iteration = int(args[args.index("--first-iteration") + 1]) if "--first-iteration" in args else 1
     assert [r["step"] for r in first] == [first_iteration, first_iteration + 1, first_iteration + 2]
 

@@ -129,7 +129,9 @@ def test_relative_dataset_position_round_trips_through_its_state(tmp_path, windo
 MEGATRON_STYLE_FLAGS = [("--optimizer", {"default": "adam"}), ("--use-distributed-optimizer", {"action": "store_true"}),
                         ("--optimizer-cpu-offload", {"action": "store_true"}), ("--fp8-format", {"dest": "fp8"}),
                         ("--fp8-param-gather", {"action": "store_true"}), ("--use-megatron-fsdp", {"action": "store_true"}),
-                        ("--use-torch-fsdp2", {"action": "store_true"}), ("--hidden-dropout", {"type": float, "default": 0.1}),
+                        ("--use-torch-fsdp2", {"action": "store_true"}),
+                        ("--use-precision-aware-optimizer", {"action": "store_true"}),
+                        ("--main-params-dtype", {"default": "fp32", "choices": ["fp32", "fp16"]}), ("--hidden-dropout", {"type": float, "default": 0.1}),
                         ("--attention-dropout", {"type": float, "default": 0.1})]
 
 
@@ -153,6 +155,8 @@ def megatron_style_parser() -> argparse.ArgumentParser:
     (["--fp8-param-gather"], "--fp8-param-gather (fp8/fp4 compute"),
     (["--use-megatron-fsdp"], "--use-megatron-fsdp (Megatron-FSDP)"),
     (["--use-torch-fsdp2"], "--use-torch-fsdp2 (Megatron's torch FSDP2 wrapper (TorchFullyShardedDataParallel))"),
+    (["--use-precision-aware-optimizer", "--main-params-dtype", "fp16"],
+     "--use-precision-aware-optimizer --main-params-dtype fp16 (the precision-aware optimizer with fp16 master weights"),
     (["--critical-sharpness-reuse-training-loss", "--attention-dropout", "0"],
      "--critical-sharpness-reuse-training-loss needs --hidden-dropout 0 and --attention-dropout 0 (got --hidden-dropout "
      "0.1, --attention-dropout 0.0)"),
@@ -169,6 +173,7 @@ def test_setups_the_probe_cannot_measure_are_refused_when_the_flags_are_parsed(f
     # The same flags with the probe off, and the setups it measures, parse.
     megatron_style_parser().parse_args(flags)
     megatron_style_parser().parse_known_args(["--critical-sharpness-interval", "10", "--optimizer", "muon",
+                                              "--use-precision-aware-optimizer",
                                               "--hidden-dropout", "0", "--attention-dropout", "0",
                                               "--critical-sharpness-reuse-training-loss", "--bf16"])
     assert megatron_lm._sharpness is None  # nothing was attached

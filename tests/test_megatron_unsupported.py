@@ -3,6 +3,7 @@
 import types
 
 import pytest
+import torch
 
 pytest.importorskip("megatron.core", reason="the megatron extra is not installed (pip install -e '.[megatron]')")
 
@@ -20,8 +21,11 @@ def bare(cls, **attributes):
 @pytest.mark.parametrize("optimizer, message", [
     (type("LayerWiseDistributedOptimizer", (), {})(), "LayerWiseDistributedOptimizer is not supported yet: each rank"),
     (type("Lion", (), {})(), "optimizer .*Lion is not supported"),
-    (bare(DistributedOptimizer, config=types.SimpleNamespace(use_precision_aware_optimizer=True)),
-     "use_precision_aware_optimizer"),
+    (bare(DistributedOptimizer, config=types.SimpleNamespace(use_precision_aware_optimizer=True),
+          optimizer=types.SimpleNamespace(master_weights=False)), "without master weights in its state"),
+    (bare(DistributedOptimizer, config=types.SimpleNamespace(use_precision_aware_optimizer=True),
+          optimizer=types.SimpleNamespace(master_weights=True, master_weight_dtype=torch.float16)),
+     "with fp16 master weights .--main-params-dtype fp16. is not supported yet: its masters are scaled"),
     (bare(DistributedOptimizer, config=types.SimpleNamespace(use_precision_aware_optimizer=False),
           optimizer=type("HybridDeviceOptimizer", (), {})()), "HybridDeviceOptimizer .optimizer CPU offload. is not"),
 ])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 # Trial points are computed in slices of at most this many elements, so that a write needs a
@@ -9,13 +11,16 @@ import torch
 LERP_CHUNK_ELEMENTS = 1 << 24
 
 
-def lerp_into(target: torch.Tensor, old: torch.Tensor, new: torch.Tensor, weight: float) -> None:
-    """target ← lerp(old, new, weight), cast to target's dtype and device. torch.lerp gives old
-    exactly at weight 0 and new exactly at weight 1."""
+def lerp_into(target: torch.Tensor, old: torch.Tensor, new: torch.Tensor, weight: float,
+              cast: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """target ← lerp(old, new, weight), cast to target's dtype (by `cast` where the framework
+    rounds otherwise than to nearest even) and device. torch.lerp gives old exactly at weight 0
+    and new exactly at weight 1."""
     target_flat, old_flat, new_flat = target.view(-1), old.view(-1), new.view(-1)
     for start in range(0, old_flat.numel(), LERP_CHUNK_ELEMENTS):
         end = start + LERP_CHUNK_ELEMENTS
-        target_flat[start:end].copy_(torch.lerp(old_flat[start:end], new_flat[start:end], weight))
+        values = torch.lerp(old_flat[start:end], new_flat[start:end], weight)
+        target_flat[start:end].copy_(values if cast is None else cast(values))
 
 
 # Significand bits (the implicit one included) of the low-precision compute dtypes whose rounding

@@ -21,6 +21,7 @@ from megatron_sharpness.backends.groups import GroupSelection, Segment, local_na
 from megatron_sharpness.backends.modes import ModuleModes
 from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, UsageError, agree_loss, any_rank_failed, note_local_loss,
                                        report_local_failure, snapshot_skip_reason, take_local_non_finite)
+from megatron_sharpness.backends import megatron_precision_aware as precision_aware
 from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_into
 from megatron_sharpness.backends.megatron_support import (CPU_OFFLOAD, FP8, LAYER_WISE, MEGATRON_FSDP, SUPPORTED,
                                                           TORCH_FSDP2)
@@ -47,9 +48,8 @@ def leaf_optimizers(optimizer) -> list:
     inner = getattr(optimizer, "optimizer", None)
     if inner is not None and type(inner).__name__ == "HybridDeviceOptimizer":
         raise CPU_OFFLOAD.error()
-    config = getattr(optimizer, "config", None)
-    if getattr(config, "use_precision_aware_optimizer", False):
-        raise _unsupported("use_precision_aware_optimizer (the fused optimizer holds the master weights)")
+    if precision_aware.holds_masters(optimizer):
+        precision_aware.check_masters(optimizer)
     return [optimizer]
 
 
@@ -64,6 +64,8 @@ def master_triples(optimizer) -> list[tuple[torch.Tensor, torch.Tensor, torch.Te
     holds a range of one parameter)."""
     if getattr(optimizer, "is_stub_optimizer", False):
         return []
+    if precision_aware.holds_masters(optimizer):
+        return precision_aware.master_triples(optimizer)
     if isinstance(optimizer, DistributedOptimizer):
         def shard_of(model_param: torch.Tensor) -> torch.Tensor:
             world_range = optimizer._get_model_param_range_map(model_param)["gbuf_world_in_bucket"]
@@ -149,6 +151,7 @@ class MegatronBackend:
         # The ranks whose own part of the last loss was non-finite (None: finite, or not known).
         self.non_finite_ranks: tuple[int, ...] | None = None
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._casts: list = []
         self._segments: list[list[Segment]] = []
         self._all_names: list[str] | None = None
         self._group = GroupSelection(dist.all_reduce)  # shards differ across the world
@@ -161,8 +164,13 @@ class MegatronBackend:
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        triples = [triple for leaf in self.leaves for triple in master_triples(leaf)]
+        per_leaf = [master_triples(leaf) for leaf in self.leaves]
+        triples = [triple for leaf_triples in per_leaf for triple in leaf_triples]
         self._pairs = [(main, target) for main, target, _ in triples]
+        # How an fp32 value becomes the model-side one (None: a plain cast, round to nearest even).
+        self._casts = [cast for leaf, leaf_triples in zip(self.leaves, per_leaf)
+                       for cast in (precision_aware.model_casts(leaf) if leaf_triples and precision_aware.holds_masters(leaf)
+                                    else [None] * len(leaf_triples))]
         names = canonical_names(self.model_chunks)
         self._segments = [whole(names.get(id(model), f"unnamed_{index}"), main)
                           for index, (main, _, model) in enumerate(triples)]
@@ -183,6 +191,10 @@ class MegatronBackend:
         assert self._theta_t is not None, "snapshot() must run before optimizer.step()"
         if not self.step_applied:
             return "the optimizer skipped the step (inf/NaN gradients)"
+        # Read again: a precision-aware optimizer's masters are composed from its state, which
+        # its first step creates.
+        mains = [main for leaf in self.leaves for main, _, _ in master_triples(leaf)]
+        self._pairs = [(main, target) for main, (_, target) in zip(mains, self._pairs)]
         # Where the master is the model tensor itself a trial point would overwrite θ_{t+1}.
         self._theta_next = [main.detach().clone() if main.data_ptr() == target.data_ptr() else main
                             for main, target in self._pairs]
@@ -217,7 +229,7 @@ class MegatronBackend:
     def write(self, step_multiple: float) -> None:
         assert self._theta_t is not None and self._theta_next is not None
         for index, ((_, target), old, new) in enumerate(zip(self._pairs, self._theta_t, self._theta_next)):
-            write_group(target, old, new, step_multiple, self._group.pair(index))
+            write_group(target, old, new, step_multiple, self._group.pair(index), self._casts[index])
         self._sync_params()
 
     @torch.no_grad()
@@ -255,9 +267,9 @@ class MegatronBackend:
     @torch.no_grad()
     def restore(self) -> None:
         if self._theta_next is not None:
-            for (_, target), new in zip(self._pairs, self._theta_next):
+            for (_, target), new, cast in zip(self._pairs, self._theta_next, self._casts):
                 if target.data_ptr() != new.data_ptr():
-                    target.copy_(new)
+                    target.copy_(new if cast is None else cast(new))
             self._sync_params()
             self._reset_random_state()
             self._modes.restore()

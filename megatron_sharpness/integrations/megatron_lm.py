@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_sharpness.backends.megatron_precision_aware import FP16_MASTERS
 from megatron_sharpness.backends.megatron_support import CPU_OFFLOAD, FP8, LAYER_WISE, MEGATRON_FSDP, TORCH_FSDP2
 from megatron_sharpness.integrations.flags import add_critical_sharpness_args as add_probe_args
 from megatron_sharpness.integrations.flags import config_from_args, integer_at_least
@@ -108,6 +109,8 @@ def refusal_of_args(args: argparse.Namespace) -> str | None:
     for name, given, refusal in refused:
         if given:
             return refusal.message(name if given is True else f"{name} {given}")
+    if flag("use_precision_aware_optimizer", False) and str(flag("main_params_dtype", "fp32")) in ("fp16", "torch.float16"):
+        return FP16_MASTERS.message("--use-precision-aware-optimizer --main-params-dtype fp16")
     dropout = {name: flag(name.lstrip("-").replace("-", "_"), 0.0) or 0.0
                for name in ("--hidden-dropout", "--attention-dropout")}
     if flag("critical_sharpness_reuse_training_loss", False) and any(dropout.values()):
