@@ -59,5 +59,8 @@ print(f"bitwise identical over {len(on)} iterations (lm loss, grad norm, params 
 print("\n".join(measured))
 EOF
 megatron-sharpness summary "$out/sharpness.jsonl"
+# The layouts that need a GPU: TransformerEngine + the precision-aware optimizer, MoE on TE's grouped
+# GEMM, fp8 refused at start-up, context parallel 2 (with 2 GPUs).
+CHECKOUT="$checkout" OUT="$out" PYTHON="$python" bash "$here/launch/gpu_layouts.sh"
 "$python" -m megatron_sharpness.benchmarks.plain_torch --steps 100 --device cuda
 echo "logs in $out"
