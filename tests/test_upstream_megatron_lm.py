@@ -164,7 +164,37 @@ LAYOUTS = {
     "pp2": (2, ["--pipeline-model-parallel-size", "2", "--micro-batch-size", "2", "--global-batch-size", "4"]),
     "dp2-bf16-distopt-overlap": (2, ["--bf16", "--use-distributed-optimizer", "--overlap-grad-reduce",
                                      "--overlap-param-gather", "--micro-batch-size", "1", "--global-batch-size", "4"]),
+    # A Llama-style block (RoPE, RMSNorm, SwiGLU, untied embeddings, no biases) under TP2 + sequence
+    # parallelism (the norms: the harness's stand-in for apex's FusedLayerNorm), selective recompute.
+    "tp2-sp-llama-selective-recompute": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                             "--position-embedding-type", "rope", "--normalization", "RMSNorm",
+                                             "--swiglu", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+                                             "--recompute-granularity", "selective", "--bf16",
+                                             "--micro-batch-size", "2", "--global-batch-size", "4"]),
+    # MoE: 4 experts, top-2, expert parallel 2 folded over TP2 + SP, the allgather dispatcher, a
+    # DeepSeek-V3-style router (sigmoid scores, expert bias, group-limited), a shared expert, full
+    # recompute; the default module breakdown at the measurement (attention / router / experts).
+    "moe-tp2-sp-ep2-deepseek-full-recompute": (2, [
+        "--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-tensor-parallel-size", "1",
+        "--expert-model-parallel-size", "2", "--num-experts", "4", "--moe-router-topk", "2",
+        "--moe-token-dispatcher-type", "allgather", "--disable-bias-linear", "--moe-router-score-function", "sigmoid",
+        "--moe-router-enable-expert-bias", "--moe-router-num-groups", "2", "--moe-router-group-topk", "1",
+        "--moe-router-topk-scaling-factor", "2.5", "--moe-shared-expert-intermediate-size", "64",
+        "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1", "--bf16",
+        "--critical-sharpness-modules", "default", "--critical-sharpness-modules-interval", "1",
+        "--micro-batch-size", "2", "--global-batch-size", "4"]),
+    # 4 ranks, one job: TP2 + SP × DP2, bf16, distributed optimizer, overlapped grad reduce and param gather.
+    "tp2-sp-dp2-bf16-distopt-overlap": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--bf16",
+                                            "--use-distributed-optimizer", "--overlap-grad-reduce",
+                                            "--overlap-param-gather", "--micro-batch-size", "1",
+                                            "--global-batch-size", "4"]),
 }
+# Layouts that run on some lines only: MoE on CPU needs core_v0.19 or later (core_v0.16's router
+# gating calls TransformerEngine's GEMM unguarded); the 4-rank job runs on the newest line alone.
+LINES = {"moe-tp2-sp-ep2-deepseek-full-recompute": ("core_v0.19.0", "main-d98e8a64dd"),
+         "tp2-sp-dp2-bf16-distopt-overlap": ("main-d98e8a64dd",)}
+MOE_GROUPS = ["embedding"] + [f"layer_{layer}.{part}" for layer in (0, 1)
+                              for part in ("attention", "router", "experts", "shared_experts")] + ["output"]
 TRAINING_TAGS = ["lm loss", "grad-norm", "params-norm"]
 TRAINING_FIELDS = ["lm loss", "grad norm", "params norm"]
 
@@ -172,13 +202,15 @@ TRAINING_FIELDS = ["lm loss", "grad norm", "params norm"]
 def _matrix() -> list[tuple[str, str]]:
     """(source, layout) pairs. Every layout runs on the oldest and the newest line and on a user's
     checkout; each line between runs one, a different one each, to keep the suite's time in
-    budget (two or three training runs per pair). MEGATRON_SHARPNESS_E2E_ALL=1: every pair."""
+    budget (two or three training runs per pair); a layout in LINES runs on its lines only.
+    MEGATRON_SHARPNESS_E2E_ALL=1: every pair a line can run."""
     if USER_CHECKOUT:
         return [("user", layout) for layout in LAYOUTS]
     everything = os.environ.get("MEGATRON_SHARPNESS_E2E_ALL") == "1"
     between = dict(zip(list(SNAPSHOTS)[1:-1], ["pp2", "dp2-bf16-distopt-overlap", "tp2-relative"]))
     return [(snapshot, layout) for snapshot in SNAPSHOTS for layout in LAYOUTS
-            if everything or snapshot not in between or between[snapshot] == layout]
+            if snapshot in LINES.get(layout, ()) or (layout not in LINES and (
+                everything or snapshot not in between or between[snapshot] == layout))]
 
 
 @pytest.mark.parametrize("checkout, layout", _matrix(), indirect=["checkout"])
@@ -212,6 +244,8 @@ def test_real_pretrain_gpt_measures_and_trains_bitwise_as_without_probe(checkout
     assert record["forwards_total"] == int(measured["sharpness forwards"])  # relative tasks included
     assert on.scalars["critical sharpness"] == {MEASURED: pytest.approx(record["critical_sharpness"], rel=1e-6)}
     assert on.scalars["critical lr"] == {MEASURED: pytest.approx(record["critical_lr"], rel=1e-6)}
+    if "--critical-sharpness-modules" in flags:  # a MoE block split into its parts, experts global
+        assert list(record["modules"]) == MOE_GROUPS and record["modules_trigger"] == "interval"
     if not relative:
         assert record["relative"] == {} and "relative sharpness heldout" not in measured
         return

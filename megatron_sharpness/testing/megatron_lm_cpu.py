@@ -43,7 +43,7 @@ _installed = False
 def _names_cuda(device) -> bool:
     if isinstance(device, str):
         return device.startswith("cuda")
-    if isinstance(device, int):  # a bare ordinal is a CUDA device to torch
+    if isinstance(device, int) and not isinstance(device, bool):  # a bare ordinal is a CUDA device to torch
         return True
     return isinstance(device, torch.device) and device.type == "cuda"
 
@@ -192,7 +192,35 @@ def install_megatron_lm_cpu_shims() -> None:
     # none); the local transformer with the --no-*-fusion flags uses none of those kernels.
     _after_import("megatron.legacy.fused_kernels", lambda module: setattr(module, "load", lambda args: None))
 
+    _after_import("megatron.core.transformer.torch_norm", _sequence_parallel_norms)
+
     _CudaToCpu().__enter__()
+
+
+def _sequence_parallel_norms(module) -> None:
+    """A CPU stand-in for apex's FusedLayerNorm under sequence parallelism (ours, not Megatron's).
+
+    Without apex the local transformer spec builds torch's LayerNorm/RMSNorm through
+    WrappedTorchNorm, which asserts that sequence parallelism is off. With it on, each tensor-parallel
+    rank normalises its own part of the sequence and the norm weights' gradients are partial sums
+    that finalize_model_grads all-reduces over the tensor-parallel group — for the weights tagged
+    `sequence_parallel`, as apex's FusedLayerNorm tags them. This builds torch's norm and tags its
+    weights the same way; the math is torch's (no fused kernel)."""
+    build = module.WrappedTorchNorm.__new__
+
+    def build_tagged(cls, config, hidden_size, eps=1e-5, *args, **kwargs):
+        if not config.sequence_parallel:
+            return build(cls, config, hidden_size, eps, *args, **kwargs)
+        config.sequence_parallel = False
+        try:
+            norm = build(cls, config, hidden_size, eps, *args, **kwargs)
+        finally:
+            config.sequence_parallel = True
+        for weight in norm.parameters():
+            weight.sequence_parallel = True
+        return norm
+
+    module.WrappedTorchNorm.__new__ = staticmethod(build_tagged)
 
 
 def main(argv: list[str] | None = None) -> None:
