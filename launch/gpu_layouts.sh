@@ -9,6 +9,8 @@
 #   fp8                 --fp8-format hybrid: refused when the flags are parsed (exit 2, one line), before
 #                       the model is built                                                          1 GPU
 #   cp2                 context parallel 2 (TE attention, p2p)                  2 GPUs, else skipped
+#   megatron-fsdp       --use-megatron-fsdp DP2 with TE layers and the precision-aware optimizer
+#                       (Megatron-FSDP keeps the masters, TE FusedAdam steps them)   2 GPUs, else skipped
 # Why fp8 is refused (read before changing that): TransformerEngine's delayed-scaling amax history
 # advances with every forward, so the probe's forward-only passes would change the scales training
 # uses next; and with is_first_microbatch TE caches the fp8 copy of each weight at the first
@@ -19,14 +21,14 @@
 # Usage (on a machine with CUDA GPUs, megatron-sharpness installed from a source checkout):
 #   MEGATRON_LM=/path/to/Megatron-LM bash launch/gpu_layouts.sh
 # Env: MEGATRON_LM (required), PYTHON (default python), ITERS (default 6), OUT (default a temp dir),
-# CHECKOUT (a patched copy made already, e.g. by gpu_check.sh), LAYOUTS (default all four).
+# CHECKOUT (a patched copy made already, e.g. by gpu_check.sh), LAYOUTS (default all five).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 : "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout}"
 python="${PYTHON:-python}"
 iters="${ITERS:-6}"
 out="${OUT:-$(mktemp -d -t megatron-sharpness-gpu-layouts-XXXXXX)}"
-layouts="${LAYOUTS:-te-precision-aware te-moe fp8 cp2}"
+layouts="${LAYOUTS:-te-precision-aware te-moe fp8 cp2 megatron-fsdp}"
 gpus="$("$python" -c 'import torch; print(torch.cuda.device_count())')"
 [ "$gpus" -ge 1 ] || { echo "no CUDA GPU visible to torch" >&2; exit 1; }
 
@@ -105,8 +107,13 @@ EOF
       echo "fp8: refused when the flags were parsed (exit 2), before the model was built" ;;
     cp2)
       if [ "$gpus" -lt 2 ]; then echo "cp2: skipped, needs 2 GPUs ($gpus visible)"; continue; fi
-      on_off cp2 2 --context-parallel-size 2 --cp-comm-type p2p ;;
-    *) echo "unknown layout $layout (known: te-precision-aware te-moe fp8 cp2)" >&2; exit 1 ;;
+      CUDA_DEVICE_MAX_CONNECTIONS=1 on_off cp2 2 --context-parallel-size 2 --cp-comm-type p2p ;;  # as Megatron wants with CP > 1
+    megatron-fsdp)
+      if [ "$gpus" -lt 2 ]; then echo "megatron-fsdp: skipped, needs 2 GPUs ($gpus visible)"; continue; fi
+      # Megatron-FSDP wants more than one CUDA connection; its checkpoints are fsdp_dtensor.
+      CUDA_DEVICE_MAX_CONNECTIONS=8 on_off megatron-fsdp 2 --use-megatron-fsdp --ckpt-format fsdp_dtensor \
+        --use-precision-aware-optimizer ;;
+    *) echo "unknown layout $layout (known: te-precision-aware te-moe fp8 cp2 megatron-fsdp)" >&2; exit 1 ;;
   esac
 done
 echo "logs in $out"

@@ -129,6 +129,7 @@ def test_relative_dataset_position_round_trips_through_its_state(tmp_path, windo
 MEGATRON_STYLE_FLAGS = [("--optimizer", {"default": "adam"}), ("--use-distributed-optimizer", {"action": "store_true"}),
                         ("--optimizer-cpu-offload", {"action": "store_true"}), ("--fp8-format", {"dest": "fp8"}),
                         ("--fp8-param-gather", {"action": "store_true"}), ("--use-megatron-fsdp", {"action": "store_true"}),
+                        ("--data-parallel-sharding-strategy", {"default": "optim_grads_params"}),
                         ("--use-torch-fsdp2", {"action": "store_true"}),
                         ("--use-precision-aware-optimizer", {"action": "store_true"}),
                         ("--main-params-dtype", {"default": "fp32", "choices": ["fp32", "fp16"]}), ("--hidden-dropout", {"type": float, "default": 0.1}),
@@ -153,7 +154,12 @@ def megatron_style_parser() -> argparse.ArgumentParser:
     (["--fp8-format", "hybrid"], "--fp8-format hybrid (fp8/fp4 compute (TransformerEngine)) is not supported yet: the "
                                  "delayed-scaling amax history"),
     (["--fp8-param-gather"], "--fp8-param-gather (fp8/fp4 compute"),
-    (["--use-megatron-fsdp"], "--use-megatron-fsdp (Megatron-FSDP)"),
+    # The suite's megatron-core (0.16.1, constraints.txt) has the older all-gather pipeline.
+    (["--use-megatron-fsdp"], "--use-megatron-fsdp (Megatron-FSDP of this Megatron-LM line) is not supported yet: its "
+                              "all-gather pipeline has no reset(preserve_non_fsdp_units)"),
+    (["--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim"],
+     "--use-megatron-fsdp --data-parallel-sharding-strategy optim (Megatron-FSDP other than v1 with "
+     "data_parallel_sharding_strategy optim_grads_params"),
     (["--use-torch-fsdp2"], "--use-torch-fsdp2 (Megatron's torch FSDP2 wrapper (TorchFullyShardedDataParallel))"),
     (["--use-precision-aware-optimizer", "--main-params-dtype", "fp16"],
      "--use-precision-aware-optimizer --main-params-dtype fp16 (the precision-aware optimizer with fp16 master weights"),

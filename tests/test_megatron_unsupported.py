@@ -37,8 +37,12 @@ def test_unsupported_optimizers(optimizer, message):
 
 
 @pytest.mark.parametrize("chunk, message", [
-    (types.SimpleNamespace(ddp_config=types.SimpleNamespace(use_megatron_fsdp=True), start_param_sync=None),
-     "Megatron-FSDP"),
+    (types.SimpleNamespace(ddp_config=types.SimpleNamespace(use_megatron_fsdp=True, megatron_fsdp_version=2,
+                                                            data_parallel_sharding_strategy="optim_grads_params"),
+                           start_param_sync=None), "Megatron-FSDP other than v1"),
+    (types.SimpleNamespace(ddp_config=types.SimpleNamespace(use_megatron_fsdp=True, megatron_fsdp_version=1,
+                                                            data_parallel_sharding_strategy="optim"),
+                           start_param_sync=None), "optim_grads_params"),
     (type("TorchFullyShardedDataParallel", (), {"start_param_sync": None})(), "torch FSDP2 wrapper"),
     (types.SimpleNamespace(config=types.SimpleNamespace(fp8_param=True), start_param_sync=None), "fp8/fp4 compute"),
     (types.SimpleNamespace(config=types.SimpleNamespace(fp8="hybrid"), start_param_sync=None), "amax history"),

@@ -149,7 +149,9 @@ def _train(checkout: Checkout, out: Path, world_size: int, flags: list[str], pro
         ["-m", "megatron_sharpness.testing.megatron_lm_cpu", str(checkout.path / "pretrain_gpt.py"), *TINY_GPT,
          "--train-iters", str(iterations[-1]), *flags, "--tensorboard-dir", str(tensorboard_dir), *(probe_flags if probe else [])],
         world_size, timeout=RUN_TIMEOUT, python=checkout.python,
-        env={"PYTHONPATH": os.pathsep.join([str(checkout.path), str(ROOT)]), "CUDA_DEVICE_MAX_CONNECTIONS": "1"})
+        # Megatron-FSDP asserts that CUDA_DEVICE_MAX_CONNECTIONS is not 1; TP on Hopper wants 1.
+        env={"PYTHONPATH": os.pathsep.join([str(checkout.path), str(ROOT)]),
+             "CUDA_DEVICE_MAX_CONNECTIONS": "8" if "--use-megatron-fsdp" in flags else "1"})
     print(f"{checkout.name} {out.name}: {time.monotonic() - started:.1f} s")  # shown by pytest -rP
     last = results[-1].output  # Megatron prints the iteration line on the last rank
     lines = _iteration_fields(last)
@@ -158,6 +160,7 @@ def _train(checkout: Checkout, out: Path, world_size: int, flags: list[str], pro
     return Run(lines, _scalars(tensorboard_dir), records)
 
 
+MEGATRON_FSDP = ["--bf16", "--use-megatron-fsdp", "--use-distributed-optimizer", "--ckpt-format", "fsdp_dtensor"]
 LAYOUTS = {
     # TP2, with a relative task read from an indexed dataset
     "tp2-relative": (2, ["--tensor-model-parallel-size", "2", "--micro-batch-size", "2", "--global-batch-size", "4"]),
@@ -188,11 +191,17 @@ LAYOUTS = {
                                             "--use-distributed-optimizer", "--overlap-grad-reduce",
                                             "--overlap-param-gather", "--micro-batch-size", "1",
                                             "--global-batch-size", "4"]),
+    # Megatron-FSDP (v1, optim_grads_params): trial points in its model-weight shards, its own all-gather.
+    "megatron-fsdp-dp2": (2, MEGATRON_FSDP + ["--micro-batch-size", "2", "--global-batch-size", "4"]),
+    "megatron-fsdp-tp2xdp2": (4, MEGATRON_FSDP + ["--tensor-model-parallel-size", "2", "--micro-batch-size", "1",
+                                                  "--global-batch-size", "4"]),
 }
 # Layouts that run on some lines only: MoE on CPU needs core_v0.19 or later (core_v0.16's router
-# gating calls TransformerEngine's GEMM unguarded); the 4-rank job runs on the newest line alone.
+# gating calls TransformerEngine's GEMM unguarded); the 4-rank jobs and Megatron-FSDP (whose
+# gather pipeline the probe drives as main has it) run on the newest line alone.
 LINES = {"moe-tp2-sp-ep2-deepseek-full-recompute": ("core_v0.19.0", "main-d98e8a64dd"),
-         "tp2-sp-dp2-bf16-distopt-overlap": ("main-d98e8a64dd",)}
+         "tp2-sp-dp2-bf16-distopt-overlap": ("main-d98e8a64dd",), "megatron-fsdp-dp2": ("main-d98e8a64dd",),
+         "megatron-fsdp-tp2xdp2": ("main-d98e8a64dd",)}
 MOE_GROUPS = ["embedding"] + [f"layer_{layer}.{part}" for layer in (0, 1)
                               for part in ("attention", "router", "experts", "shared_experts")] + ["output"]
 TRAINING_TAGS = ["lm loss", "grad-norm", "params-norm"]
@@ -246,6 +255,14 @@ def test_real_pretrain_gpt_measures_and_trains_bitwise_as_without_probe(checkout
     assert on.scalars["critical lr"] == {MEASURED: pytest.approx(record["critical_lr"], rel=1e-6)}
     if "--critical-sharpness-modules" in flags:  # a MoE block split into its parts, experts global
         assert list(record["modules"]) == MOE_GROUPS and record["modules_trigger"] == "interval"
+    if "--use-megatron-fsdp" in flags and world_size == 2:
+        # The same run with the plain distributed optimizer: the same θ_t (its L bitwise) and a step
+        # that differs only by the order of the gradient reduction, so the same reading to 1 %.
+        plain = _train(checkout, tmp_path / "distributed-optimizer", world_size,
+                       [f for f in flags if f not in ("--use-megatron-fsdp", "--ckpt-format", "fsdp_dtensor")], probe=True)
+        [reference] = plain.jsonl
+        assert record["loss"] == reference["loss"]
+        assert record["critical_lr"] == pytest.approx(reference["critical_lr"], rel=1e-2)
     if not relative:
         assert record["relative"] == {} and "relative sharpness heldout" not in measured
         return

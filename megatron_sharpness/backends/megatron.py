@@ -21,10 +21,10 @@ from megatron_sharpness.backends.groups import GroupSelection, Segment, local_na
 from megatron_sharpness.backends.modes import ModuleModes
 from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, UsageError, agree_loss, any_rank_failed, note_local_loss,
                                        report_local_failure, snapshot_skip_reason, take_local_non_finite)
+from megatron_sharpness.backends import megatron_fsdp
 from megatron_sharpness.backends import megatron_precision_aware as precision_aware
 from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_into
-from megatron_sharpness.backends.megatron_support import (CPU_OFFLOAD, FP8, LAYER_WISE, MEGATRON_FSDP, SUPPORTED,
-                                                          TORCH_FSDP2)
+from megatron_sharpness.backends.megatron_support import CPU_OFFLOAD, FP8, LAYER_WISE, SUPPORTED, TORCH_FSDP2
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
 
@@ -64,6 +64,8 @@ def master_triples(optimizer) -> list[tuple[torch.Tensor, torch.Tensor, torch.Te
     holds a range of one parameter)."""
     if getattr(optimizer, "is_stub_optimizer", False):
         return []
+    if megatron_fsdp.is_megatron_fsdp(optimizer):
+        return megatron_fsdp.master_triples(optimizer)
     if precision_aware.holds_masters(optimizer):
         return precision_aware.master_triples(optimizer)
     if isinstance(optimizer, DistributedOptimizer):
@@ -119,8 +121,9 @@ def canonical_names(model_chunks: Sequence[torch.nn.Module]) -> dict[int, str]:
 def reject_unsupported_model(model_chunks: Sequence[torch.nn.Module]) -> None:
     for chunk in model_chunks:
         kind = type(chunk).__name__
-        if kind == "FullyShardedDataParallel" or getattr(getattr(chunk, "ddp_config", None), "use_megatron_fsdp", False):
-            raise MEGATRON_FSDP.error()
+        if megatron_fsdp.is_megatron_fsdp(chunk):
+            megatron_fsdp.check_megatron_fsdp(chunk)
+            continue
         if kind == "TorchFullyShardedDataParallel":
             raise TORCH_FSDP2.error()
         config = getattr(chunk, "config", None)
@@ -144,6 +147,7 @@ class MegatronBackend:
         self.model_chunks = list(model_chunks)
         self.evaluate = evaluate
         self.uses_param_gather = any(isinstance(leaf, DistributedOptimizer) for leaf in self.leaves)
+        self.megatron_fsdp = any(megatron_fsdp.is_megatron_fsdp(chunk) for chunk in self.model_chunks)
         self.batches: list[list[Any]] = []
         self.relative_batches: dict[str, list[list[Any]]] = {}
         self.micro_batch_counts: dict[str | None, int] = {}
@@ -171,7 +175,7 @@ class MegatronBackend:
         self._casts = [cast for leaf, leaf_triples in zip(self.leaves, per_leaf)
                        for cast in (precision_aware.model_casts(leaf) if leaf_triples and precision_aware.holds_masters(leaf)
                                     else [None] * len(leaf_triples))]
-        names = canonical_names(self.model_chunks)
+        names = (megatron_fsdp.parameter_names if self.megatron_fsdp else canonical_names)(self.model_chunks)
         self._segments = [whole(names.get(id(model), f"unnamed_{index}"), main)
                           for index, (main, _, model) in enumerate(triples)]
         error = None
@@ -271,6 +275,8 @@ class MegatronBackend:
                 if target.data_ptr() != new.data_ptr():
                     target.copy_(new if cast is None else cast(new))
             self._sync_params()
+            if self.megatron_fsdp:
+                megatron_fsdp.gather_as_after_step(self.model_chunks)
             self._reset_random_state()
             self._modes.restore()
         self._theta_t = self._theta_next = self._rng = None
@@ -278,7 +284,9 @@ class MegatronBackend:
         self._group.clear()
 
     def _sync_params(self) -> None:
-        if self.uses_param_gather:
+        if self.megatron_fsdp:
+            megatron_fsdp.invalidate_gathered(self.model_chunks)
+        elif self.uses_param_gather:
             for chunk in self.model_chunks:
                 chunk.start_param_sync(force_sync=True)
 

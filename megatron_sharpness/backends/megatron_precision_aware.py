@@ -40,6 +40,8 @@ def holds_masters(optimizer) -> bool:
     config = getattr(optimizer, "config", None)
     if not getattr(config, "use_precision_aware_optimizer", False):
         return False
+    if getattr(getattr(optimizer, "ddp_config", None), "use_megatron_fsdp", False):
+        return False  # Megatron-FSDP keeps the masters itself (it turns the fused optimizer's off)
     # With fp32 main params and an fp8 recipe other than delayed scaling, megatron-core keeps the
     # masters itself even with the precision-aware optimizer (its own _no_fp8_or_ds_fp8 flag).
     return getattr(config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", True)

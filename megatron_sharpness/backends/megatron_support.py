@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 SUPPORTED = ("DistributedOptimizer (also with the precision-aware optimizer), Float16OptimizerWithFloat16Params "
              "and FP32Optimizer, alone or in a ChainedOptimizer, over megatron-core DistributedDataParallel model "
-             "chunks")
+             "chunks or Megatron-FSDP (v1, optim_grads_params)")
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,6 @@ FP8 = Refusal(
     "the delayed-scaling amax history advances with every forward, so the probe's forwards would change "
     "training after them, and the weights reach the matmuls through a quantized copy whose rounding the "
     "resolution floor and the loss-noise samples do not model")
-MEGATRON_FSDP = Refusal(
-    "Megatron-FSDP",
-    "its sharded main params and all-gather are not driven by the probe")
 TORCH_FSDP2 = Refusal(
     "Megatron's torch FSDP2 wrapper (TorchFullyShardedDataParallel)",
     "megatron-core's optimizer steps its DTensor shards, a layout the megatron-core backend does not read, and "

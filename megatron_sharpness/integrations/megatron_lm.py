@@ -28,8 +28,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_sharpness.backends import megatron_fsdp
 from megatron_sharpness.backends.megatron_precision_aware import FP16_MASTERS
-from megatron_sharpness.backends.megatron_support import CPU_OFFLOAD, FP8, LAYER_WISE, MEGATRON_FSDP, TORCH_FSDP2
+from megatron_sharpness.backends.megatron_support import CPU_OFFLOAD, FP8, LAYER_WISE, TORCH_FSDP2
 from megatron_sharpness.integrations.flags import add_critical_sharpness_args as add_probe_args
 from megatron_sharpness.integrations.flags import config_from_args, integer_at_least
 from megatron_sharpness.integrations.megatron_core import MegatronSharpness
@@ -37,6 +38,10 @@ from megatron_sharpness.measurement import Measurement
 
 _sharpness: MegatronSharpness | None = None
 _relative: dict[str, list[IndexedDatasetBatches]] = {}
+
+# The one Megatron-FSDP layout the probe drives (Megatron-LM's flags at their defaults).
+MEGATRON_FSDP_LAYOUT = {"--megatron-fsdp-version": 1, "--data-parallel-sharding-strategy": "optim_grads_params",
+                        "--outer-dp-sharding-strategy": "no_shard"}
 
 # Layout version of the state file; checked on load.
 STATE_FILE_VERSION = 1
@@ -104,11 +109,20 @@ def refusal_of_args(args: argparse.Namespace) -> str | None:
                ("--fp8-format", flag("fp8", None), FP8), ("--fp4-format", flag("fp4", None), FP8),
                ("--fp8-param-gather", flag("fp8_param_gather", False), FP8),
                ("--fp4-param-gather", flag("fp4_param_gather", False), FP8),
-               ("--use-megatron-fsdp", flag("use_megatron_fsdp", False), MEGATRON_FSDP),
                ("--use-torch-fsdp2", flag("use_torch_fsdp2", False), TORCH_FSDP2)]
     for name, given, refusal in refused:
         if given:
             return refusal.message(name if given is True else f"{name} {given}")
+    if flag("use_megatron_fsdp", False):
+        layout = {"--megatron-fsdp-version": flag("megatron_fsdp_version", 1),
+                  "--data-parallel-sharding-strategy": flag("data_parallel_sharding_strategy", "optim_grads_params"),
+                  "--outer-dp-sharding-strategy": flag("outer_dp_sharding_strategy", "no_shard")}
+        if layout != MEGATRON_FSDP_LAYOUT:
+            given = " ".join(f"{name} {value}" for name, value in layout.items() if MEGATRON_FSDP_LAYOUT[name] != value)
+            return megatron_fsdp.LAYOUT.message(f"--use-megatron-fsdp {given}")
+        refusal = megatron_fsdp.pipeline_refusal()
+        if refusal is not None:
+            return refusal.message("--use-megatron-fsdp")
     if flag("use_precision_aware_optimizer", False) and str(flag("main_params_dtype", "fp32")) in ("fp16", "torch.float16"):
         return FP16_MASTERS.message("--use-precision-aware-optimizer --main-params-dtype fp16")
     dropout = {name: flag(name.lstrip("-").replace("-", "_"), 0.0) or 0.0

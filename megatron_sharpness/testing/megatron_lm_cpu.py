@@ -93,6 +93,9 @@ class _HostStream:
     def synchronize(self) -> None:
         pass
 
+    def wait(self, stream=None) -> None:  # Event.wait (Megatron-FSDP waits for its gradient reduce)
+        pass
+
     def query(self) -> bool:
         return True
 
@@ -144,13 +147,25 @@ def _after_import(name: str, patch: Callable) -> None:
         sys.meta_path.insert(0, _AfterImport(name, patch))
 
 
-def install_megatron_lm_cpu_shims() -> None:
+class _CpuDevice(str):
+    """What torch.cuda.current_device() answers under Megatron-FSDP: "cpu" wherever torch reads it
+    as a device, "0" where Megatron-FSDP formats it into f"cuda:{...}" (its device string, which
+    _CudaToCpu then sends to the CPU). megatron_cpu's torch.device("cpu") would make "cuda:cpu";
+    an int 0 would be a CUDA device in the autograd engine's threads, where no TorchFunctionMode runs."""
+
+    def __format__(self, spec: str) -> str:
+        return "0"
+
+
+def install_megatron_lm_cpu_shims(megatron_fsdp: bool = False) -> None:
     """Make Megatron-LM's training loop run on CPU with gloo; call before importing its scripts."""
     global _installed
     if _installed:
         return
     _installed = True
     install_cpu_shims()
+    if megatron_fsdp:
+        torch.cuda.current_device = lambda: _CpuDevice("cpu")
 
     # initialize_megatron asserts torch.cuda.is_available() ("Megatron requires CUDA"), and with
     # device_count() == 0 it neither builds the model-parallel groups nor seeds the RNG tracker
@@ -231,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     script = os.path.abspath(argv[0])
     if not os.path.isfile(script):
         raise SystemExit(f"megatron_lm_cpu: no such training script: {script}")
-    install_megatron_lm_cpu_shims()
+    install_megatron_lm_cpu_shims(megatron_fsdp="--use-megatron-fsdp" in argv)
     sys.argv = [script, *argv[1:]]
     sys.path.insert(0, os.path.dirname(script))
     runpy.run_path(script, run_name="__main__")
