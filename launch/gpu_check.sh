@@ -3,7 +3,8 @@
 #   megatron-lm  the real Megatron-LM pretrain_gpt.py (TP1, bf16, distributed optimizer, mock data),
 #                patched with our patch for its release line, trained with the probe on and off; the
 #                iteration lines must agree bitwise (lm loss, grad norm, params norm) and the
-#                measured ones carry our fields. Then the plain-PyTorch benchmark on that GPU.
+#                measured ones carry our fields; then the layouts that need a GPU (launch/gpu_layouts.sh)
+#                and the plain-PyTorch benchmark on that GPU.
 #   benchmarks   the cost table of benchmarks/probe_cost.py on this GPU with NCCL (megatron-core
 #                distributed optimizer, DeepSpeed ZeRO-2 and ZeRO-3, each write mode, SIZES), one
 #                rank: data parallelism 1, so there is no all-gather to time, but the forwards, the
@@ -81,6 +82,9 @@ print(f"bitwise identical over {len(on)} iterations (lm loss, grad norm, params 
 print("\n".join(measured))
 EOF
   megatron-sharpness summary "$out/sharpness.jsonl"
+  # The layouts that need a GPU: TransformerEngine + the precision-aware optimizer, MoE on TE's grouped
+  # GEMM, fp8 refused at start-up, context parallel 2 (with 2 GPUs).
+  CHECKOUT="$checkout" OUT="$out" PYTHON="$python" bash "$here/launch/gpu_layouts.sh"
   "$python" -m megatron_sharpness.benchmarks.plain_torch --steps 100 --device cuda
 }
 

@@ -70,6 +70,8 @@ class TaskMeasurement:
                 "lr_over_critical_lr": None if ratio is None or not math.isfinite(ratio) else ratio,
                 "step_raised_loss": search.step_raised_loss,
                 "slope": _json_float(search.slope) if search.slope is not None else None,
+                "bracket_slope_ratio": _optional_float(search.bracket_slope_ratio),
+                "crossing_uncertainty": _optional_float(search.crossing_uncertainty),
                 "resolution_floor_lr": search.resolution_floor_lr, "forwards": self.forwards,
                 "bracket": list(search.bracket)}
 

@@ -14,6 +14,15 @@ Default groups:
   is still in a group and the breakdown costs at most MAX_LAYER_GROUPS + 2 searches;
 - `output`: everything else (final norm and output layer).
 
+Mixture-of-experts models (a parameter name with an `experts` component) split each block by its
+parts, so that the router and the experts are not hidden inside the block: `layer_N.router`
+(components `router`, `gate`: Megatron's `mlp.router`, DeepSpeed's and HF's `gate`),
+`layer_N.shared_experts` (`shared_experts`, `shared_expert`, `shared_expert_gate`),
+`layer_N.experts` (`experts`), `layer_N.mlp` (the dense MLP of a block without experts, `mlp`
+component) and `layer_N.attention` (the rest of the block: attention and the block's norms). Deeper
+MoE models than MAX_MOE_LAYER_RUNS blocks get runs of blocks (`layers_0-3.router`), so that a
+breakdown costs at most 4 · MAX_MOE_LAYER_RUNS + 2 searches.
+
 Configured groups: {name: pattern or [patterns]}; a pattern is an fnmatch pattern on the full
 name, or a regular expression after `re:` (re.search). A parameter may be in several groups.
 """
@@ -26,7 +35,13 @@ import re
 from typing import Mapping, Sequence
 
 MAX_LAYER_GROUPS = 16
+MAX_MOE_LAYER_RUNS = 8
 DEFAULT = "default"
+
+# A block's parts in a mixture-of-experts model, by name component, the first that matches wins
+# (a shared expert's gate is the shared expert's, not the router).
+_MOE_PARTS = (("shared_experts", {"shared_experts", "shared_expert", "shared_expert_gate"}),
+              ("router", {"router", "gate"}), ("experts", {"experts"}), ("mlp", {"mlp"}))
 
 _LAYER = re.compile(r"^(?:(.*?)\.)?(\d+)\.")
 _EMBEDDING = re.compile(r"(^|[._])(embedding|embeddings|embed|wte|wpe)([._]|$)|_embedding([._]|$)")
@@ -52,14 +67,30 @@ def default_groups(names: Sequence[str]) -> dict[str, list[str]]:
             output.append(name)
     groups: dict[str, list[str]] = {"embedding": embedding} if embedding else {}
     indices = sorted(layers)
-    per_group = max(1, math.ceil(len(indices) / MAX_LAYER_GROUPS))
+    moe = any("experts" in name.split(".") for members in layers.values() for name in members)
+    per_group = max(1, math.ceil(len(indices) / (MAX_MOE_LAYER_RUNS if moe else MAX_LAYER_GROUPS)))
     for first in range(0, len(indices), per_group):
         run = indices[first:first + per_group]
         label = f"layer_{run[0]}" if len(run) == 1 else f"layers_{run[0]}-{run[-1]}"
-        groups[label] = [name for index in run for name in layers[index]]
+        members = [name for index in run for name in layers[index]]
+        if not moe:
+            groups[label] = members
+            continue
+        parts: dict[str, list[str]] = {}
+        for name in members:
+            parts.setdefault(moe_part(name), []).append(name)
+        for part in ("attention", "router", "experts", "shared_experts", "mlp"):
+            if part in parts:
+                groups[f"{label}.{part}"] = parts[part]
     if output:
         groups["output"] = output
     return groups
+
+
+def moe_part(name: str) -> str:
+    """Which part of a mixture-of-experts block a parameter belongs to (its name's components)."""
+    components = set(name.split("."))
+    return next((part for part, names in _MOE_PARTS if components & names), "attention")
 
 
 def matches(pattern: str, name: str) -> bool:

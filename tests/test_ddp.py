@@ -26,13 +26,15 @@ def test_two_rank_ddp_probe_is_bitwise_neutral_and_identical_on_every_rank(tmp_p
         assert first["relative"]["held-out"]["converged"]
 
 
-def test_fsdp_sharded_model_is_rejected_with_a_clear_error():
+def test_fsdp1_and_partly_sharded_models_are_rejected_with_a_clear_error():
     results = run_ranks([os.path.join(WORKERS, "fsdp_rejected.py")], world_size=2, timeout=120)
     for result in results:
-        assert "REJECTED fsdp2: FSDPSequential with sharded (FSDP/DTensor) parameters is not supported" in result.output
+        assert "ACCEPTED fsdp2\n" in result.output  # fully_shard models have their own backend (test_fsdp2.py)
+        assert ("REJECTED fsdp2-partial: critical sharpness: an FSDP2 model's parameters must all be DTensors "
+                "(fully_shard the modules that hold them, or the root); not sharded: 1.weight, 1.bias") in result.output
         assert ("REJECTED nested-fsdp1: FullyShardedDataParallel (inside Sequential) with sharded (FSDP/DTensor) "
                 "parameters is not supported") in result.output
-        assert "ACCEPTED" not in result.output and "torch DistributedDataParallel" in result.output
+        assert "or a model sharded with torch FSDP2 (fully_shard)" in result.output
 
 
 def test_two_rank_ddp_with_the_module_breakdown_is_bitwise_neutral_and_identical_on_every_rank(tmp_path):

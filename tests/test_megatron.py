@@ -38,6 +38,12 @@ LAYOUTS = {
         2, ["--bf16", "--dropout", "0.1", "--frozen-layer", "--reuse-training-loss"], "Float16OptimizerWithFloat16Params"),
     # the module breakdown at every measurement, through TP shards, pipeline stages and virtual chunks
     "tp2-bf16-module-breakdown": (2, ["--tp", "2", "--bf16", "--modules"], "Float16OptimizerWithFloat16Params"),
+    # the precision-aware optimizer (its inner optimizer keeps the masters: testing.precision_aware's
+    # CPU stand-in for TransformerEngine's FusedAdam), masters as int16 remainders and as fp32
+    "dp2-bf16-precision-aware-optimizer-remainders-module-breakdown": (
+        2, ["--bf16", "--dist-opt", "--precision-aware", "remainders", "--modules"], "DistributedOptimizer"),
+    "dp2-bf16-precision-aware-optimizer-fp32-masters": (2, ["--bf16", "--dist-opt", "--precision-aware", "fp32"],
+                                                        "DistributedOptimizer"),
     "pp2-fp32": (2, ["--pp", "2"], "FP32Optimizer"),
     "pp2-bf16-distributed-optimizer": (2, ["--pp", "2", "--bf16", "--dist-opt"], "DistributedOptimizer"),
     "pp2-vpp2-fp32-module-breakdown": (2, ["--pp", "2", "--vpp", "2", "--layers", "4", "--modules"], "FP32Optimizer"),
@@ -63,10 +69,13 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
               env={"PYTHONWARNINGS": "ignore"})
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(world_size)]
     chunks = 2 if "--vpp" in args else 1
+    precision_aware = {"remainders": ["torch.int16"], "fp32": ["torch.float32"]}.get(
+        args[args.index("--precision-aware") + 1] if "--precision-aware" in args else None, [])
     hand = {"s1_is_step": True, "s0_is_before": True, "s_half_moves": True, "restored": True}
     for result in ranks:
         for write, run in result["writes"].items():
             assert run["optimizers"] == [optimizer]
+            assert run["masters_in_optimizer_state"] == precision_aware
             assert all(run["bitwise_equal"].values()), f"rank {result['rank']}, {write}: {run['bitwise_equal']}"
             assert run["same_training_losses"]
             assert run["micro_batches_left"] == [4] * chunks  # exactly the unused last step's micro-batches

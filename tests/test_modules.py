@@ -39,6 +39,43 @@ def test_default_groups_of_the_tiny_gpt_and_of_a_deep_model():
         "layer_0", "layer_1", "layer_2", "layer_3"]
 
 
+def moe_layer_names(layer: int, experts: int = 2, shared: bool = True) -> list[str]:
+    """A Megatron MoE block's parameters (local transformer spec, SequentialMLP)."""
+    prefix = f"decoder.layers.{layer}"
+    names = [f"{prefix}.input_layernorm.weight", f"{prefix}.self_attention.linear_qkv.weight",
+             f"{prefix}.self_attention.linear_proj.weight", f"{prefix}.pre_mlp_layernorm.weight",
+             f"{prefix}.mlp.router.weight"]
+    names += [f"{prefix}.mlp.experts.local_experts.{e}.linear_fc{i}.weight" for e in range(experts) for i in (1, 2)]
+    return names + ([f"{prefix}.mlp.shared_experts.linear_fc1.weight"] if shared else [])
+
+
+def test_default_groups_of_a_moe_model_split_each_block_into_attention_router_and_experts():
+    dense = ["decoder.layers.0.self_attention.linear_qkv.weight", "decoder.layers.0.mlp.linear_fc1.weight"]
+    names = (["embedding.word_embeddings.weight"] + dense + moe_layer_names(1) + moe_layer_names(2, shared=False)
+             + ["decoder.final_layernorm.weight", "output_layer.weight"])
+    groups = default_groups(names)
+    assert list(groups) == ["embedding", "layer_0.attention", "layer_0.mlp", "layer_1.attention", "layer_1.router",
+                            "layer_1.experts", "layer_1.shared_experts", "layer_2.attention", "layer_2.router",
+                            "layer_2.experts", "output"]
+    assert groups["layer_1.attention"] == ["decoder.layers.1.input_layernorm.weight",
+                                           "decoder.layers.1.self_attention.linear_qkv.weight",
+                                           "decoder.layers.1.self_attention.linear_proj.weight",
+                                           "decoder.layers.1.pre_mlp_layernorm.weight"]
+    assert groups["layer_1.router"] == ["decoder.layers.1.mlp.router.weight"]
+    assert len(groups["layer_1.experts"]) == 4 and groups["layer_0.mlp"] == ["decoder.layers.0.mlp.linear_fc1.weight"]
+    assert sorted(n for members in groups.values() for n in members) == sorted(names)  # each parameter once
+    # Mixtral / DeepSpeed MoE names: the router is the block's `gate`, a shared expert's gate is the shared expert's.
+    hf = default_groups(["model.layers.0.self_attn.q_proj.weight", "model.layers.0.block_sparse_moe.gate.weight",
+                         "model.layers.0.block_sparse_moe.experts.0.w1.weight", "model.layers.0.mlp.shared_expert_gate.weight",
+                         "model.layers.0.deepspeed_moe.experts.deepspeed_experts.1.w.weight"])
+    assert {g: len(m) for g, m in hf.items()} == {"layer_0.attention": 1, "layer_0.router": 1, "layer_0.experts": 2,
+                                                  "layer_0.shared_experts": 1}
+    # A deep MoE model: at most MAX_MOE_LAYER_RUNS runs of blocks, each split.
+    deep = default_groups([name for layer in range(61) for name in moe_layer_names(layer)])
+    assert list(deep)[:4] == ["layers_0-7.attention", "layers_0-7.router", "layers_0-7.experts", "layers_0-7.shared_experts"]
+    assert len(deep) == 4 * 8 and list(deep)[-1] == "layers_56-60.shared_experts"
+
+
 def test_configured_groups_fnmatch_regex_and_a_pattern_matching_nothing():
     groups = resolve_groups({"attn": ["*.self_attention.*"], "l2": ["re:layers\\.2\\."]}, MEGATRON_NAMES)
     assert groups["attn"] == [f"decoder.layers.{i}.self_attention.linear_qkv.weight" for i in range(3)]
@@ -216,3 +253,28 @@ def test_warn_ratio_triggers_the_breakdown_without_a_raised_loss():
     assert measurement.worst_module() == ("b12", pytest.approx(measurement.modules["b12"].search.lr /
                                                                 measurement.modules["b12"].search.critical_lr))
     assert measurement.modules["b0"].status == "capped" and measurement.modules["b0"].forwards == 9
+
+
+def test_megatron_names_number_experts_globally():
+    # With expert parallelism each rank numbers its own experts from 0; the names the groups and
+    # patterns see count from the first expert of the first expert-parallel rank.
+    pytest.importorskip("megatron.core", reason="the megatron extra is not installed")
+    from megatron_sharpness.backends.megatron import canonical_names
+
+    class Experts(nn.Module):  # SequentialMLP on expert-parallel rank 1 of 2, two local experts
+        def __init__(self):
+            super().__init__()
+            self.ep_group, self.num_local_experts = type("Group", (), {"rank": lambda self: 1})(), 2
+            self.local_experts = nn.ModuleList([nn.Linear(2, 2, bias=False) for _ in range(2)])
+
+    mlp = nn.Module()
+    mlp.experts, mlp.shared_experts = Experts(), nn.Linear(2, 2, bias=False)
+    layer = nn.Module()
+    layer.mlp = mlp
+    decoder = nn.Module()
+    decoder.layers = nn.ModuleList([layer])
+    chunk = nn.Module()
+    chunk.decoder = decoder
+    names = sorted(canonical_names([chunk]).values())
+    assert names == ["decoder.layers.0.mlp.experts.local_experts.2.weight",
+                     "decoder.layers.0.mlp.experts.local_experts.3.weight", "decoder.layers.0.mlp.shared_experts.weight"]

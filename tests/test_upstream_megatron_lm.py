@@ -149,7 +149,9 @@ def _train(checkout: Checkout, out: Path, world_size: int, flags: list[str], pro
         ["-m", "megatron_sharpness.testing.megatron_lm_cpu", str(checkout.path / "pretrain_gpt.py"), *TINY_GPT,
          "--train-iters", str(iterations[-1]), *flags, "--tensorboard-dir", str(tensorboard_dir), *(probe_flags if probe else [])],
         world_size, timeout=RUN_TIMEOUT, python=checkout.python,
-        env={"PYTHONPATH": os.pathsep.join([str(checkout.path), str(ROOT)]), "CUDA_DEVICE_MAX_CONNECTIONS": "1"})
+        # Megatron-FSDP asserts that CUDA_DEVICE_MAX_CONNECTIONS is not 1; TP on Hopper wants 1.
+        env={"PYTHONPATH": os.pathsep.join([str(checkout.path), str(ROOT)]),
+             "CUDA_DEVICE_MAX_CONNECTIONS": "8" if "--use-megatron-fsdp" in flags else "1"})
     print(f"{checkout.name} {out.name}: {time.monotonic() - started:.1f} s")  # shown by pytest -rP
     last = results[-1].output  # Megatron prints the iteration line on the last rank
     lines = _iteration_fields(last)
@@ -158,13 +160,50 @@ def _train(checkout: Checkout, out: Path, world_size: int, flags: list[str], pro
     return Run(lines, _scalars(tensorboard_dir), records)
 
 
+MEGATRON_FSDP = ["--bf16", "--use-megatron-fsdp", "--use-distributed-optimizer", "--ckpt-format", "fsdp_dtensor"]
 LAYOUTS = {
     # TP2, with a relative task read from an indexed dataset
     "tp2-relative": (2, ["--tensor-model-parallel-size", "2", "--micro-batch-size", "2", "--global-batch-size", "4"]),
     "pp2": (2, ["--pipeline-model-parallel-size", "2", "--micro-batch-size", "2", "--global-batch-size", "4"]),
     "dp2-bf16-distopt-overlap": (2, ["--bf16", "--use-distributed-optimizer", "--overlap-grad-reduce",
                                      "--overlap-param-gather", "--micro-batch-size", "1", "--global-batch-size", "4"]),
+    # A Llama-style block (RoPE, RMSNorm, SwiGLU, untied embeddings, no biases) under TP2 + sequence
+    # parallelism (the norms: the harness's stand-in for apex's FusedLayerNorm), selective recompute.
+    "tp2-sp-llama-selective-recompute": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                             "--position-embedding-type", "rope", "--normalization", "RMSNorm",
+                                             "--swiglu", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+                                             "--recompute-granularity", "selective", "--bf16",
+                                             "--micro-batch-size", "2", "--global-batch-size", "4"]),
+    # MoE: 4 experts, top-2, expert parallel 2 folded over TP2 + SP, the allgather dispatcher, a
+    # DeepSeek-V3-style router (sigmoid scores, expert bias, group-limited), a shared expert, full
+    # recompute; the default module breakdown at the measurement (attention / router / experts).
+    "moe-tp2-sp-ep2-deepseek-full-recompute": (2, [
+        "--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-tensor-parallel-size", "1",
+        "--expert-model-parallel-size", "2", "--num-experts", "4", "--moe-router-topk", "2",
+        "--moe-token-dispatcher-type", "allgather", "--disable-bias-linear", "--moe-router-score-function", "sigmoid",
+        "--moe-router-enable-expert-bias", "--moe-router-num-groups", "2", "--moe-router-group-topk", "1",
+        "--moe-router-topk-scaling-factor", "2.5", "--moe-shared-expert-intermediate-size", "64",
+        "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1", "--bf16",
+        "--critical-sharpness-modules", "default", "--critical-sharpness-modules-interval", "1",
+        "--micro-batch-size", "2", "--global-batch-size", "4"]),
+    # 4 ranks, one job: TP2 + SP × DP2, bf16, distributed optimizer, overlapped grad reduce and param gather.
+    "tp2-sp-dp2-bf16-distopt-overlap": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--bf16",
+                                            "--use-distributed-optimizer", "--overlap-grad-reduce",
+                                            "--overlap-param-gather", "--micro-batch-size", "1",
+                                            "--global-batch-size", "4"]),
+    # Megatron-FSDP (v1, optim_grads_params): trial points in its model-weight shards, its own all-gather.
+    "megatron-fsdp-dp2": (2, MEGATRON_FSDP + ["--micro-batch-size", "2", "--global-batch-size", "4"]),
+    "megatron-fsdp-tp2xdp2": (4, MEGATRON_FSDP + ["--tensor-model-parallel-size", "2", "--micro-batch-size", "1",
+                                                  "--global-batch-size", "4"]),
 }
+# Layouts that run on some lines only: MoE on CPU needs core_v0.19 or later (core_v0.16's router
+# gating calls TransformerEngine's GEMM unguarded); the 4-rank jobs and Megatron-FSDP (whose
+# gather pipeline the probe drives as main has it) run on the newest line alone.
+LINES = {"moe-tp2-sp-ep2-deepseek-full-recompute": ("core_v0.19.0", "main-d98e8a64dd"),
+         "tp2-sp-dp2-bf16-distopt-overlap": ("main-d98e8a64dd",), "megatron-fsdp-dp2": ("main-d98e8a64dd",),
+         "megatron-fsdp-tp2xdp2": ("main-d98e8a64dd",)}
+MOE_GROUPS = ["embedding"] + [f"layer_{layer}.{part}" for layer in (0, 1)
+                              for part in ("attention", "router", "experts", "shared_experts")] + ["output"]
 TRAINING_TAGS = ["lm loss", "grad-norm", "params-norm"]
 TRAINING_FIELDS = ["lm loss", "grad norm", "params norm"]
 
@@ -172,13 +211,15 @@ TRAINING_FIELDS = ["lm loss", "grad norm", "params norm"]
 def _matrix() -> list[tuple[str, str]]:
     """(source, layout) pairs. Every layout runs on the oldest and the newest line and on a user's
     checkout; each line between runs one, a different one each, to keep the suite's time in
-    budget (two or three training runs per pair). MEGATRON_SHARPNESS_E2E_ALL=1: every pair."""
+    budget (two or three training runs per pair); a layout in LINES runs on its lines only.
+    MEGATRON_SHARPNESS_E2E_ALL=1: every pair a line can run."""
     if USER_CHECKOUT:
         return [("user", layout) for layout in LAYOUTS]
     everything = os.environ.get("MEGATRON_SHARPNESS_E2E_ALL") == "1"
     between = dict(zip(list(SNAPSHOTS)[1:-1], ["pp2", "dp2-bf16-distopt-overlap", "tp2-relative"]))
     return [(snapshot, layout) for snapshot in SNAPSHOTS for layout in LAYOUTS
-            if everything or snapshot not in between or between[snapshot] == layout]
+            if snapshot in LINES.get(layout, ()) or (layout not in LINES and (
+                everything or snapshot not in between or between[snapshot] == layout))]
 
 
 @pytest.mark.parametrize("checkout, layout", _matrix(), indirect=["checkout"])
@@ -212,6 +253,16 @@ def test_real_pretrain_gpt_measures_and_trains_bitwise_as_without_probe(checkout
     assert record["forwards_total"] == int(measured["sharpness forwards"])  # relative tasks included
     assert on.scalars["critical sharpness"] == {MEASURED: pytest.approx(record["critical_sharpness"], rel=1e-6)}
     assert on.scalars["critical lr"] == {MEASURED: pytest.approx(record["critical_lr"], rel=1e-6)}
+    if "--critical-sharpness-modules" in flags:  # a MoE block split into its parts, experts global
+        assert list(record["modules"]) == MOE_GROUPS and record["modules_trigger"] == "interval"
+    if "--use-megatron-fsdp" in flags and world_size == 2:
+        # The same run with the plain distributed optimizer: the same θ_t (its L bitwise) and a step
+        # that differs only by the order of the gradient reduction, so the same reading to 1 %.
+        plain = _train(checkout, tmp_path / "distributed-optimizer", world_size,
+                       [f for f in flags if f not in ("--use-megatron-fsdp", "--ckpt-format", "fsdp_dtensor")], probe=True)
+        [reference] = plain.jsonl
+        assert record["loss"] == reference["loss"]
+        assert record["critical_lr"] == pytest.approx(reference["critical_lr"], rel=1e-2)
     if not relative:
         assert record["relative"] == {} and "relative sharpness heldout" not in measured
         return
@@ -311,3 +362,22 @@ def test_real_pretrain_gpt_reuses_its_training_loss_as_the_probes_baseline(check
         assert with_reuse["forwards"] == without["forwards"] - with_reuse["baseline_reused"]
     for tag in TRAINING_TAGS:
         assert reused.scalars[tag] == plain.scalars[tag], tag
+
+
+@pytest.mark.parametrize("checkout", ["user"] if USER_CHECKOUT else ["core_v0.16.1", "main-d98e8a64dd"], indirect=True)
+def test_real_pretrain_gpt_refuses_an_unsupported_setup_when_it_parses_its_flags(checkout, tmp_path):
+    # core_v0.16 parses inside pretrain(), main in parse_and_validate_args() before it: either way
+    # the refusal comes before Megatron's own validation (which would want TransformerEngine for
+    # fp8), before the model is built and a checkpoint loaded.
+    result = subprocess.run(
+        [checkout.python, "-m", "megatron_sharpness.testing.megatron_lm_cpu", str(checkout.path / "pretrain_gpt.py"),
+         *TINY_GPT, "--train-iters", "2", "--micro-batch-size", "1", "--global-batch-size", "1", "--bf16",
+         "--fp8-format", "hybrid", "--load", str(tmp_path / "checkpoint"), "--critical-sharpness-interval", "1"],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout.path), str(ROOT)]), "OMP_NUM_THREADS": "1",
+             "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599"})
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "pretrain_gpt.py: error: critical sharpness: --fp8-format hybrid (fp8/fp4 compute (TransformerEngine)) is not "
+        "supported yet: the delayed-scaling amax history"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "building GPT model" not in result.stdout

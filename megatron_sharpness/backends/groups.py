@@ -68,16 +68,17 @@ def group_ranges(segments: Sequence[Sequence[Segment]], names: Collection[str]) 
 
 @torch.no_grad()
 def write_group(target: torch.Tensor, old: torch.Tensor, new: torch.Tensor, weight: float,
-                ranges: Ranges | None) -> None:
-    """target ← lerp(old, new, weight) on ranges (None: everywhere), old elsewhere."""
+                ranges: Ranges | None, cast: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """target ← lerp(old, new, weight) on ranges (None: everywhere), old elsewhere; cast: how a
+    value becomes target's (lerp_into)."""
     if ranges is None:
-        lerp_into(target, old, new, weight)
+        lerp_into(target, old, new, weight, cast)
         return
     covered = sum(end - start for start, end in ranges)
     if covered < old.numel():
-        target.view(-1).copy_(old.view(-1))
+        target.view(-1).copy_(old.view(-1) if cast is None else cast(old.view(-1)))
     for start, end in ranges:
-        lerp_into(target.view(-1)[start:end], old.view(-1)[start:end], new.view(-1)[start:end], weight)
+        lerp_into(target.view(-1)[start:end], old.view(-1)[start:end], new.view(-1)[start:end], weight, cast)
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from megatron_sharpness.backends.resolution import SIGNIFICAND_BITS
@@ -18,14 +20,17 @@ def chunk_elements(device: torch.device) -> int:
     return LERP_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
 
 
-def lerp_into(target: torch.Tensor, old: torch.Tensor, new: torch.Tensor, weight: float) -> None:
-    """target ← lerp(old, new, weight), cast to target's dtype and device. torch.lerp gives old
-    exactly at weight 0 and new exactly at weight 1."""
+def lerp_into(target: torch.Tensor, old: torch.Tensor, new: torch.Tensor, weight: float,
+              cast: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """target ← lerp(old, new, weight), cast to target's dtype (by `cast` where the framework
+    rounds otherwise than to nearest even) and device. torch.lerp gives old exactly at weight 0
+    and new exactly at weight 1."""
     target_flat, old_flat, new_flat = target.view(-1), old.view(-1), new.view(-1)
     chunk = chunk_elements(old_flat.device)
     for start in range(0, old_flat.numel(), chunk):
         end = start + chunk
-        target_flat[start:end].copy_(torch.lerp(old_flat[start:end], new_flat[start:end], weight))
+        values = torch.lerp(old_flat[start:end], new_flat[start:end], weight)
+        target_flat[start:end].copy_(values if cast is None else cast(values))
 
 
 # Significand bits of the low-precision compute dtypes whose rounding makes the loss noisy; fp32

@@ -25,12 +25,12 @@ from megatron_sharpness.backends.local import (LOCAL_DTYPES, LOCAL_FROM, LocalWr
 from megatron_sharpness.backends.modes import ModuleModes
 from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, UsageError, agree_loss, note_local_loss,
                                        report_local_failure, snapshot_skip_reason, take_local_non_finite)
+from megatron_sharpness.backends import megatron_fsdp
+from megatron_sharpness.backends import megatron_precision_aware as precision_aware
 from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_into
+from megatron_sharpness.backends.megatron_support import CPU_OFFLOAD, FP8, LAYER_WISE, SUPPORTED, TORCH_FSDP2
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
-
-SUPPORTED = ("DistributedOptimizer, Float16OptimizerWithFloat16Params and FP32Optimizer, alone or in a "
-             "ChainedOptimizer, over megatron-core DistributedDataParallel model chunks")
 
 # Reduced loss of a task over its micro-batches, the same value on every rank up to the bits,
 # given what this rank recorded (per model chunk) and how many micro-batches every rank runs.
@@ -44,17 +44,16 @@ def _unsupported(what: str) -> TypeError:
 def leaf_optimizers(optimizer) -> list:
     kind = type(optimizer).__name__
     if kind == "LayerWiseDistributedOptimizer":
-        raise _unsupported("LayerWiseDistributedOptimizer")
+        raise LAYER_WISE.error()
     if isinstance(optimizer, ChainedOptimizer):
         return [leaf for inner in optimizer.chained_optimizers for leaf in leaf_optimizers(inner)]
     if type(optimizer) not in (DistributedOptimizer, Float16OptimizerWithFloat16Params, FP32Optimizer):
         raise _unsupported(f"optimizer {type(optimizer).__module__}.{kind}")
-    config = getattr(optimizer, "config", None)
-    if getattr(config, "use_precision_aware_optimizer", False):
-        raise _unsupported("use_precision_aware_optimizer (the fused optimizer holds the master weights)")
     inner = getattr(optimizer, "optimizer", None)
     if inner is not None and type(inner).__name__ == "HybridDeviceOptimizer":
-        raise _unsupported("HybridDeviceOptimizer (optimizer CPU offload)")
+        raise CPU_OFFLOAD.error()
+    if precision_aware.holds_masters(optimizer):
+        precision_aware.check_masters(optimizer)
     return [optimizer]
 
 
@@ -69,6 +68,10 @@ def master_triples(optimizer) -> list[tuple[torch.Tensor, torch.Tensor, torch.Te
     holds a range of one parameter)."""
     if getattr(optimizer, "is_stub_optimizer", False):
         return []
+    if megatron_fsdp.is_megatron_fsdp(optimizer):
+        return megatron_fsdp.master_triples(optimizer)
+    if precision_aware.holds_masters(optimizer):
+        return precision_aware.master_triples(optimizer)
     if isinstance(optimizer, DistributedOptimizer):
         def shard_of(model_param: torch.Tensor) -> torch.Tensor:
             world_range = optimizer._get_model_param_range_map(model_param)["gbuf_world_in_bucket"]
@@ -87,15 +90,26 @@ def master_triples(optimizer) -> list[tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 _LAYER = re.compile(r"^(.*?decoder\.layers\.)(\d+)(\..*)$")
+# An expert's index inside its layer's experts module: SequentialMLP's local_experts.K, the
+# grouped GEMM's (TEGroupedMLP) linear_fc1.weightK / biasK.
+_EXPERT = re.compile(r"^(.*\.experts)(\.local_experts\.|\.linear_fc[12]\.(?:weight|bias))(\d+)(\b.*)$")
 
 
 def canonical_names(model_chunks: Sequence[torch.nn.Module]) -> dict[int, str]:
     """id(model parameter) -> its name without wrapper prefixes (DDP's and Float16Module's
     `module.`), with `decoder.layers.N` numbered globally: a pipeline stage (and each virtual
-    chunk) numbers its layers from 0, its TransformerLayers know their global layer_number."""
+    chunk) numbers its layers from 0, its TransformerLayers know their global layer_number. Experts
+    are numbered globally too: with expert parallelism each rank numbers its own experts from 0."""
     names = {}
     for chunk in model_chunks:
         for name, param in chunk.named_parameters():
+            expert = _EXPERT.match(name)
+            if expert is not None:
+                module = chunk.get_submodule(expert.group(1))
+                group, local = getattr(module, "ep_group", None), getattr(module, "num_local_experts", None)
+                if group is not None and isinstance(local, int):
+                    index = group.rank() * local + int(expert.group(3))
+                    name = f"{expert.group(1)}{expert.group(2)}{index}{expert.group(4)}"
             layer = _LAYER.match(name)
             if layer is not None:
                 module = chunk.get_submodule(layer.group(1) + layer.group(2))
@@ -111,10 +125,14 @@ def canonical_names(model_chunks: Sequence[torch.nn.Module]) -> dict[int, str]:
 def reject_unsupported_model(model_chunks: Sequence[torch.nn.Module]) -> None:
     for chunk in model_chunks:
         kind = type(chunk).__name__
-        if kind == "FullyShardedDataParallel" or getattr(getattr(chunk, "ddp_config", None), "use_megatron_fsdp", False):
-            raise _unsupported("Megatron-FSDP")
-        if getattr(getattr(chunk, "config", None), "fp8_param", False):
-            raise _unsupported("fp8 params (fp8_param)")
+        if megatron_fsdp.is_megatron_fsdp(chunk):
+            megatron_fsdp.check_megatron_fsdp(chunk)
+            continue
+        if kind == "TorchFullyShardedDataParallel":
+            raise TORCH_FSDP2.error()
+        config = getattr(chunk, "config", None)
+        if any(getattr(config, name, None) for name in ("fp8", "fp4", "fp8_param", "fp4_param")):
+            raise FP8.error()
         if not hasattr(chunk, "start_param_sync"):
             raise _unsupported(f"a model chunk of type {kind} (wrap it in megatron.core DistributedDataParallel)")
 
@@ -148,10 +166,16 @@ class MegatronBackend:
         self.uses_param_gather = any(isinstance(leaf, DistributedOptimizer) for leaf in self.leaves)
         self.overlap_param_gather = any(getattr(getattr(chunk, "ddp_config", None), "overlap_param_gather", False)
                                         for chunk in self.model_chunks)
-        self._flats = gathered_flats(self.leaves)
+        self.megatron_fsdp = any(megatron_fsdp.is_megatron_fsdp(chunk) for chunk in self.model_chunks)
+        # Megatron-FSDP gathers each unit module's params from its own buffers at every forward:
+        # no step to gather ahead, no local writes.
+        self._flats = [] if self.megatron_fsdp else gathered_flats(self.leaves)
         # Local writes serve where every gathered param is bf16/fp16 (fp32 params under the
         # distributed optimizer alias their master: nothing to gain).
         self.local_possible = bool(self._flats) and all(flat.dtype in LOCAL_DTYPES for flat in self._flats)
+        if write == "local" and self.megatron_fsdp:
+            raise ValueError("critical sharpness: write='local' is not available under Megatron-FSDP (its forwards "
+                             "gather every param from the shards); use write='sharded' or 'auto'")
         if write == "local" and self.uses_param_gather and not self.local_possible:
             raise ValueError("critical sharpness: write='local' needs the distributed optimizer's params in bf16 or "
                              f"fp16; this model's gathered params are {sorted({str(f.dtype) for f in self._flats})}; "
@@ -175,6 +199,7 @@ class MegatronBackend:
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._models: list[torch.nn.Parameter] = []  # the model param of each pair
         self._flat_of_pair: list[int | None] = []
+        self._casts: list = []
         self._segments: list[list[Segment]] = []
         self._all_names: list[str] | None = None
         self._group = GroupSelection(dist.all_reduce)  # shards differ across the world
@@ -187,14 +212,19 @@ class MegatronBackend:
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        triples = [triple for leaf in self.leaves for triple in master_triples(leaf)]
+        per_leaf = [master_triples(leaf) for leaf in self.leaves]
+        triples = [triple for leaf_triples in per_leaf for triple in leaf_triples]
         self._pairs = [(main, target) for main, target, _ in triples]
         self._models = [model for _, _, model in triples]
         # Per pair, the gathered param buffer its model side lies in (None: not gathered).
         self._flat_of_pair = [next((index for index, flat in enumerate(self._flats)
                                     if offset_in(flat.view(-1), target) is not None), None)
                               for _, target in self._pairs]
-        names = canonical_names(self.model_chunks)
+        # How an fp32 value becomes the model-side one (None: a plain cast, round to nearest even).
+        self._casts = [cast for leaf, leaf_triples in zip(self.leaves, per_leaf)
+                       for cast in (precision_aware.model_casts(leaf) if leaf_triples and precision_aware.holds_masters(leaf)
+                                    else [None] * len(leaf_triples))]
+        names = (megatron_fsdp.parameter_names if self.megatron_fsdp else canonical_names)(self.model_chunks)
         self._segments = [whole(names.get(id(model), f"unnamed_{index}"), main)
                           for index, (main, _, model) in enumerate(triples)]
         error = local_error = None
@@ -230,11 +260,16 @@ class MegatronBackend:
         assert self._theta_t is not None, "snapshot() must run before optimizer.step()"
         if not self.step_applied:
             return "the optimizer skipped the step (inf/NaN gradients)"
+        # Read again: a precision-aware optimizer's masters are composed from its state, which
+        # its first step creates.
+        mains = [main for leaf in self.leaves for main, _, _ in master_triples(leaf)]
+        self._pairs = [(main, target) for main, (_, target) in zip(mains, self._pairs)]
         # Where the master is the model tensor itself a trial point would overwrite θ_{t+1}.
         self._theta_next = [main.detach().clone() if main.data_ptr() == target.data_ptr() else main
                             for main, target in self._pairs]
-        if self.overlap_param_gather:
-            self._sync_params()  # the all-gather of θ_{t+1} was deferred to the next forward
+        if self.overlap_param_gather or self.megatron_fsdp:
+            # the all-gather of θ_{t+1} was deferred to the next forward; Megatron-FSDP's may be in flight
+            self._sync_params()
         self._holds_next = True
         self._rng = RngState.capture()
         self._modes = ModuleModes(self.model_chunks)
@@ -310,7 +345,7 @@ class MegatronBackend:
             self._local.write(step_multiple)
         for index, ((_, target), old, new) in enumerate(zip(self._pairs, self._theta_t, self._theta_next)):
             if not (local and self._flat_of_pair[index] is not None):
-                write_group(target, old, new, step_multiple, self._group.pair(index))
+                write_group(target, old, new, step_multiple, self._group.pair(index), self._casts[index])
         if not local:
             self._sync_params()
         self._holds_next = whole_update and step_multiple == 1.0
@@ -366,12 +401,14 @@ class MegatronBackend:
             if not self._holds_next:
                 if self._local is not None:
                     self._local.restore()
-                for index, ((_, target), new) in enumerate(zip(self._pairs, self._theta_next)):
+                for index, ((_, target), new, cast) in enumerate(zip(self._pairs, self._theta_next, self._casts)):
                     local = self._local is not None and self._flat_of_pair[index] is not None
                     if target.data_ptr() != new.data_ptr() and not local:
-                        target.copy_(new)
+                        target.copy_(new if cast is None else cast(new))
                 if self._local is None:
                     self._sync_params()
+            if self.megatron_fsdp:
+                megatron_fsdp.gather_as_after_step(self.model_chunks)
             self._reset_random_state()
             self._modes.restore()
         self._theta_t = self._theta_next = self._rng = self._local = None
@@ -408,7 +445,9 @@ class MegatronBackend:
         return works
 
     def _sync_params(self) -> None:
-        if self.uses_param_gather:
+        if self.megatron_fsdp:
+            megatron_fsdp.invalidate_gathered(self.model_chunks)
+        elif self.uses_param_gather:
             for chunk in self.model_chunks:
                 chunk.start_param_sync(force_sync=True)
 

@@ -31,7 +31,7 @@ class TorchBackend:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  process_group: dist.ProcessGroup | None = None, compute_dtype: torch.dtype | None = None):
-        _reject_sharded_model(model)
+        self._check_model(model)
         self.model = model
         self.optimizer = optimizer
         self.params = self._trainable_params()
@@ -49,8 +49,15 @@ class TorchBackend:
         self._buffers: list[torch.Tensor] | None = None
         self._rng: RngState | None = None
         self._snapshot_skipped: str | None = None
-        # Every rank holds the same parameters: a group's histogram needs no reduction.
-        self._group = GroupSelection(lambda counts: None)
+        self._group = GroupSelection(self._sum_histogram)
+
+    @staticmethod
+    def _check_model(model: torch.nn.Module) -> None:
+        _reject_sharded_model(model)
+
+    def _sum_histogram(self, counts: torch.Tensor) -> None:
+        """Sums a resolution histogram over the ranks that hold different parameters: none here
+        (plain or DDP: every rank holds them all)."""
 
     def _trainable_params(self) -> list[torch.Tensor]:
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
@@ -89,10 +96,10 @@ class TorchBackend:
         changed = any(not torch.equal(old, new) for old, new in zip(self._theta_t, self._theta_next))
         if not self._any_rank(changed):
             return "the step changed no parameter (skipped step or zero update)"
-        # Every rank holds the same parameters (plain or DDP), so the floor needs no reduction.
-        dtypes = [self.compute_dtype or param.dtype for param in self.params]
-        self._floor = ResolutionHistogram.of_segments(
-            [(old.reshape(-1), new.reshape(-1), dtype) for old, new, dtype in zip(self._theta_t, self._theta_next, dtypes)]).floor()
+        histogram = ResolutionHistogram.of_segments(
+            [(old.reshape(-1), new.reshape(-1), dtype) for old, new, dtype in zip(self._theta_t, self._theta_next, self._dtypes())])
+        self._sum_histogram(histogram.counts)
+        self._floor = histogram.floor()
         return None
 
     def resolution_floor(self) -> float:
@@ -116,6 +123,10 @@ class TorchBackend:
         # Every rank holds every parameter (plain or DDP): no union over ranks needed.
         return local_names(self._segments())
 
+    def _dtypes(self) -> list[torch.dtype]:
+        """The dtype the forward reads each parameter in."""
+        return [self.compute_dtype or param.dtype for param in self.params]
+
     def _segments(self) -> list[list[Segment]]:
         names = {id(param): name for name, param in _unwrapped(self.model).named_parameters()}
         # A parameter the optimizer holds but the model does not (rare) still gets a stable name.
@@ -125,8 +136,7 @@ class TorchBackend:
     @torch.no_grad()
     def select_group(self, names) -> None:
         assert self._theta_t is not None and self._theta_next is not None
-        dtypes = [self.compute_dtype or param.dtype for param in self.params]
-        self._group.select(self._segments(), names, dtypes, self._theta_t, self._theta_next)
+        self._group.select(self._segments(), names, self._dtypes(), self._theta_t, self._theta_next)
 
     @torch.no_grad()
     def write(self, step_multiple: float) -> None:
@@ -144,7 +154,7 @@ class TorchBackend:
     @torch.no_grad()
     def write_rounding_noise(self, sample: int) -> bool:
         assert self._theta_t is not None and self._theta_next is not None
-        dtypes = [self.compute_dtype or param.dtype for param in self.params]
+        dtypes = self._dtypes()
         if not any(dtype in NOISY_COMPUTE_BITS for dtype in dtypes):
             return False
         offset = 0
@@ -267,5 +277,6 @@ def _reject_sharded_model(model: torch.nn.Module) -> None:
     where = "" if sharded is None or sharded is model else f" (inside {type(model).__name__})"
     name = type(model if sharded is None else sharded).__name__
     raise TypeError(f"{name}{where} with sharded (FSDP/DTensor) parameters is not supported "
-                    "by the plain-PyTorch probe; supported: a plain nn.Module or "
-                    "torch DistributedDataParallel (DeepSpeed and Megatron have their own backends)")
+                    "by the plain-PyTorch probe; supported: a plain nn.Module, torch "
+                    "DistributedDataParallel, or a model sharded with torch FSDP2 (fully_shard) "
+                    "(DeepSpeed and Megatron have their own backends)")

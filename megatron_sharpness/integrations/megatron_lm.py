@@ -20,6 +20,7 @@ state dict: it works alike for every --ckpt-format, and loading needs no patch l
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -27,6 +28,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_sharpness.backends import megatron_fsdp
+from megatron_sharpness.backends.megatron_precision_aware import FP16_MASTERS
+from megatron_sharpness.backends.megatron_support import CPU_OFFLOAD, FP8, LAYER_WISE, TORCH_FSDP2
 from megatron_sharpness.integrations.flags import add_critical_sharpness_args as add_probe_args
 from megatron_sharpness.integrations.flags import config_from_args, integer_at_least
 from megatron_sharpness.integrations.megatron_core import MegatronSharpness
@@ -34,6 +38,10 @@ from megatron_sharpness.measurement import Measurement
 
 _sharpness: MegatronSharpness | None = None
 _relative: dict[str, list[IndexedDatasetBatches]] = {}
+
+# The one Megatron-FSDP layout the probe drives (Megatron-LM's flags at their defaults).
+MEGATRON_FSDP_LAYOUT = {"--megatron-fsdp-version": 1, "--data-parallel-sharding-strategy": "optim_grads_params",
+                        "--outer-dp-sharding-strategy": "no_shard"}
 
 # Layout version of the state file; checked on load.
 STATE_FILE_VERSION = 1
@@ -57,8 +65,11 @@ def extra_args_provider(other: Callable | None = None) -> Callable:
 
 
 def add_critical_sharpness_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron-LM's extra_args_provider (or a part of it): returns the parser."""
+    """Megatron-LM's extra_args_provider (or a part of it): returns the parser, which from now on
+    refuses (exit code 2, one line naming the flags) a setup the probe cannot measure, right after
+    parsing: before Megatron builds the model and loads a checkpoint."""
     add_probe_args(parser)
+    _refuse_after_parsing(parser)
     group = parser.add_argument_group(title="relative critical sharpness")
     group.add_argument("--relative-sharpness-data-path", type=_name_and_path, nargs="+", default=[],
                        metavar="NAME=PATH", help="another task's Megatron indexed dataset, searched along each "
@@ -66,6 +77,66 @@ def add_critical_sharpness_args(parser: argparse.ArgumentParser) -> argparse.Arg
     group.add_argument("--relative-sharpness-micro-batches", type=integer_at_least(1, "an integer >= 1"), default=1,
                        metavar="K", help="micro-batches of each relative task per measurement (default 1)")
     return parser
+
+
+def _refuse_after_parsing(parser: argparse.ArgumentParser) -> None:
+    # argparse has no hook after parsing, and Megatron-LM up to core_v0.17 parses inside
+    # pretrain(): the parser's own parse_known_args (which parse_args calls) is wrapped instead, so
+    # that the refusal comes with the flags, on every release line, without another patch line.
+    parse_known_args = parser.parse_known_args
+
+    def parse_and_check(args=None, namespace=None):
+        parsed, extras = parse_known_args(args, namespace)
+        refusal = refusal_of_args(parsed)
+        if refusal is not None:
+            parser.exit(2, f"{parser.prog}: error: {refusal}\n")
+        return parsed, extras
+
+    parser.parse_known_args = parse_and_check
+
+
+def refusal_of_args(args: argparse.Namespace) -> str | None:
+    """Why the probe cannot measure the run these Megatron-LM flags describe, or None (also when the
+    probe is off). Flags of other release lines or scripts that a parser lacks count as not given."""
+    if getattr(args, "critical_sharpness_interval", 0) <= 0:
+        return None
+    flag = functools.partial(getattr, args)
+    optimizer = flag("optimizer", "adam")
+    if optimizer == "dist_muon" or (optimizer not in ("adam", "sgd") and flag("use_distributed_optimizer", False)):
+        given = "--optimizer dist_muon" if optimizer == "dist_muon" else f"--optimizer {optimizer} --use-distributed-optimizer"
+        return LAYER_WISE.message(given)
+    refused = [("--optimizer-cpu-offload", flag("optimizer_cpu_offload", False), CPU_OFFLOAD),
+               ("--fp8-format", flag("fp8", None), FP8), ("--fp4-format", flag("fp4", None), FP8),
+               ("--fp8-param-gather", flag("fp8_param_gather", False), FP8),
+               ("--fp4-param-gather", flag("fp4_param_gather", False), FP8),
+               ("--use-torch-fsdp2", flag("use_torch_fsdp2", False), TORCH_FSDP2)]
+    for name, given, refusal in refused:
+        if given:
+            return refusal.message(name if given is True else f"{name} {given}")
+    if flag("use_megatron_fsdp", False):
+        layout = {"--megatron-fsdp-version": flag("megatron_fsdp_version", 1),
+                  "--data-parallel-sharding-strategy": flag("data_parallel_sharding_strategy", "optim_grads_params"),
+                  "--outer-dp-sharding-strategy": flag("outer_dp_sharding_strategy", "no_shard")}
+        if layout != MEGATRON_FSDP_LAYOUT:
+            given = " ".join(f"{name} {value}" for name, value in layout.items() if MEGATRON_FSDP_LAYOUT[name] != value)
+            return megatron_fsdp.LAYOUT.message(f"--use-megatron-fsdp {given}")
+        refusal = megatron_fsdp.pipeline_refusal()
+        if refusal is not None:
+            return refusal.message("--use-megatron-fsdp")
+    if flag("use_precision_aware_optimizer", False) and str(flag("main_params_dtype", "fp32")) in ("fp16", "torch.float16"):
+        return FP16_MASTERS.message("--use-precision-aware-optimizer --main-params-dtype fp16")
+    dropout = {name: flag(name.lstrip("-").replace("-", "_"), 0.0) or 0.0
+               for name in ("--hidden-dropout", "--attention-dropout")}
+    if flag("critical_sharpness_reuse_training_loss", False) and any(dropout.values()):
+        return ("critical sharpness: --critical-sharpness-reuse-training-loss needs --hidden-dropout 0 and "
+                f"--attention-dropout 0 (got {', '.join(f'{name} {value}' for name, value in dropout.items())}): with "
+                "dropout the training forward's loss is not the one a probe forward computes")
+    for name, path in flag("relative_sharpness_data_path", []):
+        missing = [f"{path}{suffix}" for suffix in (".bin", ".idx") if not os.path.isfile(f"{path}{suffix}")]
+        if missing:
+            return (f"critical sharpness: --relative-sharpness-data-path {name}={path}: no {' and no '.join(missing)} "
+                    "(PATH is the prefix of a Megatron indexed dataset, PATH.bin and PATH.idx)")
+    return None
 
 
 class IndexedDatasetBatches:
@@ -201,12 +272,6 @@ def record(data_iterator, model: list, optimizer, forward_step_func: Callable, a
         config = config_from_args(args)
         if not config.enabled:
             return data_iterator
-        dropout = {flag: getattr(args, flag.lstrip("-").replace("-", "_"), 0.0) or 0.0
-                   for flag in ("--hidden-dropout", "--attention-dropout")}
-        if config.reuse_training_loss and any(dropout.values()):
-            raise ValueError("--critical-sharpness-reuse-training-loss needs --hidden-dropout 0 and --attention-dropout 0 "
-                             f"(got {', '.join(f'{flag} {value}' for flag, value in dropout.items())}): with dropout the "
-                             "training forward's loss is not the one a probe forward computes")
         _relative = _relative_iterators(args, len(model))
         _sharpness = MegatronSharpness(
             model, optimizer, forward_step_func, config, seq_length=args.seq_length,

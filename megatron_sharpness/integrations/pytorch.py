@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from megatron_sharpness.backends.fsdp2 import FSDP2Backend, is_fsdp2_model
 from megatron_sharpness.backends.pytorch import LossFn, TorchBackend, _unwrapped
 from megatron_sharpness.checks import checked_loggers, require_callable, require_optimizer, require_positive_int
 from megatron_sharpness.config import SharpnessConfig, require_config
@@ -23,9 +24,11 @@ class TorchSharpnessProbe:
     loss_fn (given to step()) evaluates the mean loss of the step's own batch at the model's
     current parameters; it is called under torch.no_grad() with the model in whatever mode the
     training loop left it, and must read the same batch each time it is called. Under DDP each
-    rank's value is averaged over the DDP process group, so every rank sees the same number.
+    rank's value is averaged over the DDP process group, so every rank sees the same number; for a
+    model sharded with torch FSDP2 (fully_shard) over the process group (default: the world).
     compute_dtype: the dtype the forward computes in when it is not the parameters' own, e.g.
-    torch.bfloat16 under torch.autocast; it sets the resolution floor of the search.
+    torch.bfloat16 under torch.autocast; it sets the resolution floor of the search (FSDP2: the
+    mixed-precision policy's param_dtype unless given).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -40,7 +43,8 @@ class TorchSharpnessProbe:
         self.config = require_config(config) if config is not None else SharpnessConfig()
         loggers = checked_loggers(loggers)
         self.optimizer = optimizer
-        self.backend = TorchBackend(model, optimizer, process_group, compute_dtype)
+        backend = FSDP2Backend if is_fsdp2_model(model) else TorchBackend
+        self.backend = backend(model, optimizer, process_group, compute_dtype)
         if loggers is None:
             loggers = _default_loggers(self.config)
         self.probe = SharpnessProbe(self.config, loggers)

@@ -41,6 +41,9 @@ class TinyGPTSetup:
     seed: int = 1234
     # "cuda": the model on this rank's GPU (torch.cuda.set_device first; init_nccl_model_parallel)
     device: str = "cpu"
+    # The precision-aware optimizer on testing.precision_aware's CPU stand-in for TransformerEngine's
+    # FusedAdam: None (off), "fp32" (fp32 masters in its state) or "remainders" (int16 low halves).
+    precision_aware: str | None = None
 
 
 def build_model_and_optimizer(setup: TinyGPTSetup):
@@ -76,9 +79,15 @@ def build_model_and_optimizer(setup: TinyGPTSetup):
         chunk = DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=virtual > 0)
         chunk.broadcast_params()
         chunks.append(chunk)
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=setup.lr, weight_decay=0.01, bf16=setup.bf16, params_dtype=dtype,
-                        use_distributed_optimizer=setup.distributed_optimizer, clip_grad=1.0), chunks)
+    optimizer_config = OptimizerConfig(optimizer="adam", lr=setup.lr, weight_decay=0.01, bf16=setup.bf16,
+                                       params_dtype=dtype, use_distributed_optimizer=setup.distributed_optimizer,
+                                       clip_grad=1.0)
+    if setup.precision_aware is not None:
+        from megatron_sharpness.testing.precision_aware import install_stand_in_fused_adam, precision_aware_config
+
+        install_stand_in_fused_adam()
+        precision_aware_config(optimizer_config, remainders=setup.precision_aware == "remainders")
+    optimizer = get_megatron_optimizer(optimizer_config, chunks)
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     if setup.overlap_param_gather:

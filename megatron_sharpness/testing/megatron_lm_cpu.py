@@ -43,7 +43,7 @@ _installed = False
 def _names_cuda(device) -> bool:
     if isinstance(device, str):
         return device.startswith("cuda")
-    if isinstance(device, int):  # a bare ordinal is a CUDA device to torch
+    if isinstance(device, int) and not isinstance(device, bool):  # a bare ordinal is a CUDA device to torch
         return True
     return isinstance(device, torch.device) and device.type == "cuda"
 
@@ -91,6 +91,9 @@ class _HostStream:
         pass
 
     def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:  # Event.wait (Megatron-FSDP waits for its gradient reduce)
         pass
 
     def query(self) -> bool:
@@ -144,13 +147,25 @@ def _after_import(name: str, patch: Callable) -> None:
         sys.meta_path.insert(0, _AfterImport(name, patch))
 
 
-def install_megatron_lm_cpu_shims() -> None:
+class _CpuDevice(str):
+    """What torch.cuda.current_device() answers under Megatron-FSDP: "cpu" wherever torch reads it
+    as a device, "0" where Megatron-FSDP formats it into f"cuda:{...}" (its device string, which
+    _CudaToCpu then sends to the CPU). megatron_cpu's torch.device("cpu") would make "cuda:cpu";
+    an int 0 would be a CUDA device in the autograd engine's threads, where no TorchFunctionMode runs."""
+
+    def __format__(self, spec: str) -> str:
+        return "0"
+
+
+def install_megatron_lm_cpu_shims(megatron_fsdp: bool = False) -> None:
     """Make Megatron-LM's training loop run on CPU with gloo; call before importing its scripts."""
     global _installed
     if _installed:
         return
     _installed = True
     install_cpu_shims()
+    if megatron_fsdp:
+        torch.cuda.current_device = lambda: _CpuDevice("cpu")
 
     # initialize_megatron asserts torch.cuda.is_available() ("Megatron requires CUDA"), and with
     # device_count() == 0 it neither builds the model-parallel groups nor seeds the RNG tracker
@@ -192,7 +207,35 @@ def install_megatron_lm_cpu_shims() -> None:
     # none); the local transformer with the --no-*-fusion flags uses none of those kernels.
     _after_import("megatron.legacy.fused_kernels", lambda module: setattr(module, "load", lambda args: None))
 
+    _after_import("megatron.core.transformer.torch_norm", _sequence_parallel_norms)
+
     _CudaToCpu().__enter__()
+
+
+def _sequence_parallel_norms(module) -> None:
+    """A CPU stand-in for apex's FusedLayerNorm under sequence parallelism (ours, not Megatron's).
+
+    Without apex the local transformer spec builds torch's LayerNorm/RMSNorm through
+    WrappedTorchNorm, which asserts that sequence parallelism is off. With it on, each tensor-parallel
+    rank normalises its own part of the sequence and the norm weights' gradients are partial sums
+    that finalize_model_grads all-reduces over the tensor-parallel group — for the weights tagged
+    `sequence_parallel`, as apex's FusedLayerNorm tags them. This builds torch's norm and tags its
+    weights the same way; the math is torch's (no fused kernel)."""
+    build = module.WrappedTorchNorm.__new__
+
+    def build_tagged(cls, config, hidden_size, eps=1e-5, *args, **kwargs):
+        if not config.sequence_parallel:
+            return build(cls, config, hidden_size, eps, *args, **kwargs)
+        config.sequence_parallel = False
+        try:
+            norm = build(cls, config, hidden_size, eps, *args, **kwargs)
+        finally:
+            config.sequence_parallel = True
+        for weight in norm.parameters():
+            weight.sequence_parallel = True
+        return norm
+
+    module.WrappedTorchNorm.__new__ = staticmethod(build_tagged)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -203,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     script = os.path.abspath(argv[0])
     if not os.path.isfile(script):
         raise SystemExit(f"megatron_lm_cpu: no such training script: {script}")
-    install_megatron_lm_cpu_shims()
+    install_megatron_lm_cpu_shims(megatron_fsdp="--use-megatron-fsdp" in argv)
     sys.argv = [script, *argv[1:]]
     sys.path.insert(0, os.path.dirname(script))
     runpy.run_path(script, run_name="__main__")

@@ -1,5 +1,6 @@
-"""One rank: wrap a model with FSDP2, and FSDP1 inside a plain nn.Sequential, and check that
-attaching the plain-PyTorch probe is refused for both."""
+"""One rank: attach the plain-PyTorch probe to a model sharded with FSDP2 (accepted: its own
+backend), to one where FSDP2 sharded a submodule only (refused: the root's parameters are plain),
+and to FSDP1 inside a plain nn.Sequential (refused)."""
 
 import datetime
 import warnings
@@ -23,6 +24,9 @@ dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
 model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
 fully_shard(model)
 try_attach("fsdp2", model)
+partial = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+fully_shard(partial[0])
+try_attach("fsdp2-partial", partial)
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # FSDP1 is deprecated in favour of fully_shard
     inner = FullyShardedDataParallel(torch.nn.Linear(4, 4), device_id=torch.device("cpu"))

@@ -33,7 +33,7 @@ from megatron_sharpness.testing.megatron_gpt import (TinyGPTSetup, build_model_a
 def setup_of(a):
     return TinyGPTSetup(tensor_parallel=a.tp, pipeline_parallel=a.pp, virtual_pipeline=a.vpp,
                         distributed_optimizer=a.dist_opt, bf16=a.bf16, overlap_param_gather=a.overlap,
-                        layers=a.layers, dropout=a.dropout)
+                        layers=a.layers, dropout=a.dropout, precision_aware=a.precision_aware)
 
 
 def build(a):
@@ -229,7 +229,10 @@ def probe_run(a, write):
         records.append(sharpness.last_measurement.to_dict())
     probed = state(chunks, optimizer)
     left = [sum(1 for _ in it) for it in iterators]
-    return probed, records, training_losses, all_batch_losses, optimizer_names, left
+    # Where the optimizer kept its masters (the precision-aware optimizer: its own state).
+    masters = sorted({str(kept["master_param"].dtype) for leaf in leaf_optimizers(optimizer)
+                      for kept in leaf.optimizer.state.values() if "master_param" in kept})
+    return probed, records, training_losses, all_batch_losses, optimizer_names, left, masters
 
 
 def main():
@@ -252,6 +255,9 @@ def main():
                         help="write modes of the probe runs (one run each; the first is reported in full)")
     parser.add_argument("--modules", action="store_true", help="the per-module breakdown at every measurement")
     parser.add_argument("--first-iteration", type=int, default=None)
+    parser.add_argument("--precision-aware", choices=("fp32", "remainders"), default=None,
+                        help="the precision-aware optimizer (CPU stand-in for TransformerEngine's FusedAdam), its "
+                             "masters in its state as fp32 or as int16 remainders")
     parser.add_argument("--fail-at", default=None, metavar="RANK:STEP:CALL[:nan]",
                         help="rank RANK raises torch.OutOfMemoryError in its CALL-th probe loss_func of step STEP")
     parser.add_argument("--snapshot-oom", default=None, metavar="RANK:STEP",
@@ -263,10 +269,10 @@ def main():
     reference, checks, reference_losses = reference_run(a)
     runs = {}
     for write in a.writes:
-        probed, records, training_losses, probed_losses, optimizers, left = probe_run(a, write)
+        probed, records, training_losses, probed_losses, optimizers, left, masters = probe_run(a, write)
         equal = {key: len(reference[key]) == len(probed[key]) and all(
             x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(reference[key], probed[key])) for key in reference}
-        runs[write] = {"optimizers": optimizers, "bitwise_equal": equal, "records": records,
+        runs[write] = {"optimizers": optimizers, "masters_in_optimizer_state": masters, "bitwise_equal": equal, "records": records,
                        "training_losses": training_losses, "micro_batches_left": left,
                        "same_training_losses": reference_losses == probed_losses}
     rank = torch.distributed.get_rank()
