@@ -99,7 +99,9 @@ def test_probe_is_exact_and_invisible_to_training(name, tmp_path):
         relative = record["relative"]["held-out"]
         # a held-out update may go uphill (ascent) or, in bf16, cross where rounding decides (noisy)
         assert relative["status"] in ("converged", "ascent", "unresolved", "noisy"), relative
-        assert relative["status"] != "noisy" or not 1 / 3 <= relative["bracket_slope_ratio"] <= 3
+        if relative["status"] == "noisy":  # for a reason the record shows: a jagged bracket, or ν moves the crossing > tol/2
+            ratio = relative["bracket_slope_ratio"]
+            assert (ratio is not None and not 1 / 3 <= ratio <= 3) or relative["crossing_uncertainty"] > 1 / 32, relative
     first_iteration = int(args[args.index("--first-iteration") + 1]) if "--first-iteration" in args else 1
     assert [r["step"] for r in first] == [first_iteration, first_iteration + 1, first_iteration + 2]
 

@@ -50,6 +50,7 @@ def main():
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--cold", action="store_true")
+    parser.set_defaults(guard=None)  # deepspeed_train.ds_config reads it
     a = parser.parse_args()
     # What deepspeed_train.build() reads: bf16, ZeRO-`stage`, torch AdamW, measured every 2nd step.
     a.dtype, a.gas, a.fused, a.pipeline, a.dropout, a.interval, a.micro_batches = "bf16", 1, False, False, 0.0, 2, None
