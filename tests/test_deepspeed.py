@@ -221,10 +221,11 @@ def test_monitor_jsonl_and_log_line_from_the_ds_config_section(tmp_path):
 
 @pytest.mark.parametrize("stage", ["2", "3"])
 def test_one_rank_oom_inside_a_probe_forward_fails_the_measurement_not_the_job(stage, tmp_path):
-    """Rank 1 raises torch.OutOfMemoryError in its loss at a trial point of step 2 (its 4th probe
-    loss: after both baselines and s = 1). Before, rank 1 went on into restore()'s all-gather while
-    rank 0 waited in the loss reduction: a hang until the process-group timeout."""
-    _, ranks = launch(tmp_path, ["--stage", stage, "--fail-at", "1:2:4"])
+    """Rank 1 raises torch.OutOfMemoryError in its loss at a trial point of step 2 (its 6th probe
+    loss: after both baselines, both loss-noise samples and s = 1). Before, rank 1 went on into
+    restore()'s all-gather while rank 0 waited in the loss reduction: a hang until the
+    process-group timeout."""
+    _, ranks = launch(tmp_path, ["--stage", stage, "--fail-at", "1:2:6"])
     for result in ranks:
         assert all(result["bitwise_equal"].values()), f"rank {result['rank']}: {result['bitwise_equal']}"
     first, second = (strip_timing(result["records"]) for result in ranks)
@@ -232,7 +233,7 @@ def test_one_rank_oom_inside_a_probe_forward_fails_the_measurement_not_the_job(s
     assert [r["status"] for r in first] == ["converged", "failed", "converged", "converged"]
     error = first[1]["error"]
     assert (error["rank"], error["ranks"], error["task"]) == (1, [1], None)
-    assert error["message"].startswith("OutOfMemoryError: injected on rank 1 at probe loss 4 of step 2")
+    assert error["message"].startswith("OutOfMemoryError: injected on rank 1 at probe loss 6 of step 2")
     assert error["lr"] > 0  # a trial point of the search, not L(θ_t)
 
 
@@ -263,11 +264,11 @@ def test_resume_through_save_and_load_checkpoint_measures_bitwise_as_uninterrupt
         assert [r["evaluations"] for r in ranks[0]["resumed"]] != [r["evaluations"] for r in expected]
 
 
-@pytest.mark.parametrize("call, status", [(4, "non_finite"), (1, "skipped")])
+@pytest.mark.parametrize("call, status", [(6, "non_finite"), (1, "skipped")])
 def test_one_rank_nan_in_a_probe_forward_names_that_rank(call, status, tmp_path):
     """Rank 1's own loss is NaN once, at its `call`-th probe loss of step 2: a trial point of the
-    search (4th: after both baselines and s = 1), or L(θ_t) itself (1st). Every rank records the
-    same outcome and names rank 1; training is bitwise unchanged."""
+    search (6th: after both baselines, both loss-noise samples and s = 1), or L(θ_t) itself (1st).
+    Every rank records the same outcome and names rank 1; training is bitwise unchanged."""
     results, ranks = launch(tmp_path, ["--stage", "2", "--fail-at", f"1:2:{call}:nan"])
     for result in ranks:
         assert all(result["bitwise_equal"].values()), f"rank {result['rank']}: {result['bitwise_equal']}"

@@ -87,7 +87,7 @@ def test_a_measured_step_without_recorded_micro_batches_is_a_clear_error():
 
     sharpness = DeepSpeedSharpness.__new__(DeepSpeedSharpness)
     sharpness.engine = types.SimpleNamespace(is_gradient_accumulation_boundary=lambda: True, global_steps=4)
-    sharpness.probe = types.SimpleNamespace(is_due=lambda step: True)
+    sharpness.probe = types.SimpleNamespace(is_due=lambda step: True, guard=None)
     sharpness._recorder, sharpness._recorded, sharpness._reads_no_data = None, [], False
     with pytest.raises(RuntimeError, match="step 5 is measured but none of its micro-batches was recorded"):
         sharpness._step()
@@ -99,7 +99,7 @@ def test_a_rank_that_reads_no_data_is_measured_with_no_batches():
 
     sharpness = DeepSpeedSharpness.__new__(DeepSpeedSharpness)
     sharpness.engine = types.SimpleNamespace(is_gradient_accumulation_boundary=lambda: True, global_steps=4)
-    sharpness.probe = types.SimpleNamespace(is_due=lambda step: True)
+    sharpness.probe = types.SimpleNamespace(is_due=lambda step: True, guard=None)
     sharpness.records_forwards = sharpness.is_pipeline = False
     sharpness.config = SharpnessConfig()
     sharpness.backend = types.SimpleNamespace(batches=None)

@@ -96,7 +96,7 @@ def test_summary_ties_the_spike_to_the_warning_with_its_lead_time(runs, which, c
     out = capsys.readouterr().out
     spike = detect_spikes(dict(enumerate(runs["provoked"][0].losses, 1)))[0]
     first = next(m for m in runs["provoked"][0].measurements if m.warning)
-    assert f"loss spikes (a loss > 6 robust spreads above the trend of the 20 iterations before it): 1" in out
+    assert "loss spikes (a loss > 6 robust spreads above the trend of the 20 iterations before it): 1" in out
     assert f"  iteration {spike.step}: loss " in out
     assert f"first warning {spike.step - first.step} iterations before it (iteration {first.step})" in out
     assert f"iteration {first.step} (lead {spike.step - first.step}) | lr/critical lr" in out

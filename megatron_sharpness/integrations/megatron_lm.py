@@ -23,7 +23,7 @@ import argparse
 import functools
 import json
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
