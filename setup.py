@@ -16,6 +16,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_sharpness", "megatron_sharpness.*"]),
+    # the CPU measurement benchmarks/cost_model.py reads by default
+    package_data={"megatron_sharpness.benchmarks": ["probe_cost_cpu.json"]},
     # Ranges we support; the exact versions our machines test with are in constraints.txt
     # (README: `pip install -c constraints.txt ...`). torch: megatron-core's own floor.
     install_requires=["torch>=2.6"],
