@@ -4,8 +4,8 @@ optimizer end to end: tests/test_megatron.py's precision-aware layouts (a CPU st
 
 import torch
 
-from megatron_sharpness.backends.megatron_precision_aware import compose_master, round_half_up_bf16
-from megatron_sharpness.testing.precision_aware import StandInFusedAdam, low_half
+from megatron_sharpness.backends.megatron_precision_aware import compose_master, low_half, round_half_up_bf16
+from megatron_sharpness.testing.precision_aware import StandInFusedAdam
 
 
 def fp32_with_low_half(high: torch.Tensor, low: int) -> torch.Tensor:

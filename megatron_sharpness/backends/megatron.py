@@ -200,6 +200,7 @@ class MegatronBackend:
         self._models: list[torch.nn.Parameter] = []  # the model param of each pair
         self._flat_of_pair: list[int | None] = []
         self._casts: list = []
+        self._pairs_per_leaf: list[int] = []
         self._segments: list[list[Segment]] = []
         self._all_names: list[str] | None = None
         self._group = GroupSelection(dist.all_reduce)  # shards differ across the world
@@ -213,6 +214,7 @@ class MegatronBackend:
     @torch.no_grad()
     def snapshot(self) -> None:
         per_leaf = [master_triples(leaf) for leaf in self.leaves]
+        self._pairs_per_leaf = [len(leaf_triples) for leaf_triples in per_leaf]
         triples = [triple for leaf_triples in per_leaf for triple in leaf_triples]
         self._pairs = [(main, target) for main, target, _ in triples]
         self._models = [model for _, _, model in triples]
@@ -355,6 +357,15 @@ class MegatronBackend:
         # shortened step lands in the master shard, and restore() copies and gathers it.
         assert self._theta_t is not None and self._theta_next is not None
         commit_pairs(self._theta_t, self._theta_next, step_multiple, self._segments, names)
+        # A remainder-keeping precision-aware optimizer holds its master's low half in its state; the
+        # restore writes the high half into the shard.
+        start = 0
+        for leaf, count in zip(self.leaves, self._pairs_per_leaf):
+            if precision_aware.holds_masters(leaf):
+                for state, master in zip(precision_aware.remainder_states(leaf), self._theta_next[start:start + count]):
+                    if state is not None:
+                        state.copy_(precision_aware.low_half(master).view(state.shape))
+            start += count
         # The params no longer hold θ_{t+1}, and local writes' anchor is not the committed point:
         # restore() takes the sharded path.
         self._holds_next = False

@@ -13,8 +13,10 @@ the low half's top bit is set:
 So θ_t and θ_{t+1} are read from the state (composed where remainders are kept), trial points are
 written into the bf16 shard — where remainders are kept, rounded as the optimizer rounds, so that
 s = 0 and s = 1 give the bf16 values it gives — and spread by the same param all-gather as with
-the plain distributed optimizer. The state itself is never written: with remainders the bf16
-shard is half of the master, and restoring the shard's bits restores the master.
+the plain distributed optimizer. A trial write never touches the state: with remainders the bf16
+shard is half of the master, and restoring the shard's bits restores the master. Only the guard's
+commit writes it, since the committed point is the new master: an fp32 master in place, a
+remainder's low half beside the shard the restore rounds as the optimizer does.
 """
 
 from __future__ import annotations
@@ -81,6 +83,16 @@ def model_casts(optimizer) -> list[Cast | None]:
     return casts + [None for shards in optimizer.shard_fp32_groups for _ in shards]
 
 
+def remainder_states(optimizer) -> list[torch.Tensor | None]:
+    """Per pair of master_triples(optimizer): the int16 state that holds the low half of its master
+    (None: an fp32 master, which is the pair's master tensor itself, or an fp32 param)."""
+    inner = optimizer.optimizer
+    states = [inner.state.get(shard, {}).get("master_param") for shards in optimizer.shard_float16_groups
+              for shard in shards]
+    return ([state if state is not None and state.dtype == torch.int16 else None for state in states]
+            + [None for shards in optimizer.shard_fp32_groups for _ in shards])
+
+
 def _master(shard: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
     if state is None:
         return shard.detach().float()
@@ -105,3 +117,9 @@ def round_half_up_bf16(values: torch.Tensor) -> torch.Tensor:
     high = ((bits >> 16) & 0xFFFF) + ((bits & 0x8000) != 0).to(torch.int32)
     high = high & 0xFFFF
     return torch.where(high >= 0x8000, high - 0x10000, high).to(torch.int16).view(torch.bfloat16)
+
+
+def low_half(values: torch.Tensor) -> torch.Tensor:
+    """The low 16 bits of fp32 values, as the int16 remainders TransformerEngine keeps."""
+    low = values.contiguous().view(torch.int32) & 0xFFFF
+    return torch.where(low >= 0x8000, low - 0x10000, low).to(torch.int16)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_sharpness.backends.megatron_precision_aware import compose_master, round_half_up_bf16
+from megatron_sharpness.backends.megatron_precision_aware import compose_master, low_half, round_half_up_bf16
 
 
 class StandInFusedAdam(torch.optim.Optimizer):
@@ -99,9 +99,3 @@ def precision_aware_config(config, remainders: bool) -> None:
     config.use_precision_aware_optimizer = True
     config.use_precision_aware_optimizer_no_fp8_or_ds_fp8 = True
     config.store_param_remainders = remainders
-
-
-def low_half(values: torch.Tensor) -> torch.Tensor:
-    """The low 16 bits of fp32 values, as the int16 remainders TransformerEngine keeps."""
-    low = values.contiguous().view(torch.int32) & 0xFFFF
-    return torch.where(low >= 0x8000, low - 0x10000, low).to(torch.int16)

@@ -20,7 +20,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker  # noqa: E402
 
 from megatron_sharpness.backends.megatron import (MegatronBackend, canonical_names, leaf_optimizers,  # noqa: E402
-                                                  master_pairs, reduce_lm_loss)
+                                                  master_pairs, master_triples, reduce_lm_loss)
 from megatron_sharpness.modules import default_groups  # noqa: E402
 from megatron_sharpness.config import SharpnessConfig  # noqa: E402
 from megatron_sharpness.integrations.megatron_core import MegatronSharpness  # noqa: E402
@@ -166,16 +166,17 @@ def reference_run(a):
 def commit_checks(a, chunks, optimizer, iterators, params):
     """One more step, shortened to a quarter by the guard's commit() (of layer_1 alone with
     --modules): the model params are the trial point s = 1/4 (the group's elements; θ_{t+1} elsewhere),
-    the master shard holds lerp(θ_t, θ_{t+1}, 1/4) exactly, and the optimizer's state is what the
-    real step left."""
+    the masters hold lerp(θ_t, θ_{t+1}, 1/4) exactly (the group's; θ_{t+1} elsewhere) — where the
+    precision-aware optimizer keeps them, its state's master, composed from the shard and its
+    remainder — and the rest of the optimizer's state is what the real step left."""
     leaves = leaf_optimizers(optimizer)
 
     def mains():
         return [main.detach().clone() for leaf in leaves for main, _ in master_pairs(leaf)]
 
     def moments():
-        return [t.clone() for leaf in leaves for s in leaf.optimizer.state.values() for t in s.values()
-                if isinstance(t, torch.Tensor)]
+        return [t.clone() for leaf in leaves for s in leaf.optimizer.state.values() for key, t in s.items()
+                if isinstance(t, torch.Tensor) and key != "master_param"]
 
     backend = MegatronBackend(optimizer, chunks, evaluate=None)
     forward_backward(a, chunks, optimizer, iterators if a.vpp else iterators[0])
@@ -191,13 +192,13 @@ def commit_checks(a, chunks, optimizer, iterators, params):
     backend.restore()
     by_id = canonical_names(chunks)
     in_group = [group is None or by_id[id(p)] in group for c in chunks for p in c.parameters()]
-    checks = {"committed": all(torch.equal(p, q if moved else r) for p, q, r, moved in
-                               zip(params(), quarter, after, in_group)),
-              "commit_keeps_optimizer_state": all(torch.equal(x, y) for x, y in zip(moments(), state_after))}
-    if group is None:
-        checks["masters_committed"] = all(torch.equal(m, torch.lerp(old, new, 0.25))
-                                          for m, old, new in zip(mains(), theta_t, theta_next))
-    return checks
+    pair_in_group = [group is None or by_id[id(model)] in group
+                     for leaf in leaves for _, _, model in master_triples(leaf)]
+    return {"committed": all(torch.equal(p, q if moved else r) for p, q, r, moved in
+                             zip(params(), quarter, after, in_group)),
+            "masters_committed": all(torch.equal(m, torch.lerp(old, new, 0.25) if moved else new)
+                                     for m, old, new, moved in zip(mains(), theta_t, theta_next, pair_in_group)),
+            "commit_keeps_optimizer_state": all(torch.equal(x, y) for x, y in zip(moments(), state_after))}
 
 
 def probe_run(a, write):
