@@ -24,8 +24,8 @@ from torch._utils import _unflatten_dense_tensors
 from megatron_sharpness.backends.groups import (GroupSelection, Segment, commit_pairs, local_names,
                                                 union_in_rank_order, view_segments, whole, write_group)
 from megatron_sharpness.backends.lerp import NOISY_COMPUTE_BITS, one_ulp_moved_into
-from megatron_sharpness.backends.local import (LOCAL_DTYPES, LOCAL_FROM, LocalWrites, agree_on_snapshot, offset_in,
-                                               wants_local)
+from megatron_sharpness.backends.local import (LOCAL_DTYPES, LOCAL_FROM, LocalWrites, agree_on_local_writes,
+                                               offset_in)
 from megatron_sharpness.backends.modes import ModuleModes
 from megatron_sharpness.backends.resolution import ResolutionHistogram
 from megatron_sharpness.backends.rng import RngState
@@ -273,27 +273,17 @@ class DeepSpeedBackend:
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        error = local_error = None
+        error = None
         try:
             self._theta_t = [master.detach().clone() for master, _ in self.layout.pairs()]
         except OUT_OF_MEMORY as caught:
             error, self._theta_t = caught, None
-        wanted = (bool(self._flats) and not self._local_failed
-                  and wants_local(self.write_mode, self.write_memory_budget_mib, self._flats))
-        self._local = None
-        if wanted and error is None:
-            try:
-                self._local = LocalWrites(self._flats, self.layout.gather_steps)
-            except OUT_OF_MEMORY as caught:
-                local_error = caught
-        # Every rank skips the measurement if any rank's partition did not fit, and writes locally
-        # only where every rank can.
-        errors, local_errors, everywhere = agree_on_snapshot(error, local_error, wanted)
-        if local_errors and self.write_mode == "local":
-            errors = errors or local_errors
-        self._local_failed = self._local_failed or bool(local_errors)
-        if local_errors or not everywhere:
-            self._local = None
+        # Every rank skips the measurement if any rank's partition did not fit, and writes locally only
+        # where every rank can.
+        self._local, errors, local_failed = agree_on_local_writes(
+            error, bool(self._flats) and not self._local_failed, self.write_mode, self.write_memory_budget_mib,
+            self._flats, self.layout.gather_steps)
+        self._local_failed = self._local_failed or local_failed
         self._snapshot_skipped = snapshot_skip_reason(errors)
         if self._snapshot_skipped is not None:
             self._theta_t = self._local = None

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from megatron_sharpness.backends.lerp import chunk_elements
 from megatron_sharpness.backends.resolution import SAMPLE_ELEMENTS, ResolutionHistogram
-from megatron_sharpness.faults import RankError, device_of, gather_errors
+from megatron_sharpness.faults import OUT_OF_MEMORY, RankError, device_of, gather_errors
 
 # Trial points at this step multiple and above are written locally, below it through the sharded
 # path: each side is anchored at the endpoint nearer to it.
@@ -151,10 +151,32 @@ def sample_stride(numel: int) -> int:
 
 
 def wants_local(mode: str, budget_mib: float | None, flats: Sequence[torch.Tensor]) -> bool:
-    """Whether this rank asks for local writes (the ranks agree in agree_on_snapshot)."""
+    """Whether this rank asks for local writes (the ranks agree in agree_on_local_writes)."""
     if mode == "sharded":
         return False
     return mode == "local" or budget_mib is None or local_bytes(flats) <= budget_mib * 2**20
+
+
+def agree_on_local_writes(theta_error: BaseException | None, possible: bool, mode: str, budget_mib: float | None,
+                          flats: Sequence[torch.Tensor], gather_steps: Callable[[list[torch.Tensor]], list]
+                          ) -> tuple[LocalWrites | None, list[RankError], bool]:
+    """After θ_t's snapshot (theta_error: where it did not fit), before the optimizer step: this
+    measurement's local writes where every rank asked for them and has their buffers, else None;
+    the errors that skip the measurement (θ_t on some rank; with mode "local" also the buffers);
+    whether some rank's buffers did not fit (auto then writes sharded from now on)."""
+    wanted = possible and wants_local(mode, budget_mib, flats)
+    local, local_error = None, None
+    if wanted and theta_error is None:
+        try:
+            local = LocalWrites(flats, gather_steps)
+        except OUT_OF_MEMORY as caught:
+            local_error = caught
+    errors, local_errors, everywhere = agree_on_snapshot(theta_error, local_error, wanted)
+    if local_errors and mode == "local":
+        errors = errors or local_errors
+    if local_errors or not everywhere:
+        local = None
+    return local, errors, bool(local_errors)
 
 
 def agree_on_snapshot(theta_error: BaseException | None, local_error: BaseException | None, wanted: bool,

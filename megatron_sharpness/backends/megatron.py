@@ -20,8 +20,8 @@ from megatron.core.transformer.module import param_is_not_shared
 
 from megatron_sharpness.backends.groups import (GroupSelection, Segment, commit_pairs, local_names, union_in_rank_order,
                                                 whole, write_group)
-from megatron_sharpness.backends.local import (LOCAL_DTYPES, LOCAL_FROM, LocalWrites, agree_on_snapshot, offset_in,
-                                               wants_local)
+from megatron_sharpness.backends.local import (LOCAL_DTYPES, LOCAL_FROM, LocalWrites, agree_on_local_writes,
+                                               offset_in)
 from megatron_sharpness.backends.modes import ModuleModes
 from megatron_sharpness.faults import (CAUGHT, OUT_OF_MEMORY, UsageError, agree_loss, note_local_loss,
                                        report_local_failure, snapshot_skip_reason, take_local_non_finite)
@@ -229,27 +229,17 @@ class MegatronBackend:
         names = (megatron_fsdp.parameter_names if self.megatron_fsdp else canonical_names)(self.model_chunks)
         self._segments = [whole(names.get(id(model), f"unnamed_{index}"), main)
                           for index, (main, _, model) in enumerate(triples)]
-        error = local_error = None
+        error = None
         try:
             self._theta_t = [main.detach().clone() for main, _ in self._pairs]
         except OUT_OF_MEMORY as caught:
             error, self._theta_t = caught, None
-        wanted = (self.local_possible and not self._local_failed
-                  and wants_local(self.write_mode, self.write_memory_budget_mib, self._flats))
-        self._local = None
-        if wanted and error is None:
-            try:
-                self._local = LocalWrites(self._flats, self._gather_steps)
-            except OUT_OF_MEMORY as caught:
-                local_error = caught
         # Every rank skips the measurement if any rank's shard did not fit, and writes locally only
         # where every rank can.
-        errors, local_errors, everywhere = agree_on_snapshot(error, local_error, wanted)
-        if local_errors and self.write_mode == "local":
-            errors = errors or local_errors
-        self._local_failed = self._local_failed or bool(local_errors)
-        if local_errors or not everywhere:
-            self._local = None
+        self._local, errors, local_failed = agree_on_local_writes(
+            error, self.local_possible and not self._local_failed, self.write_mode, self.write_memory_budget_mib,
+            self._flats, self._gather_steps)
+        self._local_failed = self._local_failed or local_failed
         self._snapshot_skipped = snapshot_skip_reason(errors)
         if self._snapshot_skipped is not None:
             self._theta_t, self._pairs, self._models, self._local = None, [], [], None
