@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from megatron_sharpness.config import SharpnessConfig
 from megatron_sharpness.data import ByteBatches, embedded_corpus, train_heldout_split
 from megatron_sharpness.integrations.pytorch import TorchSharpnessProbe
+from megatron_sharpness.testing.reference import first_crossing
 from megatron_sharpness.testing.tiny_gpt import TinyGPT, lm_loss
 
 TOL = 1 / 16
@@ -57,18 +58,7 @@ class Fp64Reference:
         return sum((p.grad * d).sum().item() for p, d in zip(self.model.parameters(), self.delta))
 
     def first_crossing(self, low, high):
-        """Smallest s in a geometric scan of [low, high] with L(s) > L(0), refined by bisection."""
-        grid = [low * (high / low) ** (i / 40) for i in range(41)]
-        previous = 0.0
-        for s in grid:
-            if self.loss(s) > self.baseline:
-                lo, hi = previous, s
-                for _ in range(16):
-                    mid = 0.5 * (lo + hi)
-                    lo, hi = (lo, mid) if self.loss(mid) > self.baseline else (mid, hi)
-                return hi
-            previous = s
-        return None
+        return first_crossing(self.loss, self.baseline, low, high)
 
 
 def params(model):

@@ -26,6 +26,7 @@ from megatron_sharpness.config import SharpnessConfig  # noqa: E402
 from megatron_sharpness.integrations.deepspeed import attach, engine_forward_loss, loss_of  # noqa: E402
 from megatron_sharpness.modules import default_groups  # noqa: E402
 from megatron_sharpness.testing.faults import InjectedFault, snapshot_runs_out_of_memory  # noqa: E402
+from megatron_sharpness.testing.reference import first_crossing, ulps_apart  # noqa: E402
 from megatron_sharpness.testing.tiny_gpt import Block, TinyGPT, lm_loss  # noqa: E402
 
 SEQ, WIDTH, HEADS = 16, 32, 2
@@ -291,16 +292,6 @@ def hand_checks(a, engine, backend, before, after):
     return checks
 
 
-def ulps_apart(x, y, scale):
-    """How many bf16 ulps (the precision local writes keep the step in) x lies from y at most,
-    ulps taken at the largest of |x|, |y| and |scale| (θ_{t+1}: a trial point near zero has tiny
-    ulps of its own)."""
-    largest = torch.maximum(torch.maximum(x.float().abs(), y.float().abs()), scale.float().abs())
-    _, exponent = torch.frexp(largest)
-    ulp = torch.ldexp(torch.full_like(largest, torch.finfo(torch.bfloat16).eps), exponent - 1)
-    return ((x.float() - y.float()).abs() / ulp).max().item() if x.numel() else 0.0
-
-
 class Fp64Reference:
     """L(θ_t + s·Δθ) in fp64 from the full fp32 masters of one step, on this rank's batch,
     averaged over the data-parallel ranks as the probe's loss is (every rank calls it alike)."""
@@ -322,17 +313,7 @@ class Fp64Reference:
         return value.item() / ds_comm.get_world_size(group=self.group)
 
     def first_crossing(self, low, high):
-        """Smallest s of a geometric scan of [low, high] with L(s) > L(0), refined by bisection."""
-        previous = 0.0
-        for s in [low * (high / low) ** (i / 40) for i in range(41)]:
-            if self.loss(s) > self.baseline:
-                lo, hi = previous, s
-                for _ in range(16):
-                    mid = 0.5 * (lo + hi)
-                    lo, hi = (lo, mid) if self.loss(mid) > self.baseline else (mid, hi)
-                return hi
-            previous = s
-        return None
+        return first_crossing(self.loss, self.baseline, low, high)
 
 
 def full_masters(engine):

@@ -25,6 +25,7 @@ from megatron_sharpness.modules import default_groups  # noqa: E402
 from megatron_sharpness.config import SharpnessConfig  # noqa: E402
 from megatron_sharpness.integrations.megatron_core import MegatronSharpness  # noqa: E402
 from megatron_sharpness.testing.faults import InjectedFault, snapshot_runs_out_of_memory  # noqa: E402
+from megatron_sharpness.testing.reference import ulps_apart  # noqa: E402
 from megatron_sharpness.testing.megatron_gpt import (TinyGPTSetup, build_model_and_optimizer, forward_step,  # noqa: E402
                                                       init_gloo_model_parallel, shutdown_model_parallel,
                                                       synthetic_batch)
@@ -109,16 +110,6 @@ def hand_checks(a, chunks, backend, before, after, params):
     backend.restore()
     checks["restored"] = all(torch.equal(p, q) for p, q in zip(params(), after))
     return checks
-
-
-def ulps_apart(x, y, scale):
-    """How many bf16 ulps (the precision local writes keep the step in) x lies from y at most,
-    ulps taken at the largest of |x|, |y| and |scale| (θ_{t+1}: a trial point near zero has tiny
-    ulps of its own)."""
-    largest = torch.maximum(torch.maximum(x.float().abs(), y.float().abs()), scale.float().abs())
-    _, exponent = torch.frexp(largest)
-    ulp = torch.ldexp(torch.full_like(largest, torch.finfo(torch.bfloat16).eps), exponent - 1)
-    return ((x.float() - y.float()).abs() / ulp).max().item() if x.numel() else 0.0
 
 
 def reference_run(a):
