@@ -143,7 +143,8 @@ MEGATRON_STYLE_FLAGS = [("--optimizer", {"default": "adam"}), ("--use-distribute
                         ("--use-torch-fsdp2", {"action": "store_true"}),
                         ("--use-precision-aware-optimizer", {"action": "store_true"}),
                         ("--main-params-dtype", {"default": "fp32", "choices": ["fp32", "fp16"]}), ("--hidden-dropout", {"type": float, "default": 0.1}),
-                        ("--attention-dropout", {"type": float, "default": 0.1})]
+                        ("--attention-dropout", {"type": float, "default": 0.1}),
+                        ("--bf16", {"action": "store_true"}), ("--fp16", {"action": "store_true"})]
 
 
 def megatron_style_parser() -> argparse.ArgumentParser:
@@ -171,6 +172,10 @@ def megatron_style_parser() -> argparse.ArgumentParser:
      "--use-megatron-fsdp --data-parallel-sharding-strategy optim (Megatron-FSDP other than v1 with "
      "data_parallel_sharding_strategy optim_grads_params"),
     (["--use-torch-fsdp2"], "--use-torch-fsdp2 (Megatron's torch FSDP2 wrapper (TorchFullyShardedDataParallel))"),
+    (["--use-megatron-fsdp", "--critical-sharpness-write", "local"],
+     "--critical-sharpness-write local is not available with --use-megatron-fsdp"),
+    (["--use-distributed-optimizer", "--critical-sharpness-write", "local"],
+     "--critical-sharpness-write local needs the distributed optimizer's params in bf16 or fp16"),
     (["--use-precision-aware-optimizer", "--main-params-dtype", "fp16"],
      "--use-precision-aware-optimizer --main-params-dtype fp16 (the precision-aware optimizer with fp16 master weights"),
     (["--critical-sharpness-reuse-training-loss", "--attention-dropout", "0"],
@@ -192,4 +197,6 @@ def test_setups_the_probe_cannot_measure_are_refused_when_the_flags_are_parsed(f
                                               "--use-precision-aware-optimizer",
                                               "--hidden-dropout", "0", "--attention-dropout", "0",
                                               "--critical-sharpness-reuse-training-loss", "--bf16"])
+    megatron_style_parser().parse_args(["--critical-sharpness-interval", "10", "--use-distributed-optimizer", "--bf16",
+                                        "--critical-sharpness-write", "local"])
     assert megatron_lm._sharpness is None  # nothing was attached

@@ -113,6 +113,14 @@ def refusal_of_args(args: argparse.Namespace) -> str | None:
     for name, given, refusal in refused:
         if given:
             return refusal.message(name if given is True else f"{name} {given}")
+    if flag("critical_sharpness_write", "auto") == "local":
+        # What the backend refuses when attached, said here in the flags' terms.
+        if flag("use_megatron_fsdp", False):
+            return ("critical sharpness: --critical-sharpness-write local is not available with --use-megatron-fsdp "
+                    "(its forwards gather every param from the shards); use sharded or auto")
+        if flag("use_distributed_optimizer", False) and not (flag("bf16", False) or flag("fp16", False)):
+            return ("critical sharpness: --critical-sharpness-write local needs the distributed optimizer's params in "
+                    "bf16 or fp16 (--bf16 or --fp16; fp32 params alias their masters); use sharded or auto")
     if flag("use_megatron_fsdp", False):
         layout = {"--megatron-fsdp-version": flag("megatron_fsdp_version", 1),
                   "--data-parallel-sharding-strategy": flag("data_parallel_sharding_strategy", "optim_grads_params"),
