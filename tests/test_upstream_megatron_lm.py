@@ -257,12 +257,15 @@ def test_real_pretrain_gpt_measures_and_trains_bitwise_as_without_probe(checkout
         assert list(record["modules"]) == MOE_GROUPS and record["modules_trigger"] == "interval"
     if "--use-megatron-fsdp" in flags and world_size == 2:
         # The same run with the plain distributed optimizer: the same θ_t (its L bitwise) and a step
-        # that differs only by the order of the gradient reduction, so the same reading to 1 %.
+        # that differs only by the order of the gradient reduction, so the same crossing: the two
+        # brackets overlap. (Their midpoints may differ by up to the tolerance: the plain run's
+        # search also has the gradients' slope, which Megatron-FSDP's backend does not read.)
         plain = _train(checkout, tmp_path / "distributed-optimizer", world_size,
                        [f for f in flags if f not in ("--use-megatron-fsdp", "--ckpt-format", "fsdp_dtensor")], probe=True)
         [reference] = plain.jsonl
         assert record["loss"] == reference["loss"]
-        assert record["critical_lr"] == pytest.approx(reference["critical_lr"], rel=1e-2)
+        (low, high), (plain_low, plain_high) = record["bracket"], reference["bracket"]
+        assert max(low, plain_low) <= min(high, plain_high), (record["bracket"], reference["bracket"])
     if not relative:
         assert record["relative"] == {} and "relative sharpness heldout" not in measured
         return
