@@ -185,7 +185,7 @@ LEG_STYLES = ("o-", "s:", "^--", "D-.")
 
 def _draw_series(axis, top_edge, label: str, color: str, style: str, points: list) -> None:
     """One λ_c series: converged values as a line (broken where a step has no number), bounds as
-    triangles, ascents and noisy readings on the top edge."""
+    triangles, ascents, noisy readings and unresolved ones without a bound on the top edge."""
     steps = [step for step, _, _, _ in points]
     values = [value if is_finite(value) else float("nan") for _, value, _, _ in points]
     axis.plot(steps, values, style, ms=3, lw=1, color=color, label=label)
@@ -194,8 +194,10 @@ def _draw_series(axis, top_edge, label: str, color: str, style: str, points: lis
         bounded = [(step, bound[1]) for step, _, state, bound in points if state == status and bound]
         if bounded:
             axis.plot(*zip(*bounded), marker, ls="none", ms=6, color=color, mfc="none", label=f"{label}: {text}")
-    for marker, status, text in (("x", "ascent", "ascent (no λ_c)"), ("d", "noisy", "noisy (no λ_c)")):
-        steps = [step for step, _, state, _ in points if state == status]
+    # An unresolved reading without a bound (the loss never moved beyond its noise) has no λ_c either.
+    for marker, status, text in (("x", "ascent", "ascent (no λ_c)"), ("d", "noisy", "noisy (no λ_c)"),
+                                 ("+", "unresolved", "unresolved (no λ_c)")):
+        steps = [step for step, _, state, bound in points if state == status and not (status == "unresolved" and bound)]
         if steps:
             axis.plot(steps, [0.98] * len(steps), marker, ms=5, color=color, mfc="none", transform=top_edge,
                       label=f"{label}: {text}")
@@ -207,8 +209,8 @@ def figure(records: list[StepRecord], spikes: list[Spike] = ()):
 
     Only converged values are drawn as lines, broken where a step has no number. Bounds are
     triangles pointing where λ_c lies (unresolved: λ_c above the marker; never rose: below); an
-    ascent (×) or a crossing placed by the loss's rounding (◇, noisy) has no λ_c at all and is marked
-    on the top edge.
+    ascent (×), a crossing placed by the loss's rounding (◇, noisy) and a step the loss did not resolve
+    (+, unresolved without a bound) have no λ_c at all and are marked on the top edge.
     """
     try:
         import matplotlib

@@ -248,20 +248,24 @@ def test_plot_draws_numbers_as_lines_with_gaps_and_outcomes_as_markers():
             "step raised loss: no | sharpness forwards: 4 | relative sharpness heldout: {rel} |")
     rows = [(10, 1e-3, "1.0000E+02", "2.0000E+02"), (20, 2e-3, "> 5.0000E+03 (unresolved)", "ascent (slope +1.000E+00)"),
             (30, 2e-3, "1.2000E+02", "< 3.0000E+01 (never rose)"),
-            (40, 1e-3, "1.3000E+02", "noisy (loss rounding: slope ×6.56 its trend)")]
+            (40, 1e-3, "1.3000E+02", "noisy (loss rounding: slope ×6.56 its trend)"),
+            (50, 1e-3, "1.1000E+02", "unresolved (the loss changed by no more than its noise)")]
     records = parse_lines([line.format(step=s, lr=lr, own=own, rel=rel) for s, lr, own, rel in rows])
     built = figure(records)
     main_axis, lr_axis = built.axes
     lines = {artist.get_label(): artist for artist in main_axis.get_lines()}
     own = lines["critical sharpness λ_c"].get_ydata()
-    assert list(own[[0, 2, 3]]) == [100.0, 120.0, 130.0] and math.isnan(own[1])  # a gap, not a bridge
+    assert list(own[[0, 2, 3, 4]]) == [100.0, 120.0, 130.0, 110.0] and math.isnan(own[1])  # a gap, not a bridge
     assert list(lines["critical sharpness λ_c: λ_c > bound (unresolved)"].get_ydata()) == [5000.0]
     assert list(lines["relative λ_c: heldout: λ_c < bound (never rose)"].get_ydata()) == [30.0]
     assert list(lines["relative λ_c: heldout: ascent (no λ_c)"].get_xdata()) == [20]
     assert list(lines["relative λ_c: heldout: noisy (no λ_c)"].get_xdata()) == [40]
-    assert [r.relative_status["heldout"] for r in records] == ["converged", "ascent", "capped", "noisy"]
-    assert list(lines["2/η (edge of stability)"].get_ydata()) == [2000.0, 1000.0, 1000.0, 2000.0]  # follows the lr
-    assert lr_axis.get_ylabel() == "learning rate η" and list(lr_axis.get_lines()[0].get_ydata()) == [1e-3, 2e-3, 2e-3, 1e-3]
+    assert list(lines["relative λ_c: heldout: unresolved (no λ_c)"].get_xdata()) == [50]  # no bound: not lost
+    assert "critical sharpness λ_c: unresolved (no λ_c)" not in lines  # the bounded one is a triangle
+    assert [r.relative_status["heldout"] for r in records] == ["converged", "ascent", "capped", "noisy", "unresolved"]
+    assert list(lines["2/η (edge of stability)"].get_ydata()) == [2000.0, 1000.0, 1000.0, 2000.0, 2000.0]  # follows the lr
+    assert lr_axis.get_ylabel() == "learning rate η" and list(lr_axis.get_lines()[0].get_ydata()) == [1e-3, 2e-3, 2e-3, 1e-3,
+                                                                                                      1e-3]
 
 
 def test_plot_draws_each_leg_of_a_log_apart():
