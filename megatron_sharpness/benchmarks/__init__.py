@@ -15,6 +15,11 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def argv_of(a, names: Sequence[str]) -> list[str]:
+    """The flags that give a worker's parser back these fields of `a` (`micro_batches` → `--micro-batches N`)."""
+    return [item for name in names for item in (f"--{name.replace('_', '-')}", str(getattr(a, name)))]
+
+
 def run_setups(module: str, setups: dict[str, tuple[int, list[str]]], common: list[str],
                env: dict[str, str], timeout: float = 600) -> list[tuple[str, dict]]:
     """Runs `python -m module --worker ARGS` on each setup's ranks; rank 0 prints `RESULT {json}`."""

@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 
-from megatron_sharpness.benchmarks import run_setups
+from megatron_sharpness.benchmarks import argv_of, run_setups
 from megatron_sharpness.benchmarks.megatron_layouts import cost_table, medians
 
 SETUPS = {
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     rows = run_setups("megatron_sharpness.benchmarks.deepspeed_zero", {name: SETUPS[name] for name in a.setups},
-                      model_argv(a), {"DS_ACCELERATOR": a.device})
+                      argv_of(a, MODEL_ARGS), {"DS_ACCELERATOR": a.device})
     print(f"GPT, {rows[0][1]['parameters']:,} parameters, {a.device}, {a.accumulation} micro-batches of "
           f"{a.micro_batch_size}×{a.seq_len} per step, probe on the first {a.micro_batches}, every {a.interval} "
           f"steps, write {a.write}")
@@ -202,10 +202,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 MODEL_ARGS = ("steps", "interval", "accumulation", "micro_batches", "micro_batch_size", "seq_len", "width", "layers",
               "heads", "write", "device")
-
-
-def model_argv(a: argparse.Namespace) -> list[str]:
-    return [item for name in MODEL_ARGS for item in (f"--{name.replace('_', '-')}", str(getattr(a, name)))]
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import argparse
 import json
 import statistics
 
-from megatron_sharpness.benchmarks import markdown_table, run_setups
+from megatron_sharpness.benchmarks import argv_of, markdown_table, run_setups
 
 LAYOUTS = {
     "DP2 bf16 dist-opt": (2, ["--bf16", "--dist-opt"]),
@@ -187,10 +187,6 @@ MODEL_ARGS = ("steps", "interval", "micro_batches", "micro_batch_size", "seq_len
               "vocab", "write", "device")
 
 
-def model_argv(a: argparse.Namespace) -> list[str]:
-    return [item for name in MODEL_ARGS for item in (f"--{name.replace('_', '-')}", str(getattr(a, name)))]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -209,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     rows = run_setups("megatron_sharpness.benchmarks.megatron_layouts", {name: LAYOUTS[name] for name in a.layouts},
-                      model_argv(a), {"PYTHONWARNINGS": "ignore"})
+                      argv_of(a, MODEL_ARGS), {"PYTHONWARNINGS": "ignore"})
     print(f"GPTModel, {rows[0][1]['parameters']:,} parameters, {a.device}, {a.micro_batches} micro-batches of "
           f"{a.micro_batch_size}×{a.seq_length} per step, probe every {a.interval} steps, write {a.write}")
     print(cost_table(rows))
